@@ -1,0 +1,310 @@
+"""The model bundle: an immutable directory of ONNX towers, tokenizer and manifest, identified by version + sha256.
+
+The trainer writes bundles (`write_bundle`); the encoder services and the indexer read them (`load_bundle`). The
+manifest states everything a server needs to reproduce training-time preprocessing exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgtxt.errors import BundleError
+from imgtxt.preprocess import ImagePreprocessConfig
+from imgtxt.text import TextConfig
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+# One distance drives both training (cosine similarity of L2-normalised vectors) and vector-store collections.
+DISTANCE = "cosine"
+MODALITIES = ("image", "text", "unit")
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Agreement between the PyTorch tower and its ONNX graph, measured at export on real inputs."""
+
+    max_abs_diff: float
+    """Largest |torch - onnx| over all output values."""
+    min_cosine: float
+    """Smallest cosine similarity between a torch and an onnx output row."""
+    num_inputs: int
+    """How many inputs were compared."""
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """One ONNX graph of the bundle."""
+
+    file: str
+    """ONNX file name inside the bundle."""
+    inputs: list[str]
+    """Graph input names, in order (image: pixel_values; text: input_ids, attention_mask; unit: image, text)."""
+    output: str = "embedding"
+    """Graph output name: (N, D) float32 embeddings."""
+    parity: Parity | None = None
+    """Export-time parity figures."""
+    fp16_file: str | None = None
+    """Optional fp16 variant of the graph for GPU serving (inputs and outputs stay float32)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TowerSpec:
+        """Rebuilds a tower spec from its manifest form."""
+        parity = d.get("parity")
+        return cls(**{**d, "parity": Parity(**parity) if parity else None})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Contents of `manifest.json` (schema version 1)."""
+
+    bundle_version: str
+    """Version string; the vector-store collection is named after it."""
+    embedding_dim: int
+    """Dimension D of every served vector."""
+    image: TowerSpec
+    """The image tower."""
+    text: TowerSpec
+    """The text tower."""
+    image_preprocess: ImagePreprocessConfig
+    """How image bytes become the image tower's input."""
+    text_config: TextConfig
+    """Tokenizer file and token limits of the text tower."""
+    onnx_opset: int
+    """ONNX opset of the graphs."""
+    normalized: bool = True
+    """Outputs are L2-normalised inside the graphs (cosine = dot product)."""
+    distance: str = DISTANCE
+    """Distance the space was trained for."""
+    unit: TowerSpec | None = None
+    """Optional fusion head mapping (image, text) embeddings to one `unit` vector."""
+    created_at: str = ""
+    """ISO-8601 UTC time of export."""
+    files: dict[str, str] = field(default_factory=dict)
+    """sha256 of every file of the bundle except the manifest, by file name."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """Resolved training config the towers came from."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Evaluation figures measured before export (e.g. val R@K)."""
+    schema_version: int = SCHEMA_VERSION
+    """Manifest schema version."""
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise BundleError(
+                f"manifest schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})"
+            )
+        if not self.bundle_version or any(c in self.bundle_version for c in "/\\ "):
+            raise BundleError(f"bundle_version must be non-empty with no '/', '\\' or spaces: {self.bundle_version!r}")
+        if self.embedding_dim <= 0:
+            raise BundleError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if self.distance != DISTANCE:
+            raise BundleError(f"distance must be {DISTANCE!r}, got {self.distance!r}")
+
+    def tower(self, modality: str) -> TowerSpec:
+        """The spec of `image`, `text` or `unit`.
+
+        Raises:
+            BundleError: Unknown modality, or a unit tower the bundle does not have.
+        """
+        if modality not in MODALITIES:
+            raise BundleError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        spec = getattr(self, modality)
+        if spec is None:
+            raise BundleError(f"bundle {self.bundle_version} has no {modality} tower")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d = asdict(self)
+        d["image_preprocess"] = self.image_preprocess.to_dict()
+        d["text_config"] = self.text_config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """Parses and validates a manifest dictionary.
+
+        Raises:
+            BundleError: Missing or malformed fields, naming the field.
+        """
+        if not isinstance(d, dict):
+            raise BundleError("manifest must be a JSON object")
+        if d.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise BundleError(
+                f"manifest schema_version {d.get('schema_version')} is not supported (expected {SCHEMA_VERSION})"
+            )
+        required = ("bundle_version", "embedding_dim", "image", "text", "image_preprocess", "text_config", "onnx_opset")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise BundleError(f"manifest is missing required field(s): {', '.join(missing)}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BundleError(f"manifest has unknown field(s): {', '.join(unknown)}")
+        try:
+            return cls(
+                **{
+                    **d,
+                    "image": TowerSpec.from_dict(d["image"]),
+                    "text": TowerSpec.from_dict(d["text"]),
+                    "unit": TowerSpec.from_dict(d["unit"]) if d.get("unit") else None,
+                    "image_preprocess": ImagePreprocessConfig.from_dict(d["image_preprocess"]),
+                    "text_config": TextConfig.from_dict(d["text_config"]),
+                }
+            )
+        except BundleError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"manifest is malformed: {exc}") from exc
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_digest(files: dict[str, str]) -> str:
+    """The bundle's identity: sha256 over its sorted `name  sha256` lines (the manifest itself excluded)."""
+    lines = "".join(f"{name}  {digest}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded (and verified) model bundle."""
+
+    path: Path
+    """The bundle directory."""
+    manifest: Manifest
+    """Its parsed manifest."""
+
+    @property
+    def version(self) -> str:
+        """The bundle version string."""
+        return self.manifest.bundle_version
+
+    @property
+    def sha256(self) -> str:
+        """Digest identifying the bundle's files."""
+        return bundle_digest(self.manifest.files)
+
+    def file(self, name: str) -> Path:
+        """Absolute path of a bundle file."""
+        return self.path / name
+
+
+def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, str | Path]) -> Bundle:
+    """Writes a bundle: copies `files` (bundle name -> source path), hashes them, writes the manifest last.
+
+    The bundle is assembled in a temporary sibling directory and renamed into place, so a reader never sees a half
+    written bundle. Bundles are immutable: an existing non-empty `out_dir` is an error.
+
+    Raises:
+        BundleError: `out_dir` exists and is not empty, or the manifest names a file that is not given.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"bundle directory {out} exists and is not empty; bundles are immutable, pick a new path")
+    named = {manifest.image.file, manifest.text.file, manifest.text_config.tokenizer_file}
+    if manifest.unit:
+        named.add(manifest.unit.file)
+    for spec in (manifest.image, manifest.text, manifest.unit):
+        if spec and spec.fp16_file:
+            named.add(spec.fp16_file)
+    absent = sorted(named - set(files))
+    if absent:
+        raise BundleError(f"manifest names file(s) not given to write_bundle: {', '.join(absent)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hashes = {}
+        for name, src in sorted(files.items()):
+            if "/" in name or name == MANIFEST:
+                raise BundleError(f"invalid bundle file name {name!r}")
+            shutil.copyfile(src, tmp / name)
+            hashes[name] = sha256_file(tmp / name)
+        final = Manifest.from_dict({**manifest.to_dict(), "files": hashes})
+        (tmp / MANIFEST).write_text(json.dumps(final.to_dict(), indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle(out, final)
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Reads and validates a bundle.
+
+    Args:
+        path: The bundle directory.
+        verify: Check every file's sha256 against the manifest (off only for trusted, already verified bundles).
+
+    Raises:
+        BundleError: Missing directory or manifest, malformed manifest, missing file, or hash mismatch.
+    """
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not a model bundle: {MANIFEST} not found")
+    try:
+        raw = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{mpath} is not valid JSON: {exc}") from exc
+    manifest = Manifest.from_dict(raw)
+    named = [manifest.image.file, manifest.text.file, manifest.text_config.tokenizer_file]
+    if manifest.unit:
+        named.append(manifest.unit.file)
+    for name in named:
+        if name not in manifest.files:
+            raise BundleError(f"manifest names {name!r} but records no hash for it")
+    for name, digest in manifest.files.items():
+        fpath = root / name
+        if not fpath.is_file():
+            raise BundleError(f"bundle file {name!r} is missing from {root}")
+        if verify and sha256_file(fpath) != digest:
+            raise BundleError(f"bundle file {name!r} does not match its sha256 in the manifest (tampered or corrupt)")
+    return Bundle(root.resolve(), manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`imgtxt bundle-info`: verifies a bundle and prints its manifest summary."""
+    parser = argparse.ArgumentParser(prog="imgtxt bundle-info", description="Verify a model bundle and describe it.")
+    parser.add_argument("bundle", type=Path, help="bundle directory")
+    parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    args = parser.parse_args(argv)
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        parser.exit(1, f"error: {exc}\n")
+    m = bundle.manifest
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2, sort_keys=True))
+        return 0
+    print(f"bundle     {m.bundle_version}  sha256 {bundle.sha256}")
+    print(f"dim        {m.embedding_dim}  normalized={m.normalized}  distance={m.distance}  opset={m.onnx_opset}")
+    for modality in MODALITIES:
+        spec = getattr(m, modality)
+        if spec:
+            parity = (
+                f"max|d|={spec.parity.max_abs_diff:.2e} min cos={spec.parity.min_cosine:.6f}" if spec.parity else ""
+            )
+            print(f"{modality:<10} {spec.file}  {parity}")
+    print(
+        f"image      {m.image_preprocess.image_size}px {m.image_preprocess.resize} {m.image_preprocess.interpolation}"
+    )
+    print(f"text       {m.text_config.tokenizer_file} max_tokens={m.text_config.max_tokens}")
+    return 0

@@ -1,0 +1,67 @@
+"""The `imgtxt` command: one entry point whose sub-commands are each owned by the package that implements them.
+
+Sub-command modules are imported only when run, so `imgtxt serve-text` never imports torch and `imgtxt --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module:function taking argv and returning an exit code, one-line help, extra needed)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("indexer.demo:main", "end to end: get a bundle, start both services, index val, run example queries", ""),
+    "train": ("trainer.train:main", "train the image and text towers (dual encoder)", "train"),
+    "eval": ("trainer.evaluate:main", "R@K evaluation of a checkpoint or bundle (also --via-index)", "train"),
+    "export": ("trainer.export:main", "export a checkpoint's towers to an ONNX model bundle", "train"),
+    "serve-image": ("image_encoder_service.__main__:main", "serve a bundle's image tower over gRPC", ""),
+    "serve-text": ("text_encoder_service.__main__:main", "serve a bundle's text tower over gRPC", ""),
+    "index": ("indexer.cli:index_main", "encode images/captions/units and write them into Qdrant", ""),
+    "search": ("indexer.cli:search_main", "search the index with a text or an image query", ""),
+    "bundle-info": ("imgtxt.bundle:main", "verify a model bundle and describe it", ""),
+}
+
+
+def _load(target: str, extra: str):  # type: ignore[no-untyped-def]
+    module_name, func = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if (
+            extra
+            and exc.name
+            and exc.name.split(".")[0] in ("torch", "transformers", "onnx", "efficientnet_lite_pytorch")
+        ):
+            raise SystemExit(
+                f"imgtxt: this command needs the [{extra}] extra: pip install 'imgtxt[{extra}]' ({exc})"
+            ) from exc
+        raise
+    return getattr(module, func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the sub-command and hands the remaining arguments to its owner."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="imgtxt",
+        description="Image–text retrieval: train a dual encoder, serve its towers over gRPC, index into Qdrant.",
+        epilog="Run `imgtxt COMMAND --help` for a command's options. Options also read IMGTXT_<OPTION> env variables.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text, extra) in COMMANDS.items():
+        sub.add_parser(name, help=help_text + (f" (needs imgtxt[{extra}])" if extra else ""), add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # prints the usage error with the valid choices and exits 2
+    target, _, extra = COMMANDS[argv[0]]
+    if argv[0] == "eval" and "--via-index" in argv:
+        # Evaluation through the services and the vector store needs no torch: the indexer owns it.
+        target, extra = "indexer.evaluate:main", ""
+    return int(_load(target, extra)(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Image preprocessing, written once: bytes -> decoded RGB image -> resized -> normalised float32 CHW array.
+
+The trainer's data pipeline and the image service both call these functions, with the settings read from the model
+bundle, so training-time and serving-time preprocessing cannot drift.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from imgtxt.errors import ConfigError, InvalidInput, LimitExceeded
+
+RESIZE_RULES = ("shorter_center_crop", "squash")
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+
+# Our own (configurable) pixel limit is checked from the header before any pixel is decoded; Pillow's own guard
+# (an error at 2x Image.MAX_IMAGE_PIXELS) stays on as a second line.
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits applied to untrusted image bytes before and during decoding."""
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest accepted encoded image, in bytes."""
+    max_image_pixels: int = 40_000_000
+    """Largest accepted decoded size (width x height), checked from the header before decoding."""
+
+    def __post_init__(self) -> None:
+        if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
+            raise ConfigError(f"image limits must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class ImagePreprocessConfig:
+    """How an image becomes the tower's input tensor; saved in the bundle manifest and rebuilt from it."""
+
+    image_size: int = 224
+    """Side of the square input, in pixels."""
+    resize: str = "shorter_center_crop"
+    """Resize rule: `shorter_center_crop` (shorter side to image_size, then centre crop) or `squash` (both sides)."""
+    interpolation: str = "bicubic"
+    """Resampling filter: `bicubic` or `bilinear`."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean subtracted from [0, 1] RGB values."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel standard deviation dividing the centred values."""
+    layout: str = "NCHW"
+    """Tensor layout of the tower input (only NCHW)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes kept with the config (not used for preprocessing)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"image_size must be >= 8, got {self.image_size}")
+        if self.resize not in RESIZE_RULES:
+            raise ConfigError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"mean and std need 3 values each (std > 0), got {self.mean}, {self.std}")
+        if self.layout != "NCHW":
+            raise ConfigError(f"layout must be 'NCHW', got {self.layout!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as stored in the manifest."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImagePreprocessConfig:
+        """Rebuilds the config from its manifest form."""
+        return cls(**{**d, "mean": tuple(d.get("mean", IMAGENET_MEAN)), "std": tuple(d.get("std", IMAGENET_STD))})
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: int | None = None) -> Image.Image:
+    """Decodes untrusted image bytes into an upright RGB image.
+
+    Accepts JPEG, PNG, WebP and GIF (first frame). EXIF orientation is applied; transparency is composited on white.
+
+    Args:
+        data: Encoded image file bytes.
+        limits: Byte and pixel limits, checked before decoding pixels.
+        draft_size: When set, JPEG decoding may use DCT scaling down to no less than this size on the shorter side
+            (much faster for large photos; both training and serving pass the same value).
+
+    Raises:
+        InvalidInput: Empty, truncated, corrupt or non-image bytes, or an unsupported format.
+        LimitExceeded: Over `max_image_bytes` or `max_image_pixels`.
+    """
+    if not data:
+        raise InvalidInput("image data is empty (0 bytes)")
+    if len(data) > limits.max_image_bytes:
+        raise LimitExceeded(f"image data is {len(data)} bytes, over the limit max_image_bytes={limits.max_image_bytes}")
+    try:
+        img: Image.Image = Image.open(io.BytesIO(data))
+        fmt = img.format
+        if fmt not in ACCEPTED_FORMATS:
+            raise InvalidInput(f"image format {fmt!r} is not accepted; use one of {ACCEPTED_FORMATS}")
+        width, height = img.size
+        if width * height > limits.max_image_pixels:
+            raise LimitExceeded(
+                f"image is {width}x{height} = {width * height} pixels, over the limit "
+                f"max_image_pixels={limits.max_image_pixels}"
+            )
+        if draft_size and fmt == "JPEG":
+            scale = draft_size / min(width, height)
+            img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        img.seek(0)  # first frame of animated GIF / WebP
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(canvas, rgba)
+        return img.convert("RGB")
+    except (InvalidInput, LimitExceeded):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise LimitExceeded(
+            f"image is over the limit max_image_pixels={limits.max_image_pixels} (decompression bomb: {exc})"
+        ) from exc
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad bytes
+        raise InvalidInput(f"image data could not be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def resize_image(img: Image.Image, cfg: ImagePreprocessConfig) -> Image.Image:
+    """Applies the evaluation-time resize rule, giving an image_size x image_size image."""
+    size, resample = cfg.image_size, INTERPOLATIONS[cfg.interpolation]
+    if cfg.resize == "squash":
+        return img.resize((size, size), resample)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(
+    img: Image.Image,
+    cfg: ImagePreprocessConfig,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+) -> Image.Image:
+    """Training augmentation: a random crop of random area and aspect, resized to image_size, maybe mirrored.
+
+    Falls back to the evaluation resize when no crop fits after ten tries (as torchvision's RandomResizedCrop does).
+    """
+    w, h = img.size
+    area = w * h
+    out: Image.Image | None = None
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (left, top, left + cw, top + ch)
+            out = img.resize((cfg.image_size, cfg.image_size), INTERPOLATIONS[cfg.interpolation], box=box)
+            break
+    if out is None:
+        out = resize_image(img, cfg)
+    if hflip and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
+
+
+def to_array(img: Image.Image, cfg: ImagePreprocessConfig) -> np.ndarray:
+    """Converts a resized RGB image to the normalised float32 (3, H, W) tower input."""
+    arr = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
+    normalised = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)
+
+
+def preprocess_image(data: bytes, cfg: ImagePreprocessConfig, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """The whole evaluation/serving path: untrusted bytes -> (3, H, W) float32 tower input.
+
+    Raises:
+        InvalidInput: Undecodable input.
+        LimitExceeded: Input over a limit.
+    """
+    return to_array(resize_image(decode_image(data, limits, draft_size=cfg.image_size), cfg), cfg)

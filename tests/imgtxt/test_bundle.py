@@ -1,0 +1,125 @@
+"""Model bundle contract: write -> load round trip, hashing, validation errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imgtxt.bundle import MANIFEST, Manifest, Parity, TowerSpec, bundle_digest, load_bundle, sha256_file, write_bundle
+from imgtxt.errors import BundleError
+from imgtxt.preprocess import ImagePreprocessConfig
+from imgtxt.text import TextConfig
+
+
+def _manifest(version: str = "test-1", unit: bool = False) -> Manifest:
+    return Manifest(
+        bundle_version=version,
+        embedding_dim=8,
+        image=TowerSpec("image_tower.onnx", ["pixel_values"], parity=Parity(1e-6, 0.99999, 4)),
+        text=TowerSpec("text_tower.onnx", ["input_ids", "attention_mask"]),
+        unit=TowerSpec("unit_head.onnx", ["image", "text"]) if unit else None,
+        image_preprocess=ImagePreprocessConfig(image_size=64, resize="squash"),
+        text_config=TextConfig(max_tokens=16),
+        onnx_opset=17,
+        training={"lr": 0.001, "losses": {"infonce": 1.0}},
+    )
+
+
+def _sources(tmp_path: Path, unit: bool = False) -> dict[str, str | Path]:
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["image_tower.onnx", "text_tower.onnx", "tokenizer.json"] + (["unit_head.onnx"] if unit else [])
+    files: dict[str, str | Path] = {}
+    for i, name in enumerate(names):
+        (src / name).write_bytes(bytes([i]) * (100 + i))
+        files[name] = src / name
+    return files
+
+
+def test_round_trip_gives_identical_manifest(tmp_path: Path) -> None:
+    written = write_bundle(tmp_path / "b", _manifest(unit=True), _sources(tmp_path, unit=True))
+    loaded = load_bundle(tmp_path / "b")
+    assert loaded.manifest == written.manifest
+    assert loaded.manifest.files["image_tower.onnx"] == sha256_file(tmp_path / "b" / "image_tower.onnx")
+    assert loaded.sha256 == bundle_digest(loaded.manifest.files) and len(loaded.sha256) == 64
+    assert loaded.manifest.image.parity == Parity(1e-6, 0.99999, 4)
+    assert loaded.manifest.image_preprocess.resize == "squash"
+    assert loaded.manifest.tower("unit").file == "unit_head.onnx"
+    # The manifest on disk is plain JSON a non-Python server can read.
+    raw = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    assert raw["schema_version"] == 1 and raw["distance"] == "cosine"
+
+
+def test_tampered_file_fails_hash_check(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b", _manifest(), _sources(tmp_path))
+    (tmp_path / "b" / "text_tower.onnx").write_bytes(b"evil")
+    with pytest.raises(BundleError, match=r"text_tower.onnx.*sha256"):
+        load_bundle(tmp_path / "b")
+    assert load_bundle(tmp_path / "b", verify=False).version == "test-1"
+
+
+def test_missing_file_and_manifest_errors(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b", _manifest(), _sources(tmp_path))
+    (tmp_path / "b" / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"tokenizer.json.*missing"):
+        load_bundle(tmp_path / "b")
+    with pytest.raises(BundleError, match=r"manifest.json not found"):
+        load_bundle(tmp_path)
+
+
+def test_bundles_are_immutable(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b", _manifest(), _sources(tmp_path))
+    with pytest.raises(BundleError, match="immutable"):
+        write_bundle(tmp_path / "b", _manifest("test-2"), {})
+
+
+def test_manifest_naming_an_absent_file_is_refused(tmp_path: Path) -> None:
+    files = _sources(tmp_path)
+    del files["tokenizer.json"]
+    with pytest.raises(BundleError, match=r"tokenizer.json"):
+        write_bundle(tmp_path / "b", _manifest(), files)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("embedding_dim"), "missing required field.*embedding_dim"),
+        (lambda d: d.update(schema_version=99), "schema_version 99"),
+        (lambda d: d.update(surprise=1), "unknown field.*surprise"),
+        (lambda d: d.update(embedding_dim=0), "embedding_dim must be positive"),
+        (lambda d: d.update(distance="dot"), "distance must be 'cosine'"),
+        (lambda d: d["image_preprocess"].update(resize="stretch"), "resize must be one of"),
+        (lambda d: d["text_config"].update(max_tokens=1), "max_tokens must be >= 3"),
+    ],
+)
+def test_manifest_validation_names_the_field(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    write_bundle(tmp_path / "b", _manifest(), _sources(tmp_path))
+    path = tmp_path / "b" / MANIFEST
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path / "b")
+
+
+def test_unit_tower_absent_is_a_clear_error() -> None:
+    with pytest.raises(BundleError, match="no unit tower"):
+        _manifest().tower("unit")
+    with pytest.raises(BundleError, match="modality must be one of"):
+        _manifest().tower("audio")
+
+
+def test_bundle_info_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from imgtxt.cli import main
+
+    write_bundle(tmp_path / "b", _manifest(), _sources(tmp_path))
+    assert main(["bundle-info", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "test-1" in out and "min cos=0.999990" in out
+    (tmp_path / "b" / "image_tower.onnx").write_bytes(b"x")
+    with pytest.raises(SystemExit) as exc:
+        main(["bundle-info", str(tmp_path / "b")])
+    assert exc.value.code == 1
