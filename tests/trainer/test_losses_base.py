@@ -1,0 +1,152 @@
+"""Tests of the loss plumbing: LossInputs validation, the registry, CombinedLoss, and gradients of every loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from trainer.losses import LOSSES, CombinedLoss, InfoNCELoss, KendallRankLoss, LossInputs, build_loss, positive_mask
+
+
+def _full_inputs(requires_grad: bool = True) -> LossInputs:
+    """B=6 rows, D=8, two images with two captions each, every optional field filled."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3])
+
+    def unit_rows(dim: int = 8) -> torch.Tensor:
+        return F.normalize(torch.randn(6, dim, generator=gen), dim=-1).requires_grad_(requires_grad)
+
+    text_sim = torch.rand(6, 6, generator=gen)
+    text_sim = (0.5 * (text_sim + text_sim.T)).fill_diagonal_(1.0)
+    local_sim = torch.rand(6, 6, generator=gen).fill_diagonal_(1.0)
+    return LossInputs(
+        image=unit_rows(),
+        text=unit_rows(),
+        image_ids=ids,
+        epoch=1,
+        text_sim=text_sim,
+        image_local=unit_rows(4),
+        text_local=unit_rows(4),
+        local_sim=local_sim,
+        unit=unit_rows(),
+    )
+
+
+# Per loss: constructor kwargs and the inputs it must send gradient to.
+_CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "infonce": ({}, ("image", "text")),
+    "vsepp_triplet": ({"margin": 0.5}, ("image", "text")),
+    "adaptive_margin_triplet": ({"margin": 0.5}, ("image", "text")),
+    "center": ({}, ("image", "text")),
+    "soft_negative_triplet": ({"margin": 0.5}, ("image", "text")),
+    "kendall_rank": ({}, ("image", "text")),
+    "bcls": ({"triplet_kwargs": {"margin": 0.5}}, ("image", "text")),
+    "relation": ({"dim": 8, "num_heads": 2}, ("image", "text")),
+    "quantization": ({"mode": "binary"}, ("image", "text")),
+    "unit_hinge": ({"margin": 0.5}, ("image", "text", "unit")),
+    "local_similarity": ({}, ("image_local", "text_local")),
+}
+
+
+def test_every_registered_loss_has_a_gradient_case() -> None:
+    assert set(_CASES) == set(LOSSES)
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_gradients_flow_and_terms_are_named_scalars(name: str) -> None:
+    kwargs, grad_fields = _CASES[name]
+    loss = build_loss(name, **kwargs)
+    inputs = _full_inputs()
+    terms = loss(inputs)
+    assert tuple(terms) == loss.term_names
+    for value in terms.values():
+        assert value.dim() == 0 and torch.isfinite(value)
+    loss.total(terms).backward()
+    for field in grad_fields:
+        grad = getattr(inputs, field).grad
+        assert grad is not None, f"{name}: no gradient on {field}"
+        assert torch.isfinite(grad).all()
+        assert grad.abs().sum() > 0, f"{name}: zero gradient on {field}"
+
+
+def test_loss_inputs_validates_shapes() -> None:
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="image and text"):
+        LossInputs(image=x, text=torch.zeros(3, 5), image_ids=torch.arange(3))
+    with pytest.raises(ValueError, match="image_ids"):
+        LossInputs(image=x, text=x, image_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="text_sim"):
+        LossInputs(image=x, text=x, image_ids=torch.arange(3), text_sim=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="unit"):
+        LossInputs(image=x, text=x, image_ids=torch.arange(3), unit=torch.zeros(2, 4))
+
+
+def test_missing_optional_input_names_the_field() -> None:
+    x = F.normalize(torch.ones(2, 2), dim=-1)
+    inputs = LossInputs(image=x, text=x, image_ids=torch.arange(2))
+    with pytest.raises(ValueError, match=r"KendallRankLoss requires LossInputs\.text_sim"):
+        KendallRankLoss()(inputs)
+    with pytest.raises(ValueError, match=r"LossInputs\.unit"):
+        build_loss("unit_hinge")(inputs)
+    with pytest.raises(ValueError, match=r"LossInputs\.image_local"):
+        build_loss("local_similarity")(inputs)
+
+
+def test_positive_mask_by_image_id() -> None:
+    mask = positive_mask(torch.tensor([4, 4, 9]))
+    expected = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    assert torch.equal(mask, expected)
+
+
+def test_build_loss_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="unknown loss 'nope'") as info:
+        build_loss("nope")
+    for name in ("infonce", "vsepp_triplet", "kendall_rank", "relation", "quantization", "unit_hinge"):
+        assert name in str(info.value)
+
+
+def test_build_loss_passes_kwargs() -> None:
+    loss = build_loss("vsepp_triplet", margin=0.3, warmup_epochs=0)
+    assert loss.margin == 0.3 and loss.warmup_epochs == 0
+
+
+def test_combined_loss_is_weighted_sum_of_named_terms() -> None:
+    combined = CombinedLoss({"infonce": 0.5, "vsepp_triplet": 2.0, "center": 0.0})
+    out = combined(_full_inputs(requires_grad=False))
+    assert set(out) == {"infonce", "triplet", "center", "loss"}
+    assert_close(out["loss"], 0.5 * out["infonce"] + 2.0 * out["triplet"] + 0.0 * out["center"])
+
+
+def test_combined_loss_applies_term_weights_inside_a_loss() -> None:
+    combined = CombinedLoss({"quantization": 2.0}, {"quantization": {"mode": "binary", "error_weight": 0.25}})
+    out = combined(_full_inputs(requires_grad=False))
+    # Terms are raw; the per-term weight (0.25) and the loss weight (2) only enter the total.
+    assert_close(out["loss"], 2.0 * (out["quant_retrieval"] + 0.25 * out["quant_error"]))
+
+
+def test_combined_loss_registers_loss_parameters() -> None:
+    combined = CombinedLoss({"infonce": 1.0})
+    infonce = combined.losses["infonce"]
+    assert isinstance(infonce, InfoNCELoss)
+    assert any(p is infonce.logit_scale for p in combined.parameters())
+
+
+@pytest.mark.parametrize(
+    ("weights", "kwargs", "message"),
+    [
+        ({"nope": 1.0}, None, "valid: adaptive_margin_triplet"),
+        ({}, None, "at least one loss"),
+        ({"infonce": 1.0}, {"center": {}}, "without a weight: center"),
+        ({"bcls": 1.0, "kendall_rank": 1.0}, None, "clashes"),
+        ({"infonce": -1.0}, None, ">= 0"),
+    ],
+)
+def test_combined_loss_config_errors(
+    weights: dict[str, float], kwargs: dict[str, dict[str, Any]] | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        CombinedLoss(weights, kwargs)

@@ -1,0 +1,156 @@
+"""Tests of HREM's relation module and loss, and of the neighbour batch sampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+from trainer.losses import LossInputs, RelationLoss, RelationModule, kmeans, neighbour_batches, positive_mask
+from trainer.losses.relation import _CrossAttention, similarity_kl
+
+
+def _vec(*pairs: tuple[int, float]) -> Tensor:
+    v = torch.zeros(6)
+    for axis, value in pairs:
+        v[axis] = value
+    return v
+
+
+def _masking_case(ids: list[int], text1_close_to_image0: bool) -> LossInputs:
+    """Scores image @ text.T are diag(.6) and 0 elsewhere, except s(image0, text1) = 0 (before) or 0.8 (after)."""
+    image = torch.stack([_vec((0, 1.0)), _vec((1, 1.0)), _vec((2, 1.0))])
+    text1 = _vec((1, 0.6), (0, 0.8)) if text1_close_to_image0 else _vec((1, 0.6), (4, 0.8))
+    text = torch.stack([_vec((0, 0.6), (3, 0.8)), text1, _vec((2, 0.6), (5, 0.8))])
+    return LossInputs(image=image, text=text, image_ids=torch.tensor(ids), epoch=1)
+
+
+class _Identity(nn.Module):
+    def forward(self, image: Tensor, text: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor]:
+        return image, text
+
+
+def test_identity_relation_gives_vsepp_and_zero_consistency() -> None:
+    # With enhanced == initial the triplet is plain VSE++ (margin .7, distinct ids: 2.2/3, see the triplet tests)
+    # and the two similarity distributions are identical (KL 0).
+    loss = RelationLoss(margin=0.7, module=_Identity())
+    out = loss(_masking_case([0, 1, 2], True))
+    assert_close(out["relation_triplet"], torch.tensor(2.2 / 3))
+    assert_close(out["relation_consistency"], torch.tensor(0.0))
+    # Same-image caption is not a negative of the enhanced triplet either: .1 per anchor and direction.
+    shared = [loss(_masking_case([7, 7, 3], after))["relation_triplet"] for after in (False, True)]
+    assert_close(shared[0], torch.tensor(0.2))
+    assert_close(shared[1], shared[0])
+
+
+def test_similarity_kl_hand_computed() -> None:
+    # Row 0: softmax([1, 0]) on both sides -> 0. Row 1: p = softmax([0, 0]) = (.5, .5), q = softmax([0, 1]):
+    # KL = .5 log(.5 (1+e)) + .5 log(.5 (1+e) / e). Batch mean over 2 rows.
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    e = math.e
+    row1 = 0.5 * math.log(0.5 * (1 + e)) + 0.5 * math.log(0.5 * (1 + e) / e)
+    pos = positive_mask(torch.tensor([0, 1]))
+    assert_close(similarity_kl(student, teacher, pos, temperature=1.0), torch.tensor(row1 / 2))
+
+
+def test_similarity_kl_ignores_same_image_columns() -> None:
+    # Columns of another caption of the same image drop out of both distributions, whatever their value.
+    pos = positive_mask(torch.tensor([0, 0, 1]))
+    student = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    teacher_a = torch.tensor([[1.0, 5.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    teacher_b = torch.tensor([[1.0, -5.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    kl_a = similarity_kl(student, teacher_a, pos, 1.0)
+    assert_close(kl_a, similarity_kl(student, teacher_b, pos, 1.0))
+    assert_close(kl_a, torch.tensor(0.0))
+
+
+def test_cross_attention_never_sees_same_image() -> None:
+    torch.manual_seed(0)
+    attention = _CrossAttention(dim=8, num_heads=2, dropout=0.0)
+    query = torch.randn(3, 8)
+    context = torch.randn(3, 8)
+    blocked = positive_mask(torch.tensor([7, 7, 3]))
+    out = attention(query, context, blocked)
+    changed = context.clone()
+    changed[1] = torch.randn(8)  # a caption of image 7
+    out_changed = attention(query, changed, blocked)
+    assert_close(out_changed[:2], out[:2])  # queries of image 7 cannot see it
+    assert not torch.allclose(out_changed[2], out[2])  # the query of image 3 can
+
+
+def test_cross_attention_isolated_query_passes_through() -> None:
+    attention = _CrossAttention(dim=4, num_heads=1, dropout=0.0)
+    query = torch.randn(2, 4)
+    out = attention(query, torch.randn(2, 4), positive_mask(torch.tensor([1, 1])))  # nothing to attend to
+    assert_close(out, query)
+
+
+def test_relation_module_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    module = RelationModule(dim=8, num_heads=2)
+    image = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
+    text = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
+    image_enh, text_enh = module(image, text, torch.tensor([0, 0, 1, 2, 3]))
+    assert image_enh.shape == text_enh.shape == (5, 8)
+    assert_close(image_enh.norm(dim=-1), torch.ones(5))
+    (image_enh @ text_enh.T).diagonal().sum().backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="must divide"):
+        RelationModule(dim=10, num_heads=4)
+
+
+def test_consistency_does_not_train_the_relation_module() -> None:
+    torch.manual_seed(0)
+    loss = RelationLoss(dim=8, num_heads=2)
+    image = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True)
+    text = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True)
+    out = loss(LossInputs(image, text, torch.arange(4), epoch=1))
+    out["relation_consistency"].backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0  # the initial embeddings learn from it
+    for param in loss.relation.parameters():  # the enhanced side is the (stop-grad) teacher
+        assert param.grad is None or param.grad.abs().sum() == 0
+
+
+def _blobs(n_per: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.eye(4, 16)[:3] * 5.0
+    return np.concatenate([c + 0.1 * rng.standard_normal((n_per, 16)) for c in centres]).astype(np.float32)
+
+
+def test_kmeans_recovers_separated_blobs() -> None:
+    points = torch.from_numpy(_blobs(20))
+    _, assignment = kmeans(points, 3, seed=0)
+    for block in range(3):
+        assert len(set(assignment[block * 20 : (block + 1) * 20].tolist())) == 1
+    assert len(set(assignment.tolist())) == 3
+
+
+def test_neighbour_batches_disjoint_covering_deterministic() -> None:
+    embeddings = _blobs(35)  # 105 images
+    batches = neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=3)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(105))  # every image exactly once: disjoint and covering
+    assert all(1 <= len(batch) <= 8 for batch in batches)
+    again = neighbour_batches(torch.from_numpy(embeddings), num_clusters_p=2, images_per_cluster_k=4, seed=3)
+    assert again == batches
+    assert neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=4) != batches
+
+
+def test_neighbour_batches_group_neighbours() -> None:
+    # 3 tight blobs, clusters of ~P*K = 8 images: each batch's images come from nearby clusters, so most batches
+    # stay within one blob (random batches of 8 from 3 blobs almost never would).
+    embeddings = _blobs(40)
+    batches = neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=0)
+    single_blob = sum(len({i // 40 for i in batch}) == 1 for batch in batches)
+    assert single_blob >= 0.8 * len(batches)
+
+
+def test_neighbour_batches_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match=">= 1"):
+        neighbour_batches(_blobs(2), num_clusters_p=0, images_per_cluster_k=4, seed=0)

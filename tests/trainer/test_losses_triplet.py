@@ -1,0 +1,110 @@
+"""Tests of the VSE++ and adaptive-margin triplet losses: hand-computed values, masking, VSE0 warm-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from trainer.losses import AdaptiveMarginTripletLoss, LossInputs, VSEPPTripletLoss
+
+
+def _vec(*pairs: tuple[int, float]) -> torch.Tensor:
+    v = torch.zeros(6)
+    for axis, value in pairs:
+        v[axis] = value
+    return v
+
+
+def _masking_case(ids: list[int], text1_close_to_image0: bool, epoch: int = 1) -> LossInputs:
+    """Scores image @ text.T are diag(.6) everywhere except s(image0, text1) = 0 (before) or 0.8 (after).
+
+    image = e0, e1, e2; text0 = .6e0 + .8e3; text1 = .6e1 + .8e4 or .6e1 + .8e0; text2 = .6e2 + .8e5.
+    """
+    image = torch.stack([_vec((0, 1.0)), _vec((1, 1.0)), _vec((2, 1.0))])
+    text1 = _vec((1, 0.6), (0, 0.8)) if text1_close_to_image0 else _vec((1, 0.6), (4, 0.8))
+    text = torch.stack([_vec((0, 0.6), (3, 0.8)), text1, _vec((2, 0.6), (5, 0.8))])
+    return LossInputs(image=image, text=text, image_ids=torch.tensor(ids), epoch=epoch)
+
+
+def test_vsepp_hardest_negative_hand_computed() -> None:
+    # margin .7, distinct ids, after state. Image anchors (rows): anchor0 max(.7+.8-.6, .7+0-.6) = .9,
+    # anchor1 .7+0-.6 = .1, anchor2 .1 -> mean 1.1/3. Text anchors (columns): text1 sees image0 at .8 -> .9,
+    # text0 and text2 .1 -> mean 1.1/3. Total 2.2/3.
+    loss = VSEPPTripletLoss(margin=0.7)
+    assert_close(loss(_masking_case([0, 1, 2], True))["triplet"], torch.tensor(2.2 / 3))
+    assert_close(
+        VSEPPTripletLoss(margin=0.7, reduction="sum")(_masking_case([0, 1, 2], True))["triplet"], torch.tensor(2.2)
+    )
+
+
+def test_vse0_warmup_sums_all_negatives() -> None:
+    # epoch 0 < warmup 1: sum over negatives. Rows: anchor0 .9 + .1 = 1.0, anchor1 .1 + .1, anchor2 .1 + .1
+    # -> 1.4/3; columns likewise 1.4/3. Total 2.8/3, different from the max-violation 2.2/3.
+    loss = VSEPPTripletLoss(margin=0.7, warmup_epochs=1)
+    warm = loss(_masking_case([0, 1, 2], True, epoch=0))["triplet"]
+    hard = loss(_masking_case([0, 1, 2], True, epoch=1))["triplet"]
+    assert_close(warm, torch.tensor(2.8 / 3))
+    assert_close(hard, torch.tensor(2.2 / 3))
+    assert not torch.isclose(warm, hard)
+    # max_violation=False stays VSE0 forever.
+    never = VSEPPTripletLoss(margin=0.7, max_violation=False)(_masking_case([0, 1, 2], True, epoch=5))["triplet"]
+    assert_close(never, torch.tensor(2.8 / 3))
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_vsepp_same_image_caption_is_not_a_negative(epoch: int) -> None:
+    loss = VSEPPTripletLoss(margin=0.7)
+    shared_before = loss(_masking_case([7, 7, 3], False, epoch))["triplet"]
+    shared_after = loss(_masking_case([7, 7, 3], True, epoch))["triplet"]
+    # Masked, margin .7: every negative scores 0 and every positive .6, so each (anchor, negative) costs .1.
+    # Anchors 0, 1 (and texts 0, 1) have one negative (row 2); anchor 2 (text 2) has two (rows 0, 1).
+    # Hardest (epoch 1): .1 per anchor -> .1 + .1 = .2. Sum (epoch 0): 2 * (.1 + .1 + .2) / 3.
+    expected = 0.2 if epoch == 1 else 2 * (0.1 + 0.1 + 0.2) / 3
+    assert_close(shared_before, torch.tensor(expected))
+    assert_close(shared_after, shared_before)
+    distinct_before = loss(_masking_case([0, 1, 2], False, epoch))["triplet"]
+    distinct_after = loss(_masking_case([0, 1, 2], True, epoch))["triplet"]
+    assert distinct_after > distinct_before + 0.1
+
+
+def test_adaptive_margin_hand_computed() -> None:
+    # margin .7 * (1 - text_sim); text_sim[0,1] = text_sim[1,0] = .5 -> margin .35 for that pair, .7 elsewhere.
+    # Rows: anchor0 max(.35+.8-.6, .7+0-.6) = .55; anchor1 max(.35+0-.6 -> 0, .1) = .1; anchor2 .1 -> .75/3.
+    # Columns: text0 max(.35+0-.6 -> 0, .1) = .1; text1 max(.35+.8-.6, .1) = .55; text2 .1 -> .75/3.
+    inputs = _masking_case([0, 1, 2], True)
+    inputs.text_sim = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    out = AdaptiveMarginTripletLoss(margin=0.7)(inputs)
+    assert_close(out["adaptive_triplet"], torch.tensor(1.5 / 3))
+
+
+def test_adaptive_margin_masks_same_image() -> None:
+    text_sim = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    loss = AdaptiveMarginTripletLoss(margin=0.7)
+    values = {}
+    for ids in ([7, 7, 3], [0, 1, 2]):
+        for after in (False, True):
+            inputs = _masking_case(ids, after)
+            inputs.text_sim = text_sim
+            values[(ids[0], after)] = loss(inputs)["adaptive_triplet"]
+    assert_close(values[(7, True)], values[(7, False)])
+    assert values[(0, True)] > values[(0, False)] + 0.1
+
+
+def test_adaptive_margin_requires_text_sim() -> None:
+    with pytest.raises(ValueError, match="text_sim"):
+        AdaptiveMarginTripletLoss()(_masking_case([0, 1, 2], True))
+
+
+def test_bad_reduction_names_choices() -> None:
+    with pytest.raises(ValueError, match="valid: mean, sum"):
+        VSEPPTripletLoss(reduction="max")  # type: ignore[arg-type]
+
+
+def test_triplet_gradients() -> None:
+    inputs = _masking_case([0, 1, 2], True)
+    inputs.image.requires_grad_(True)
+    inputs.text.requires_grad_(True)
+    VSEPPTripletLoss()(inputs)["triplet"].backward()
+    for grad in (inputs.image.grad, inputs.text.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

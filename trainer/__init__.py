@@ -1,0 +1,1 @@
+"""Training of the image and text towers (the only package that imports torch)."""

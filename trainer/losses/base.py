@@ -1,0 +1,205 @@
+"""Shared loss input type, the image-id masks, the loss registry and the weighted combination of losses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from imgtxt.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# A finite stand-in for -inf in logits that go through softmax and KL terms: exp() underflows to exactly 0,
+# yet differences of two such logits stay finite, so 0 * (log p - log q) never turns into NaN. Fits in fp16.
+NEG_LARGE = -1.0e4
+
+_OPTIONAL_FIELDS = ("text_sim", "image_local", "text_local", "local_sim", "unit")
+
+
+@dataclass
+class LossInputs:
+    """One training batch as seen by the losses: embeddings, image ids and optional labels.
+
+    Attributes:
+        image: (B, D) L2-normalised image embeddings (the served global vector).
+        text: (B, D) L2-normalised caption embeddings; row i is a caption of image ``image_ids[i]``.
+        image_ids: (B,) long; rows with equal ids are the same image (several captions of one image can share a
+            batch). Pair (i, j) is positive iff ``image_ids[i] == image_ids[j]``; such pairs are never negatives.
+        epoch: Current epoch (0-based), for warm-ups.
+        text_sim: (B, B) continuous caption–caption similarity labels in [0, 1] (pseudo-labels from a frozen sentence
+            encoder), diagonal = 1.
+        image_local: (B, Dl) local image embeddings (hierarchical option).
+        text_local: (B, Dl) local caption embeddings (hierarchical option).
+        local_sim: (B, B) lexical local-similarity labels in [0, 1] (e.g. Jaccard of content words between captions).
+        unit: (B, D) L2-normalised fused (image, caption) unit embeddings.
+    """
+
+    image: Tensor
+    text: Tensor
+    image_ids: Tensor
+    epoch: int = 0
+    text_sim: Tensor | None = None
+    image_local: Tensor | None = None
+    text_local: Tensor | None = None
+    local_sim: Tensor | None = None
+    unit: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # Shape mistakes here otherwise surface as silent broadcasting deep inside a loss.
+        if self.image.dim() != 2 or self.image.shape != self.text.shape:
+            raise ValueError(
+                f"image and text must both be (B, D); got {tuple(self.image.shape)} and {tuple(self.text.shape)}"
+            )
+        batch = self.image.shape[0]
+        if self.image_ids.shape != (batch,):
+            raise ValueError(f"image_ids must be ({batch},); got {tuple(self.image_ids.shape)}")
+        for name in ("text_sim", "local_sim"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (batch, batch):
+                raise ValueError(f"{name} must be ({batch}, {batch}); got {tuple(value.shape)}")
+        for name in ("image_local", "text_local", "unit"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 2 or value.shape[0] != batch):
+                raise ValueError(f"{name} must be ({batch}, D); got {tuple(value.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        """Number of (image, caption) rows."""
+        return int(self.image.shape[0])
+
+    def positive_mask(self) -> Tensor:
+        """(B, B) bool same-image mask (``positive_mask`` of the ids), on the embeddings' device."""
+        return positive_mask(self.image_ids.to(self.image.device))
+
+    def require(self, name: str, loss_name: str) -> Tensor:
+        """Returns an optional field, or raises a ValueError naming it when it is absent.
+
+        Args:
+            name: One of the optional fields (``text_sim``, ``image_local``, ``text_local``, ``local_sim``, ``unit``).
+            loss_name: The loss asking, for the error message.
+        """
+        if name not in _OPTIONAL_FIELDS:
+            valid = ", ".join(f.name for f in fields(self))
+            raise ValueError(f"unknown LossInputs field {name!r}; valid: {valid}")
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{loss_name} requires LossInputs.{name}, which is None")
+        return value
+
+
+def positive_mask(image_ids: Tensor) -> Tensor:
+    """(B, B) bool mask of positive pairs: True where the two rows show the same image (diagonal included)."""
+    return image_ids.unsqueeze(1) == image_ids.unsqueeze(0)
+
+
+def zero_loss(reference: Tensor) -> Tensor:
+    """A scalar 0 on ``reference``'s device and dtype that stays attached to its graph (so backward() works)."""
+    return reference.sum() * 0.0
+
+
+class EmbeddingLoss(nn.Module):
+    """Base class of the losses: ``forward(inputs)`` returns named scalar terms.
+
+    Subclasses list their term names in ``term_names`` (used to detect clashes when losses are combined) and may
+    set ``term_weights`` (term name -> weight, default 1.0) for the relative weight of their terms inside
+    ``total``; the returned terms themselves are always unweighted, so logs show raw values.
+    """
+
+    term_names: ClassVar[tuple[str, ...]] = ()
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.term_weights: dict[str, float] = {}
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def total(self, terms: Mapping[str, Tensor]) -> Tensor:
+        """Sum of this loss's terms, each scaled by its ``term_weights`` entry (default 1)."""
+        values = [self.term_weights.get(name, 1.0) * value for name, value in terms.items()]
+        return torch.stack(values).sum()
+
+
+LOSSES: dict[str, type[EmbeddingLoss]] = {}
+
+_L = TypeVar("_L", bound=type[EmbeddingLoss])
+
+
+def register_loss(name: str) -> Callable[[_L], _L]:
+    """Class decorator adding a loss to ``LOSSES`` under ``name``."""
+
+    def decorate(cls: _L) -> _L:
+        if name in LOSSES and LOSSES[name] is not cls:
+            raise ValueError(f"loss name {name!r} is already registered to {LOSSES[name].__name__}")
+        LOSSES[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorate
+
+
+def build_loss(name: str, **kwargs: Any) -> EmbeddingLoss:
+    """Instantiates the registered loss ``name`` with ``kwargs``.
+
+    Raises:
+        ConfigError: (a ValueError) when ``name`` is not registered; the message lists the valid names.
+    """
+    try:
+        cls = LOSSES[name]
+    except KeyError:
+        raise ConfigError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
+    return cls(**kwargs)
+
+
+class CombinedLoss(nn.Module):
+    """Weighted sum of several registered losses.
+
+    ``forward`` returns every loss's named terms unchanged plus ``"loss"``, the total
+    ``sum_loss weight[loss] * sum_term term_weight[term] * term``. The losses are sub-modules, so their parameters
+    (InfoNCE's temperature, the HREM relation module) are in ``parameters()`` and must be given to the optimizer.
+
+    Args:
+        weights: Loss name -> weight of that loss in the total (>= 0).
+        loss_kwargs: Loss name -> constructor keyword arguments; every key must also be in ``weights``.
+    """
+
+    def __init__(
+        self, weights: Mapping[str, float], loss_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        super().__init__()
+        if not weights:
+            raise ConfigError(f"CombinedLoss needs at least one loss; valid: {', '.join(sorted(LOSSES))}")
+        loss_kwargs = dict(loss_kwargs or {})
+        stray = sorted(set(loss_kwargs) - set(weights))
+        if stray:
+            raise ConfigError(f"loss_kwargs given for losses without a weight: {', '.join(stray)}")
+        self.weights: dict[str, float] = {}
+        self.losses = nn.ModuleDict()
+        owner: dict[str, str] = {}
+        for name, weight in weights.items():
+            if weight < 0:
+                raise ConfigError(f"loss weight for {name!r} must be >= 0, got {weight}")
+            loss = build_loss(name, **dict(loss_kwargs.get(name, {})))
+            for term in loss.term_names:
+                if term == "loss" or term in owner:
+                    raise ConfigError(f"term {term!r} of {name!r} clashes with {owner.get(term, 'the total')!r}")
+                owner[term] = name
+            self.losses[name] = loss
+            self.weights[name] = float(weight)
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        parts: list[Tensor] = []
+        for name, module in self.losses.items():
+            assert isinstance(module, EmbeddingLoss)
+            terms = module(inputs)
+            out.update(terms)
+            parts.append(self.weights[name] * module.total(terms))
+        out["loss"] = torch.stack(parts).sum()
+        return out

@@ -1,0 +1,159 @@
+"""VSE++ hinge-based triplet loss (hardest negative, VSE0 warm-up) and its semantically adaptive-margin variant."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from imgtxt.errors import ConfigError
+from trainer.losses.base import EmbeddingLoss, LossInputs, register_loss
+
+Reduction = Literal["mean", "sum"]
+_REDUCTIONS = ("mean", "sum")
+
+
+def check_reduction(reduction: str) -> None:
+    """Raises a ConfigError (a ValueError) unless ``reduction`` is one of ``mean``, ``sum``."""
+    if reduction not in _REDUCTIONS:
+        raise ConfigError(f"unknown reduction {reduction!r}; valid: {', '.join(_REDUCTIONS)}")
+
+
+def anchor_hinge(
+    scores: Tensor,
+    pos_mask: Tensor,
+    margin: float | Tensor,
+    max_violation: bool,
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """Hinge cost of every row anchor against its column candidates; the diagonal is the anchor's positive.
+
+    ``cost[i, j] = max(0, margin[i, j] + scores[i, j] - scores[i, i])`` for every column j that is a negative of
+    row i (``~pos_mask[i, j]`` and not ``exclude[i, j]``); other captions of the same image are never negatives.
+
+    Args:
+        scores: (B, B) similarities, row = anchor (query), column = candidate.
+        pos_mask: (B, B) bool, True for same-image pairs (never negatives).
+        margin: Scalar margin, or (B, B) per-(anchor, negative) margins in the orientation of ``scores``.
+        max_violation: True: keep only the hardest negative per anchor (VSE++); False: sum over all negatives
+            (VSE0).
+        exclude: Optional (B, B) bool of further pairs that must not count as negatives (e.g. soft negatives).
+
+    Returns:
+        (B,) per-anchor cost.
+    """
+    positive = scores.diagonal().unsqueeze(1)
+    cost = (margin + scores - positive).clamp(min=0)
+    not_negative = pos_mask if exclude is None else pos_mask | exclude
+    cost = cost.masked_fill(not_negative, 0.0)
+    # Costs are >= 0 and masked entries are 0, so an anchor without any negative contributes 0, not -inf.
+    return cost.max(dim=1).values if max_violation else cost.sum(dim=1)
+
+
+def vsepp_hinge(
+    scores: Tensor,
+    pos_mask: Tensor,
+    margin: float | Tensor,
+    max_violation: bool,
+    reduction: Reduction = "mean",
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """Bidirectional VSE++ hinge (Faghri et al. 2018): image-anchored (rows) plus text-anchored (columns).
+
+    Args:
+        scores: (B, B) ``image @ text.T``; the diagonal holds the matching pairs.
+        pos_mask: (B, B) bool, True for same-image pairs.
+        margin: Scalar, or (B, B) margins indexed [image row, text column] in both directions.
+        max_violation: Hardest negative (True) or sum over negatives (False).
+        reduction: ``mean`` or ``sum`` over anchors (each direction), then the two directions are added.
+        exclude: Optional (B, B) bool [image row, text column] of pairs that are not negatives in either direction.
+
+    Returns:
+        Scalar loss.
+    """
+    check_reduction(reduction)
+    margin_t = margin.T if isinstance(margin, Tensor) else margin
+    exclude_t = exclude.T if exclude is not None else None
+    i2t = anchor_hinge(scores, pos_mask, margin, max_violation, exclude)
+    t2i = anchor_hinge(scores.T, pos_mask.T, margin_t, max_violation, exclude_t)
+    if reduction == "sum":
+        return i2t.sum() + t2i.sum()
+    return i2t.mean() + t2i.mean()
+
+
+@register_loss("vsepp_triplet")
+class VSEPPTripletLoss(EmbeddingLoss):
+    """VSE++ triplet ranking loss with hardest negatives (Faghri et al. 2018, "VSE++: Improving Visual-Semantic
+    Embeddings with Hard Negatives").
+
+    ``sum_directions reduce_anchors [max_{negatives} (margin + s(anchor, negative) - s(anchor, positive))_+]``.
+    For ``epoch < warmup_epochs`` the max over negatives is replaced by their sum (VSE0): hardest-negative mining
+    from a random initialisation tends to collapse, so VSE∞ (Chen et al. 2021, "Learning the Best Pooling Strategy
+    for Visual Semantic Embedding") and HREM (Fu et al. 2023) warm up with the summed hinge for the first epoch.
+
+    Args:
+        margin: Hinge margin (VSE++: 0.2).
+        max_violation: Use the hardest negative after the warm-up (False: always VSE0).
+        warmup_epochs: Epochs of VSE0 before switching to the hardest negative.
+        reduction: ``mean`` (default) or ``sum`` over anchors. VSE++'s code sums over the batch, which ties the
+            loss scale (and so the learning rate) to the batch size; the mean keeps weights comparable with
+            InfoNCE in a ``CombinedLoss`` and is the same objective up to a factor B.
+    """
+
+    term_names = ("triplet",)
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        max_violation: bool = True,
+        warmup_epochs: int = 1,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        check_reduction(reduction)
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.margin = margin
+        self.max_violation = max_violation
+        self.warmup_epochs = warmup_epochs
+        self.reduction: Reduction = reduction
+
+    def use_max_violation(self, epoch: int) -> bool:
+        """Whether the hardest negative (rather than the VSE0 sum) is used at ``epoch``."""
+        return self.max_violation and epoch >= self.warmup_epochs
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        scores = inputs.image @ inputs.text.T
+        pos = inputs.positive_mask()
+        loss = vsepp_hinge(scores, pos, self.margin, self.use_max_violation(inputs.epoch), self.reduction)
+        return {"triplet": loss}
+
+
+@register_loss("adaptive_margin_triplet")
+class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
+    """VSE++ hinge whose margin shrinks for semantically close negatives.
+
+    ``margin[i, j] = margin * (1 - text_sim[i, j])``: a negative caption that says nearly the same thing as the
+    anchor's caption (text_sim -> 1) gets almost no margin, an unrelated one the full margin, so the embedding keeps
+    graded semantic similarity instead of pushing every negative equally far ("Learning to embed semantic
+    similarity"; cf. the semantic adaptive margin of Biten et al. 2022, "Is an Image Worth Five Sentences?").
+    The caption–caption label stands in for the similarity of the negative to the anchor image in both
+    directions (``text_sim.T`` for text anchors). Hardest negative and VSE0 warm-up as ``VSEPPTripletLoss``;
+    the hardest negative is the one with the largest margin-adjusted violation. Requires ``text_sim``.
+
+    Args:
+        margin: Margin for a completely unrelated negative (text_sim = 0).
+        max_violation: See ``VSEPPTripletLoss``.
+        warmup_epochs: See ``VSEPPTripletLoss``.
+        reduction: See ``VSEPPTripletLoss``.
+    """
+
+    term_names = ("adaptive_triplet",)
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        text_sim = inputs.require("text_sim", type(self).__name__)
+        scores = inputs.image @ inputs.text.T
+        pos = inputs.positive_mask()
+        margin = self.margin * (1.0 - text_sim.to(scores).clamp(0.0, 1.0))
+        loss = vsepp_hinge(scores, pos, margin, self.use_max_violation(inputs.epoch), self.reduction)
+        return {"adaptive_triplet": loss}
