@@ -1,0 +1,140 @@
+"""Search benchmark: p50/p99 latency and recall@10 (vs exact search) at several collection sizes and quantisations.
+
+Synthetic clustered 512-d unit vectors (like real embeddings, they are not uniform on the sphere). Runs the embedded
+engine (HNSW) and, at small sizes, qdrant-client's local mode (brute-force Python) for comparison.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/search_latency.py --sizes 10000 100000 --queries 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from indexer.ids import point_id
+from indexer.store import CollectionConfig, PointData, SearchOptions, VectorStore, open_store
+
+DIM = 512
+K = 10
+
+
+def clustered(n: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
+    """Unit vectors scattered around unit cluster centres (noise of norm ~1: same-cluster cosines ~0.5, like real
+    embeddings, where neighbours are close but far from identical)."""
+    x = centers[rng.integers(0, len(centers), n)] + rng.normal(size=(n, DIM)).astype(np.float32) / np.sqrt(DIM)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def fill(store: VectorStore, vectors: np.ndarray, config: CollectionConfig, batch: int = 2000) -> float:
+    """Writes the vectors as image points and builds the index; returns seconds."""
+    t0 = time.perf_counter()
+    store.ensure_collection("bench", config)
+    for s in range(0, len(vectors), batch):
+        store.upsert(
+            [
+                PointData(point_id("image", str(i)), {"image": vectors[i]}, {"kind": "image"})
+                for i in range(s, min(s + batch, len(vectors)))
+            ]
+        )
+    store.flush()
+    store.optimize()
+    return time.perf_counter() - t0
+
+
+def measure(store: VectorStore, queries: np.ndarray, options: SearchOptions) -> tuple[list[list[str]], np.ndarray]:
+    """One query at a time (the interactive case): ids of the top K and per-query latency in ms."""
+    ids, lat = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        (hits,) = store.search(q[None], "image", K, None, options, with_payload=False)
+        lat.append((time.perf_counter() - t0) * 1000)
+        ids.append([h.id for h in hits])
+    return ids, np.array(lat)
+
+
+def recall(found: list[list[str]], truth: list[list[str]]) -> float:
+    """Mean fraction of the exact top K found."""
+    return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth, strict=True)]))
+
+
+def run(
+    backend: str, n: int, quantization: str, n_queries: int, hnsw_ef: int, oversampling: list[float], tmp: Path
+) -> list[dict[str, float | str | int]]:
+    """Builds one collection and measures it once per oversampling factor (quantised collections only)."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(max(16, n // 500), DIM)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    vectors = clustered(n, rng, centers)
+    queries = clustered(n_queries, rng, centers)
+    store = open_store(tmp / f"{n}-{quantization}" if backend == "embedded" else ":memory:")
+    # Index everything with HNSW (a low indexing threshold), as a collection of this size would be in production.
+    build_s = fill(store, vectors, CollectionConfig(dim=DIM, quantization=quantization, indexing_threshold=1))
+    truth, exact_lat = measure(store, queries, SearchOptions(exact=True))
+    rows: list[dict[str, float | str | int]] = []
+    for factor in oversampling if quantization != "none" else [1.0]:
+        found, lat = measure(store, queries, SearchOptions(hnsw_ef=hnsw_ef, oversampling=factor))
+        rows.append(
+            {
+                "backend": backend,
+                "n": n,
+                "quantization": quantization,
+                "oversampling": factor,
+                "build_s": round(build_s, 1),
+                "p50_ms": round(float(np.percentile(lat, 50)), 3),
+                "p99_ms": round(float(np.percentile(lat, 99)), 3),
+                "exact_p50_ms": round(float(np.percentile(exact_lat, 50)), 3),
+                "recall_at_10": round(recall(found, truth), 4),
+            }
+        )
+    store.close()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--quantizations", nargs="+", default=["none", "int8", "binary"])
+    p.add_argument("--client-sizes", type=int, nargs="*", default=[10_000], help="sizes for qdrant-client local mode")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--hnsw-ef", type=int, default=128)
+    p.add_argument("--oversampling", type=float, nargs="+", default=[1.0, 4.0], help="quantised: candidates x limit")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            for q in args.quantizations:
+                for row in run("embedded", n, q, args.queries, args.hnsw_ef, args.oversampling, Path(tmp)):
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        for n in args.client_sizes:
+            for row in run("client-local", n, "none", min(args.queries, 50), args.hnsw_ef, [1.0], Path(tmp)):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    cols = (
+        "backend",
+        "n",
+        "quantization",
+        "oversampling",
+        "build_s",
+        "p50_ms",
+        "p99_ms",
+        "exact_p50_ms",
+        "recall_at_10",
+    )
+    print("\n" + " ".join(f"{c:>13}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r[c]!s:>13}" for c in cols))
+    emb = {(r["n"], r["quantization"]): r for r in rows if r["backend"] == "embedded" and r["oversampling"] == 1.0}
+    for r in rows:
+        if r["backend"] == "client-local" and (r["n"], "none") in emb:
+            ratio = float(r["p50_ms"]) / float(emb[(r["n"], "none")]["p50_ms"])
+            print(f"client local mode / embedded HNSW p50 latency at {r['n']}: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Bulk indexing of images, captions and image+caption units into Qdrant, and search over the result."""

@@ -1,0 +1,315 @@
+"""The indexing job: read -> encode -> write, three overlapping stages joined by bounded queues, resumable by shard.
+
+Each stage is injected (records iterable, `Encoder`, `VectorStore`) and timed. Memory stays bounded: at most
+`queue_depth` batches wait between two stages. The checkpoint records how many records of the shard's stable order
+are durable in the store; a killed job restarts after them, and re-writing the few records written after the last
+checkpoint is harmless because point ids are deterministic (upserts overwrite).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from indexer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from indexer.encoding import EncodeJob, Encoder, UnitFusion, encode_jobs
+from indexer.ids import KINDS
+from indexer.reader import LoadedRecord, SourceRecord, load_record
+from indexer.store import CollectionConfig, VectorStore
+from indexer.writer import RejectsFile, build_points
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Batching, overlap and checkpointing of an indexing job."""
+
+    kinds: tuple[str, ...] = KINDS
+    """Kinds of points to write: any of `image`, `text`, `unit`."""
+    batch_size: int = 32
+    """Records per batch (one batch = one encode job and one upsert)."""
+    queue_depth: int = 4
+    """Batches buffered between two stages (bounds memory)."""
+    checkpoint_every: int = 4
+    """Batches between checkpoints (each one flushes the store first)."""
+    progress: bool | None = None
+    """Show a progress bar (None = only on a terminal)."""
+
+    def __post_init__(self) -> None:
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if self.batch_size <= 0 or self.queue_depth <= 0 or self.checkpoint_every <= 0:
+            raise ValueError(
+                f"batch_size, queue_depth and checkpoint_every must be positive, got "
+                f"{self.batch_size}, {self.queue_depth}, {self.checkpoint_every}"
+            )
+
+
+@dataclass
+class IndexReport:
+    """What a job did (totals include the work of earlier, interrupted runs of the same shard)."""
+
+    collection: str
+    """Collection written."""
+    indexed: dict[str, int] = field(default_factory=dict)
+    """Points written per kind."""
+    skipped: int = 0
+    """Items rejected for bad input (unreadable file, undecodable image, empty text)."""
+    failed: int = 0
+    """Items the encoder failed on (INTERNAL)."""
+    records: int = 0
+    """Source records of this shard processed."""
+    resumed_from: int = 0
+    """Records already committed by an earlier run, not redone."""
+    elapsed_s: float = 0.0
+    """Wall time of this run."""
+    rate: float = 0.0
+    """Points written per second in this run."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Busy time per stage: read (file I/O), encode (waiting for embeddings), write (upsert, flush, checkpoint)."""
+    rejects_file: str | None = None
+    """Where rejects are listed."""
+
+    @property
+    def total_indexed(self) -> int:
+        """Points written, all kinds."""
+        return sum(self.indexed.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "total_indexed": self.total_indexed}
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """A batch of loaded records and the encode job built from them."""
+
+    records: list[LoadedRecord]
+    """The records, in shard order."""
+    end: int
+    """Position (in the shard's order) just after the batch's last record: the checkpoint value once written."""
+    job: EncodeJob
+    """Images and texts to encode."""
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Puts unless the job is stopping (so a failed writer never leaves a stage blocked on a full queue)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def make_job(records: list[LoadedRecord], kinds: tuple[str, ...]) -> EncodeJob:
+    """The images and texts a batch needs encoded, in record order (see `writer.build_points`)."""
+    need_images = "image" in kinds or "unit" in kinds
+    need_texts = "text" in kinds or "unit" in kinds
+    images = [r.image_bytes for r in records if need_images and r.image_bytes is not None]
+    texts = [t for r in records for t in r.record.texts] if need_texts else []
+    return EncodeJob(images, texts)
+
+
+def run_index(
+    records: Iterable[SourceRecord],
+    encoder: Encoder,
+    store: VectorStore,
+    collection: str,
+    collection_config: CollectionConfig,
+    config: IndexConfig = IndexConfig(),
+    fusion: UnitFusion | None = None,
+    checkpoint: Path | None = None,
+    job: dict[str, Any] | None = None,
+    rejects: Path | None = None,
+    restart: bool = False,
+    total: int | None = None,
+) -> IndexReport:
+    """Indexes records into `collection`, resuming from `checkpoint` when it holds this job's progress.
+
+    Args:
+        records: The shard's records in a stable order (the read stage loads their image bytes).
+        encoder: The encode stage.
+        store: The write stage's vector store.
+        collection: Collection name (one per bundle version).
+        collection_config: Creation options; its `dim` must equal the encoder's.
+        config: Batching, overlap and checkpointing.
+        fusion: Makes unit vectors (default: the `normalize(v + t)` fallback).
+        checkpoint: Checkpoint file of this shard (None: no resume).
+        job: Identity of the job stored in the checkpoint (source fingerprint, shard, kinds...).
+        rejects: JSONL file listing rejected items.
+        restart: Ignore an existing checkpoint and start over.
+        total: Number of records, for the progress bar.
+
+    Raises:
+        DimensionMismatch: The collection exists with another dimension (raised before any write).
+        ValueError: The encoder's dimension differs from the collection config's.
+    """
+    if encoder.dim != collection_config.dim:
+        raise ValueError(f"encoder dimension {encoder.dim} differs from the bundle's {collection_config.dim}")
+    fusion = fusion or UnitFusion(None)
+    job_id = {"collection": collection, "kinds": list(config.kinds), **(job or {})}
+    cp = None if (restart or checkpoint is None) else load_checkpoint(checkpoint, job_id)
+    store.ensure_collection(collection, collection_config)
+    report = IndexReport(collection, rejects_file=str(rejects) if rejects else None)
+    counts: dict[str, int] = dict(cp.counts) if cp else {}
+    report.resumed_from = cp.committed_records if cp else 0
+    if cp and cp.done:
+        logger.info("shard already complete", extra={"checkpoint": str(checkpoint)})
+        _fill(report, counts, cp.committed_records)
+        return report
+
+    start = time.perf_counter()
+    stop = threading.Event()
+    stage = {"read": 0.0, "encode": 0.0, "write": 0.0}
+    read_q: queue.Queue[Any] = queue.Queue(config.queue_depth)
+    enc_q: queue.Queue[Any] = queue.Queue(config.queue_depth)
+    skip = report.resumed_from
+
+    def read() -> None:
+        try:
+            batch: list[LoadedRecord] = []
+            pos = 0
+            for rec in records:
+                pos += 1
+                if pos <= skip:
+                    continue
+                t0 = time.perf_counter()
+                batch.append(load_record(rec))
+                stage["read"] += time.perf_counter() - t0
+                if len(batch) >= config.batch_size:
+                    if not _put(read_q, ReadBatch(batch, pos, make_job(batch, config.kinds)), stop):
+                        return
+                    batch = []
+            if batch:
+                _put(read_q, ReadBatch(batch, pos, make_job(batch, config.kinds)), stop)
+            _put(read_q, _DONE, stop)
+        except BaseException as exc:
+            _put(read_q, _Failed(exc), stop)
+
+    read_error: list[BaseException] = []
+    batches: queue.Queue[ReadBatch] = queue.Queue()  # batches whose encode job was handed over, in order
+
+    def jobs() -> Iterator[EncodeJob]:
+        while not stop.is_set():
+            try:
+                item = read_q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                read_error.append(item.exc)
+                return
+            batches.put(item)
+            yield item.job
+
+    def encode() -> None:
+        try:
+            results = encode_jobs(encoder, jobs())
+            while True:
+                t0 = time.perf_counter()
+                pair = next(results, None)
+                stage["encode"] += time.perf_counter() - t0
+                if pair is None:
+                    break
+                if not _put(enc_q, (batches.get(), *pair), stop):
+                    return
+            _put(enc_q, _Failed(read_error[0]) if read_error else _DONE, stop)
+        except BaseException as exc:
+            _put(enc_q, _Failed(read_error[0] if read_error else exc), stop)
+
+    rejects_file = RejectsFile(rejects, truncate_to=cp.rejects_bytes if cp else 0)
+    committed = report.resumed_from
+    extra = {"bundle_version": getattr(encoder, "bundle_version", "")}
+    threads = [threading.Thread(target=read, name="index-read"), threading.Thread(target=encode, name="index-encode")]
+    for t in threads:
+        t.start()
+    bar = tqdm(
+        total=total, initial=committed, unit="rec", disable=None if config.progress is None else not config.progress
+    )
+    try:
+        n = 0
+        while True:
+            item = enc_q.get()
+            if item is _DONE:
+                break
+            if isinstance(item, _Failed):
+                raise item.exc
+            batch, image_res, text_res = item
+            t0 = time.perf_counter()
+            points, rejected = build_points(batch.records, image_res, text_res, config.kinds, fusion, extra)
+            store.upsert(points)
+            rejects_file.write(rejected)
+            for p in points:
+                kind = p.payload["kind"]
+                counts[kind] = counts.get(kind, 0) + 1
+            counts["skipped"] = counts.get("skipped", 0) + sum(not r.failed for r in rejected)
+            counts["failed"] = counts.get("failed", 0) + sum(r.failed for r in rejected)
+            n += 1
+            committed = batch.end
+            if n % config.checkpoint_every == 0:
+                _commit(store, rejects_file, checkpoint, job_id, committed, counts, done=False)
+            stage["write"] += time.perf_counter() - t0
+            bar.update(len(batch.records))
+            bar.set_postfix(points=sum(v for k, v in counts.items() if k in KINDS), refresh=False)
+        t0 = time.perf_counter()
+        store.flush()
+        store.optimize()
+        _commit(store, rejects_file, checkpoint, job_id, committed, counts, done=True)
+        stage["write"] += time.perf_counter() - t0
+    finally:
+        stop.set()
+        bar.close()
+        rejects_file.close()
+        for t in threads:
+            t.join()
+    done_now = sum(v for k, v in counts.items() if k in KINDS) - sum(
+        v for k, v in (cp.counts if cp else {}).items() if k in KINDS
+    )
+    report.elapsed_s = time.perf_counter() - start
+    report.rate = done_now / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    report.stage_seconds = {k: round(v, 3) for k, v in stage.items()}
+    _fill(report, counts, committed)
+    return report
+
+
+def _fill(report: IndexReport, counts: dict[str, int], committed: int) -> None:
+    report.indexed = {k: counts[k] for k in KINDS if k in counts}
+    report.skipped = counts.get("skipped", 0)
+    report.failed = counts.get("failed", 0)
+    report.records = committed
+
+
+def _commit(
+    store: VectorStore,
+    rejects: RejectsFile,
+    path: Path | None,
+    job: dict[str, Any],
+    committed: int,
+    counts: dict[str, int],
+    done: bool,
+) -> None:
+    """Flushes the store, then records the progress: the checkpoint never claims more than the store holds."""
+    store.flush()
+    size = rejects.commit()
+    if path is not None:
+        save_checkpoint(path, Checkpoint(job, committed, dict(counts), size, done))

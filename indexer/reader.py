@@ -1,0 +1,161 @@
+"""The read stage: a dataset file, a JSONL manifest or a folder of images -> source records, in a stable order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgtxt.datasets import load_captioned_images
+from imgtxt.errors import InvalidInput
+from indexer.ids import shard_of
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+SOURCE_KINDS = ("auto", "dataset", "manifest", "folder")
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One input item: an image, its captions, or both (which also makes image+caption units)."""
+
+    key: str
+    """Stable source key; point ids and shard assignment derive from it."""
+    image: Path | None = None
+    """Image file, if the record has one."""
+    texts: tuple[str, ...] = ()
+    """Captions / texts of the record."""
+    payload: dict[str, Any] = field(default_factory=dict)
+    """Extra payload stored on every point made from the record."""
+
+    def text_key(self, index: int) -> str:
+        """Source key of the record's `index`-th text (and of its unit with the image)."""
+        return f"{self.key}#{index}"
+
+
+@dataclass(frozen=True)
+class LoadedRecord:
+    """A source record with its image bytes read (or the reason they could not be)."""
+
+    record: SourceRecord
+    """The source record."""
+    image_bytes: bytes | None = None
+    """Encoded image bytes, when the record has a readable image."""
+    image_error: str | None = None
+    """Why the image could not be read (the record's image and units are then rejected)."""
+
+
+def detect_kind(path: Path) -> str:
+    """`folder` for a directory of images, `manifest` for `*.jsonl`, else `dataset` (Karpathy-style JSON)."""
+    if path.is_dir():
+        return "dataset" if sorted(path.glob("dataset_*.json")) else "folder"
+    return "manifest" if path.suffix == ".jsonl" else "dataset"
+
+
+def _read_dataset(path: Path, split: str | None) -> Iterator[SourceRecord]:
+    for item in load_captioned_images(path, split=split):
+        yield SourceRecord(item.key, item.path, item.captions, {"split": item.split})
+
+
+def _read_manifest(path: Path) -> Iterator[SourceRecord]:
+    root = path.parent
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInput(f"{path}:{n}: not valid JSON ({exc})") from exc
+            if not isinstance(raw, dict):
+                raise InvalidInput(f"{path}:{n}: each line must be a JSON object")
+            texts = raw.get("captions") or ([raw["text"]] if raw.get("text") is not None else [])
+            image = raw.get("image")
+            if not image and not texts:
+                raise InvalidInput(f"{path}:{n}: a record needs an 'image', a 'text' or 'captions'")
+            if not all(isinstance(t, str) for t in texts):
+                raise InvalidInput(f"{path}:{n}: texts must be strings")
+            payload = raw.get("payload") or {}
+            if not isinstance(payload, dict):
+                raise InvalidInput(f"{path}:{n}: 'payload' must be a JSON object")
+            key = raw.get("id")
+            if key is None:
+                key = image if image else "text:" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:20]
+            yield SourceRecord(str(key), (root / image).resolve() if image else None, tuple(texts), payload)
+
+
+def _read_folder(path: Path) -> Iterator[SourceRecord]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for p in files:
+        yield SourceRecord(p.relative_to(path).as_posix(), p.resolve())
+
+
+def read_records(
+    path: str | Path,
+    kind: str = "auto",
+    split: str | None = None,
+    limit: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> Iterator[SourceRecord]:
+    """Yields the records of one shard of a source, in a deterministic order.
+
+    Args:
+        path: Dataset file or directory, JSONL manifest, or folder of images.
+        kind: `auto`, `dataset`, `manifest` or `folder`.
+        split: Dataset split to keep (dataset sources only).
+        limit: Keep at most this many records of the whole source (before sharding, so shards of a limited run
+            still partition the same records).
+        shard_index: Which shard to yield.
+        num_shards: Number of shards; a record belongs to shard `hash(key) % num_shards`.
+
+    Raises:
+        InvalidInput: Unknown kind, missing source, or malformed records.
+    """
+    if kind not in SOURCE_KINDS:
+        raise InvalidInput(f"source kind must be one of {SOURCE_KINDS}, got {kind!r}")
+    if not 0 <= shard_index < num_shards:
+        raise InvalidInput(f"shard index must be in [0, {num_shards}), got {shard_index}")
+    src = Path(path)
+    if not src.exists():
+        raise InvalidInput(f"source {src} does not exist")
+    kind = detect_kind(src) if kind == "auto" else kind
+    if kind == "dataset":
+        records = _read_dataset(src, split)
+    elif kind == "manifest":
+        records = _read_manifest(src)
+    else:
+        records = _read_folder(src)
+    for n, rec in enumerate(records):
+        if limit is not None and n >= limit:
+            break
+        if num_shards == 1 or shard_of(rec.key, num_shards) == shard_index:
+            yield rec
+
+
+def load_record(record: SourceRecord, max_bytes: int = 20 * 1024 * 1024) -> LoadedRecord:
+    """Reads a record's image bytes; an unreadable or oversized file becomes an error, never an exception."""
+    if record.image is None:
+        return LoadedRecord(record)
+    try:
+        size = record.image.stat().st_size
+        if size > max_bytes:
+            return LoadedRecord(record, image_error=f"image file is {size} bytes, over the {max_bytes} limit")
+        return LoadedRecord(record, image_bytes=record.image.read_bytes())
+    except OSError as exc:
+        return LoadedRecord(record, image_error=f"cannot read image: {exc.strerror or exc}")
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """Identifies a source's contents cheaply (path, size, mtime), so a checkpoint is not resumed on other input."""
+    p = Path(path).resolve()
+    st = p.stat()
+    if p.is_dir():
+        target = next(iter(sorted(p.glob("dataset_*.json"))), None)
+        st = target.stat() if target else st
+    return hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -1,0 +1,84 @@
+"""Indexing and search through real encoder services (gRPC on 127.0.0.1, streaming) give the in-process vectors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from image_encoder_service.encoder import ImageEncoder
+from image_encoder_service.server import create_server as create_image_server
+from imgtxt.serving.config import ServerConfig
+from indexer.cli import index_main, search_main
+from indexer.encoding import EncodeJob, GrpcEncoder, InProcessEncoder, encode_jobs
+from indexer.ids import point_id
+from indexer.store import open_store
+from text_encoder_service.encoder import TextEncoder
+from text_encoder_service.server import create_server as create_text_server
+
+
+@pytest.fixture(scope="module")
+def services(tiny_bundle: Path) -> Iterator[tuple[str, str]]:
+    """Both services on free loopback ports, small max_batch so streams span several chunks."""
+    image = create_image_server(
+        ServerConfig(host="127.0.0.1", port=0, max_batch=4), ImageEncoder.from_bundle(tiny_bundle, device="cpu")
+    )
+    text = create_text_server(
+        ServerConfig(host="127.0.0.1", port=0, max_batch=4), TextEncoder.from_bundle(tiny_bundle, device="cpu")
+    )
+    try:
+        image.warm_up()
+        text.warm_up()
+        yield f"127.0.0.1:{image.port}", f"127.0.0.1:{text.port}"
+    finally:
+        image.stop(grace=0)
+        text.stop(grace=0)
+
+
+def test_streamed_jobs_are_recut_at_job_boundaries(services: tuple[str, str], encoder: InProcessEncoder) -> None:
+    grpc_encoder = GrpcEncoder(*services)
+    jobs = [EncodeJob([], ["a"]), EncodeJob([b"not an image"], ["b", "c", "d", "e", "f"]), EncodeJob([], [])]
+    results = list(encode_jobs(grpc_encoder, iter(jobs)))
+    assert [(len(i), len(t)) for i, t in results] == [(0, 1), (1, 5), (0, 0)]
+    assert results[1][0].outcomes[0].code == 3  # the bad image fails alone, INVALID_ARGUMENT
+    np.testing.assert_allclose(results[1][1].embeddings, encoder.encode_texts(list("bcdef")).embeddings, atol=1e-5)
+    grpc_encoder.close()
+
+
+def test_index_and_search_through_services(
+    services: tuple[str, str], dataset: Path, tmp_path: Path, tiny_bundle: Path, encoder: InProcessEncoder, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    image_target, text_target = services
+    store = tmp_path / "q"
+    common = ["--image-service", image_target, "--text-service", text_target, "--store", str(store)]
+    argv = [str(dataset), *common, "--bundle", str(tiny_bundle), "--batch-size", "5", "--json", "--no-progress"]
+    assert index_main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["indexed"] == {"image": 12, "text": 26, "unit": 24} and report["skipped"] == 3
+    s = open_store(store)
+    s.open_collection("tiny-d32-s0")
+    points = s.dump()
+    s.close()
+    image = (dataset / "images" / "img0005.jpg").read_bytes()
+    expected = encoder.encode_images([image]).embeddings[0]
+    np.testing.assert_allclose(points[point_id("image", "img0005.jpg")][1]["image"], expected, atol=1e-5)
+
+    assert (
+        search_main(
+            ["--image", str(dataset / "images" / "img0005.jpg"), "--target", "image", "--limit", "3", "--json", *common]
+        )
+        == 0
+    )
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["payload"]["key"] == "img0005.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert (
+        search_main(
+            ["--text", "photo 5 shows thing 1", "--target", "unit", "--filter", "caption_index=1", "--json", *common]
+        )
+        == 0
+    )
+    hits = json.loads(capsys.readouterr().out)
+    assert hits and all(h["payload"]["kind"] == "unit" and h["payload"]["caption_index"] == 1 for h in hits)

@@ -1,0 +1,184 @@
+"""The indexing pipeline: mechanics with a trivial encoder, then real ONNX Runtime towers into the embedded engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from imgtxt.bundle import load_bundle
+from imgtxt.errors import InvalidInput
+from imgtxt.serving.result import EncodeResult, ItemCode, ItemOutcome
+from indexer.cli import index_main
+from indexer.encoding import InProcessEncoder, UnitFusion
+from indexer.ids import point_id, shard_of
+from indexer.pipeline import IndexConfig, run_index
+from indexer.reader import SourceRecord, read_records
+from indexer.store import CollectionConfig, DimensionMismatch, open_store
+
+DIM = 8
+
+
+class HashEncoder:
+    """Deterministic stand-in for the pipeline-mechanics tests only: a vector from the item's sha1."""
+
+    dim = DIM
+    bundle_version = "hash-v1"
+
+    @staticmethod
+    def _vec(data: bytes) -> np.ndarray:
+        v = np.frombuffer(hashlib.sha256(data).digest()[: DIM * 4], dtype=np.uint32).astype(np.float32) + 1
+        return v / np.linalg.norm(v)
+
+    def _encode(self, items: list[bytes]) -> EncodeResult:
+        outcomes = [ItemOutcome() if it else ItemOutcome(ItemCode.INVALID_ARGUMENT, "empty") for it in items]
+        rows = [self._vec(it) if it else np.zeros(DIM, np.float32) for it in items]
+        return EncodeResult(np.stack(rows) if rows else np.zeros((0, DIM), np.float32), outcomes)
+
+    def encode_images(self, images: list[bytes]) -> EncodeResult:
+        return self._encode(images)
+
+    def encode_texts(self, texts: list[str]) -> EncodeResult:
+        return self._encode([t.encode() for t in texts])
+
+    def close(self) -> None:
+        pass
+
+
+def _texts(n: int) -> list[SourceRecord]:
+    return [SourceRecord(f"t{i}", None, (f"text {i}",) if i % 7 else ("",)) for i in range(n)]
+
+
+@pytest.mark.parametrize("location", ["edge", ":memory:"])
+def test_pipeline_writes_every_point_once_in_batches(tmp_path: Path, location: str) -> None:
+    store = open_store(tmp_path / "q" if location == "edge" else location)
+    report = run_index(
+        _texts(23),
+        HashEncoder(),
+        store,
+        "c",
+        CollectionConfig(dim=DIM),
+        IndexConfig(batch_size=4, queue_depth=1),
+        rejects=tmp_path / "rejects.jsonl",
+    )
+    points = store.dump()
+    # 23 texts, of which t0, t7, t14, t21 are empty: rejected as bad input, listed with their key and reason.
+    assert report.indexed == {"text": 19} and report.skipped == 4 and report.failed == 0
+    assert set(points) == {point_id("text", f"t{i}#0") for i in range(23) if i % 7}
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rejects] == ["t0#0", "t7#0", "t14#0", "t21#0"]
+    payload, vectors = points[point_id("text", "t3#0")]
+    assert payload["text"] == "text 3" and payload["kind"] == "text" and payload["bundle_version"] == "hash-v1"
+    np.testing.assert_allclose(vectors["text"], HashEncoder._vec(b"text 3"), atol=1e-6)
+    store.close()
+
+
+def test_checkpointed_job_resumes_without_redoing(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "q")
+    cp = tmp_path / "cp.json"
+    kw: dict[str, Any] = {
+        "checkpoint": cp,
+        "job": {"source": "x"},
+        "config": IndexConfig(batch_size=5, checkpoint_every=1),
+    }
+    first = run_index(_texts(12), HashEncoder(), store, "c", CollectionConfig(dim=DIM), **kw)
+    assert json.loads(cp.read_text())["done"] and first.records == 12
+    again = run_index(_texts(12), HashEncoder(), store, "c", CollectionConfig(dim=DIM), **kw)
+    assert again.resumed_from == 12 and again.indexed == first.indexed
+    with pytest.raises(InvalidInput, match="another job"):
+        run_index(_texts(12), HashEncoder(), store, "c", CollectionConfig(dim=DIM), **{**kw, "job": {"source": "y"}})
+    store.close()
+
+
+def test_shards_partition_the_input(dataset: Path) -> None:
+    keys = [r.key for r in read_records(dataset)]
+    shards = [[r.key for r in read_records(dataset, shard_index=i, num_shards=3)] for i in range(3)]
+    assert sorted(k for s in shards for k in s) == sorted(keys)
+    assert all(shard_of(k, 3) == i for i, s in enumerate(shards) for k in s)
+
+
+def test_dimension_mismatch_is_raised_before_any_write(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "q")
+    store.ensure_collection("c", CollectionConfig(dim=DIM * 2))
+    with pytest.raises(DimensionMismatch, match="dimension 16"):
+        run_index(_texts(3), HashEncoder(), store, "c", CollectionConfig(dim=DIM))
+    assert store.count() == 0
+    store.close()
+
+
+def test_index_dataset_with_real_towers(
+    dataset: Path, tmp_path: Path, encoder: InProcessEncoder, tiny_bundle: Path
+) -> None:
+    store = open_store(tmp_path / "q")
+    fusion = UnitFusion(load_bundle(tiny_bundle))
+    report = run_index(
+        read_records(dataset),
+        encoder,
+        store,
+        "tiny",
+        CollectionConfig(dim=encoder.dim),
+        IndexConfig(batch_size=5),
+        fusion=fusion,
+        rejects=tmp_path / "rejects.jsonl",
+    )
+    # 12 good images x 2 captions, plus a record whose image file is missing (its image and 2 units rejected).
+    assert report.indexed == {"image": 12, "text": 26, "unit": 24}
+    assert report.skipped == 3 and report.failed == 0
+    points = store.dump()
+    assert len(points) == 62
+    image = (dataset / "images" / "img0003.jpg").read_bytes()
+    v = encoder.encode_images([image]).embeddings[0]
+    t = encoder.encode_texts(["photo 3 shows thing 1 in colour 10"]).embeddings[0]
+    np.testing.assert_allclose(points[point_id("image", "img0003.jpg")][1]["image"], v, atol=1e-5)
+    unit_payload, unit = points[point_id("unit", "img0003.jpg#1")]
+    assert unit_payload["image_key"] == "img0003.jpg" and unit_payload["caption_index"] == 1
+    np.testing.assert_allclose(unit["unit"], fusion.fuse(v[None], t[None])[0], atol=1e-5)
+    assert fusion.kind == "trained"
+    store.close()
+
+
+def test_cli_index_is_idempotent_and_strict(dataset: Path, tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "q"
+    argv = [
+        str(dataset),
+        "--bundle",
+        str(tiny_bundle),
+        "--in-process",
+        "--device",
+        "cpu",
+        "--store",
+        str(store),
+        "--batch-size",
+        "4",
+        "--json",
+        "--no-progress",
+    ]
+    assert index_main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert index_main([*argv, "--restart", "--strict"]) == 1  # the missing image counts against --strict
+    second = json.loads(capsys.readouterr().out)
+    assert first["indexed"] == second["indexed"] == {"image": 12, "text": 26, "unit": 24}
+    s = open_store(store)
+    s.open_collection("tiny-d32-s0")
+    assert s.count() == 62  # re-running overwrote: no duplicates
+    assert s.count({"kind": "unit"}) == 24
+    s.close()
+
+
+def test_two_shard_jobs_together_equal_one_job(dataset: Path, tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    base = [str(dataset), "--bundle", str(tiny_bundle), "--in-process", "--device", "cpu", "--no-progress", "--json"]
+    assert index_main([*base, "--store", str(tmp_path / "one")]) == 0
+    for shard in ("0", "1"):
+        assert index_main([*base, "--store", str(tmp_path / "two"), "--shard-index", shard, "--num-shards", "2"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert 0 < reports[1]["records"] < reports[0]["records"]  # each shard did part of the work
+    one, two = open_store(tmp_path / "one"), open_store(tmp_path / "two")
+    one.open_collection("tiny-d32-s0")
+    two.open_collection("tiny-d32-s0")
+    assert one.dump().keys() == two.dump().keys() and one.count() == 62
+    one.close()
+    two.close()
