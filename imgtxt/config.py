@@ -38,8 +38,9 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str] 
             truthy = raw.strip().lower() in ("1", "true", "yes", "on")
             action.default = truthy if isinstance(action, argparse._StoreTrueAction) else not truthy
             continue
+        convert = int if isinstance(action, argparse._CountAction) else action.type
         try:
-            value = action.type(raw) if callable(action.type) else raw
+            value = convert(raw) if callable(convert) else raw
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             parser.error(f"environment variable {var}={raw!r} is invalid for {longs[0]}: {exc}")
         if action.choices is not None and value not in action.choices:

@@ -1,0 +1,109 @@
+"""Dynamic batching vs batching off: 32 concurrent single-item clients against one service (target >= 3x, text).
+
+Each client is a thread with its own channel sending one-item `Encode` requests back to back for a fixed number of
+requests; the service runs as its own process, once with `--batching on` and once with `--batching off`.
+
+    python -m benchmarks.services_batching --bundle BUNDLE [--modality text|image] [--clients 32] [--requests 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.services_common import running_service, sample_items
+from image_encoder_service.encoder import ImageEncoder
+from imgtxt.client import ImageEncoderClient, TextEncoderClient
+from imgtxt.serving.session import available_cores
+from text_encoder_service.encoder import TextEncoder
+
+CLIENTS: dict[str, Any] = {"image": ImageEncoderClient, "text": TextEncoderClient}
+
+
+def _load(modality: str, port: int, items: list[Any], clients: int, requests: int) -> tuple[float, np.ndarray]:
+    """Runs the clients; returns (items/s, per-request latencies in seconds)."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    ready = threading.Barrier(clients + 1)
+
+    def client(k: int) -> None:
+        with CLIENTS[modality](f"127.0.0.1:{port}", timeout=120) as c:
+            c.info()
+            ready.wait()
+            for j in range(requests):
+                item = items[(k * requests + j) % len(items)]
+                t0 = time.perf_counter()
+                c.encode([item])
+                latencies[k].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return clients * requests / elapsed, np.array([x for per in latencies for x in per])
+
+
+def _model_batching_gain(
+    modality: str, bundle: Path, items: list[Any], batch: int, server_flags: str
+) -> tuple[float, float]:
+    """In-process items/s at batch 1 and at `batch` (same thread setting as the servers)."""
+    flags = server_flags.split()
+    threads = int(flags[flags.index("--intra-op-threads") + 1]) if "--intra-op-threads" in flags else 0
+    encoder_class = ImageEncoder if modality == "image" else TextEncoder
+    with encoder_class.from_bundle(bundle, device="cpu", intra_op_threads=threads) as encoder:
+        encoder.warm_up()
+        rates = []
+        for size in (1, batch):
+            subset = items[: max(4 * size, 64)]
+            start = time.perf_counter()
+            for i in range(0, len(subset), size):
+                encoder.encode(subset[i : i + size])
+            rates.append(len(subset) / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints throughput and p50/p99 latency with batching on and off, and the throughput ratio."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, required=True, help="model bundle directory")
+    parser.add_argument("--modality", choices=("image", "text"), default="text")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent single-item clients")
+    parser.add_argument("--requests", type=int, default=20, help="requests per client")
+    parser.add_argument("--max-batch", type=int, default=32, help="server --max-batch")
+    parser.add_argument("--max-delay-us", type=int, default=2000, help="server --max-delay-us")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per mode; the best counts")
+    parser.add_argument("--server-flags", default="", help="more flags for both servers, e.g. '--intra-op-threads 1'")
+    args = parser.parse_args(argv)
+    items, source = sample_items(args.modality, 256)
+    print(f"{args.modality}: {source}; {args.clients} clients x {args.requests} one-item requests")
+    print(f"  {available_cores()} cores; server flags: {' '.join(args.server_flags.split()) or '(defaults)'}")
+    rates = {}
+    for mode in ("on", "off"):
+        flags = ["--batching", mode, "--max-batch", str(args.max_batch), "--max-delay-us", str(args.max_delay_us)]
+        flags += args.server_flags.split()
+        with running_service(args.modality, args.bundle, *flags) as port:
+            _load(args.modality, port, items, args.clients, 2)  # warm-up: connections, first batches
+            rate, lat = max(
+                (_load(args.modality, port, items, args.clients, args.requests) for _ in range(args.repeats)),
+                key=lambda r: r[0],
+            )
+        rates[mode] = rate
+        p50, p99 = np.percentile(lat, [50, 99]) * 1000
+        print(f"  batching {mode:<3}  {rate:8.1f} items/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms")
+    print(f"  ratio batching on / off = {rates['on'] / rates['off']:.2f}x  (target >= 3x for the text tower)")
+    one, full = _model_batching_gain(args.modality, args.bundle, items, args.max_batch, args.server_flags)
+    print(f"  model alone, in-process: batch 1 {one:.1f} items/s, batch {args.max_batch} {full:.1f} items/s")
+    print(f"  = {full / one:.2f}x: the most any batching can gain for this model on this machine")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Service throughput vs in-process ONNX Runtime on the same bundle, threads and batch size (target >= 0.9x).
+
+The in-process baseline is the domain encoder (`ImageEncoder.encode` / `TextEncoder.encode`: shared preprocessing +
+one session), batch after batch. The service runs as its own process (`python -m <modality>_encoder_service`) and is
+fed by one `encode_stream` of the same items in chunks of the same size; both share this machine's cores.
+
+    python -m benchmarks.services_throughput --bundle BUNDLE [--modality image|text|both] [--items 512] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.services_common import running_service, sample_items
+from image_encoder_service.encoder import ImageEncoder
+from imgtxt.client import ImageEncoderClient, TextEncoderClient
+from imgtxt.serving.session import SessionConfig, available_cores
+from imgtxt.serving.tower import TowerEncoder
+from text_encoder_service.encoder import TextEncoder
+
+ENCODERS: dict[str, type[TowerEncoder[Any, Any]]] = {"image": ImageEncoder, "text": TextEncoder}
+CLIENTS: dict[str, Any] = {"image": ImageEncoderClient, "text": TextEncoderClient}
+
+
+def _rate(run: Any, items: list[Any]) -> float:
+    start = time.perf_counter()
+    n = run(items)
+    assert n == len(items)
+    return n / (time.perf_counter() - start)
+
+
+def measure(
+    modality: str, bundle: Path, items: list[Any], batch: int, threads: int, repeats: int
+) -> tuple[float, float]:
+    """Best-of-`repeats` items/s in-process and through the service, measured alternately (fair under noisy load)."""
+    flags = ("--intra-op-threads", str(threads), "--max-batch", str(batch))
+    with (
+        ENCODERS[modality].from_bundle(bundle, device="cpu", intra_op_threads=threads) as encoder,
+        running_service(modality, bundle, *flags) as port,
+        CLIENTS[modality](f"127.0.0.1:{port}") as client,
+    ):
+
+        def local(xs: list[Any]) -> int:
+            return sum(len(encoder.encode(xs[i : i + batch])) for i in range(0, len(xs), batch))
+
+        def remote(xs: list[Any]) -> int:
+            return sum(len(r) for r in client.encode_stream(iter(xs), chunk_size=batch))
+
+        local(items[: 2 * batch]), remote(items[: 2 * batch])  # warm-up
+        rates = [(_rate(local, items), _rate(remote, items)) for _ in range(repeats)]
+    return max(r[0] for r in rates), max(r[1] for r in rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints items/s in-process and through the service, and their ratio, per modality."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, required=True, help="model bundle directory")
+    parser.add_argument("--modality", choices=("image", "text", "both"), default="both")
+    parser.add_argument("--items", type=int, default=512, help="items per measurement")
+    parser.add_argument("--batch", type=int, default=32, help="items per session run / stream chunk")
+    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: the services' default)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating measurements; the best of each counts")
+    args = parser.parse_args(argv)
+    threads = SessionConfig(intra_op_threads=args.threads).resolved_intra_op_threads
+    for modality in ("image", "text") if args.modality == "both" else (args.modality,):
+        items, source = sample_items(modality, args.items)
+        local, remote = measure(modality, args.bundle, items, args.batch, threads, args.repeats)
+        print(f"{modality}: {source}, batch {args.batch}, {threads} ORT threads, {available_cores()} cores")
+        print(f"  best of {args.repeats} alternating runs each")
+        print(f"  in-process ORT  {local:9.1f} items/s")
+        print(f"  service stream  {remote:9.1f} items/s")
+        print(f"  ratio service / in-process = {remote / local:.2f}x  (target >= 0.9x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

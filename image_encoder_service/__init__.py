@@ -1,0 +1,1 @@
+"""gRPC image encoder service: serves the image tower of a model bundle with ONNX Runtime."""

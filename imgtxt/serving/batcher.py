@@ -1,0 +1,198 @@
+"""Dynamic batching: concurrent requests' prepared items are coalesced into one session run, in arrival order.
+
+A single worker thread owns the session runs. The first waiting request opens a batch; it closes when it holds
+`max_batch` items or `max_delay_us` has passed since that request arrived, whichever comes first. While one batch
+runs, the next one fills, so under load batches grow by themselves and the delay is rarely waited in full.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from imgtxt.errors import Overloaded
+from imgtxt.serving.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[Sequence[Any]], np.ndarray]
+
+
+class Runner(Protocol):
+    """Runs prepared features through the session: either coalesced (`DynamicBatcher`) or alone (`InlineRunner`)."""
+
+    def submit(self, features: Sequence[Any], wait: Callable[[], bool] | None = None) -> Future[np.ndarray]:
+        """Queues one request's features; the future gets their (n, D) embeddings, in order.
+
+        Args:
+            features: Prepared items of one request.
+            wait: When the queue is full, keep waiting for room while this returns True (streams: backpressure)
+                instead of raising Overloaded at once (unary requests: load shedding).
+        """
+        ...
+
+    def close(self) -> None:
+        """Finishes queued work and stops."""
+        ...
+
+
+class InlineRunner:
+    """No batching: each request runs alone, in its caller's thread (the session is thread-safe)."""
+
+    def __init__(self, run: RunFn, metrics: ServiceMetrics) -> None:
+        self._run = run
+        self._metrics = metrics
+
+    def submit(self, features: Sequence[Any], wait: Callable[[], bool] | None = None) -> Future[np.ndarray]:
+        """Runs the features now and returns a completed future (there is no queue to wait for)."""
+        future: Future[np.ndarray] = Future()
+        start = time.perf_counter()
+        try:
+            future.set_result(self._run(features))
+        except Exception as exc:
+            future.set_exception(exc)
+        self._metrics.observe_stage("inference", time.perf_counter() - start)
+        self._metrics.observe_batch(len(features))
+        return future
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+@dataclass
+class _Pending:
+    features: Sequence[Any]
+    future: Future[np.ndarray] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    """Coalesces concurrent requests into session runs of at most `max_batch` items; bounded queue."""
+
+    def __init__(self, run: RunFn, metrics: ServiceMetrics, max_batch: int, max_delay_us: int, max_queue: int) -> None:
+        """Starts the worker thread.
+
+        Args:
+            run: One session run over a list of prepared features, returning (n, D) embeddings.
+            metrics: Where batch sizes, queue depth and stage times go.
+            max_batch: Most items per run (one request never exceeds it: the servicer checks).
+            max_delay_us: How long a batch's first request waits for company.
+            max_queue: Most items waiting; beyond it `submit` raises Overloaded.
+        """
+        self._run = run
+        self._metrics = metrics
+        self.max_batch = max_batch
+        self.max_delay = max_delay_us / 1e6
+        self.max_queue = max_queue
+        self._pending: deque[_Pending] = deque()
+        self._depth = 0
+        self._closed = False
+        self._waiting = 0
+        self._cond = threading.Condition()
+        self._depth_gauge = metrics.labels(metrics.queue_depth)
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for a run."""
+        with self._cond:
+            return self._depth
+
+    @property
+    def waiting(self) -> int:
+        """Submitters blocked on a full queue (streams under backpressure)."""
+        with self._cond:
+            return self._waiting
+
+    def submit(self, features: Sequence[Any], wait: Callable[[], bool] | None = None) -> Future[np.ndarray]:
+        """Queues one request's features.
+
+        Args:
+            features: Prepared items of one request.
+            wait: When the queue is full, keep waiting for room while this returns True (checked every 0.5 s and
+                whenever a batch leaves the queue) instead of raising Overloaded at once.
+
+        Raises:
+            Overloaded: The queue holds `max_queue` items already (and `wait` is None or returned False), or the
+                batcher is closed.
+        """
+        item = _Pending(features)
+        with self._cond:
+            while not self._closed and self._depth + len(features) > self.max_queue and wait is not None and wait():
+                self._waiting += 1
+                self._cond.wait(0.5)
+                self._waiting -= 1
+            if self._closed:
+                raise Overloaded("server is shutting down; retry on another replica")
+            if self._depth + len(features) > self.max_queue:
+                raise Overloaded(
+                    f"queue is full: {self._depth} items waiting, limit max_queue={self.max_queue}; retry later"
+                )
+            item.enqueued = time.perf_counter()
+            self._pending.append(item)
+            self._depth += len(features)
+            self._depth_gauge.set(self._depth)
+            self._cond.notify()
+        return item.future
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._pending[0].enqueued + self.max_delay
+            while self._depth < self.max_batch and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch: list[_Pending] = []
+            size = 0
+            while self._pending and size + len(self._pending[0].features) <= self.max_batch:
+                p = self._pending.popleft()
+                batch.append(p)
+                size += len(p.features)
+            if not batch:  # a request larger than max_batch (the servicer prevents it) still runs, alone
+                batch.append(self._pending.popleft())
+            self._depth -= sum(len(p.features) for p in batch)
+            self._depth_gauge.set(self._depth)
+            if self._waiting:
+                self._cond.notify_all()  # room for blocked stream chunks
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            start = time.perf_counter()
+            for p in batch:
+                self._metrics.observe_stage("queue", start - p.enqueued)
+            features = [f for p in batch for f in p.features]
+            try:
+                rows = self._run(features)
+            except Exception as exc:  # handed to each caller, whose error mapping logs it
+                for p in batch:
+                    p.future.set_exception(exc)
+                continue
+            finally:
+                self._metrics.observe_stage("inference", time.perf_counter() - start)
+            self._metrics.observe_batch(len(features))
+            offset = 0
+            for p in batch:
+                p.future.set_result(rows[offset : offset + len(p.features)])
+                offset += len(p.features)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuses new work, runs what is queued, and stops the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)

@@ -1,0 +1,151 @@
+"""Server configuration: one frozen dataclass, built from flags and `IMGTXT_*` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
+from imgtxt.errors import ConfigError
+from imgtxt.logs import add_logging_flags
+from imgtxt.preprocess import ImageLimits
+from imgtxt.serving.session import DEVICES, OPTIMIZATION_LEVELS, SessionConfig, default_cache_dir
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_PORTS = {"image": 50051, "text": 50052}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How one encoder service listens, batches, protects itself and shuts down."""
+
+    host: str = "[::]"
+    """Address to bind (`127.0.0.1` for loopback only)."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (reported on stdout and in `--port-file`)."""
+    max_workers: int = 32
+    """Threads of the gRPC server's pool (each serves one rpc at a time)."""
+    max_concurrent_rpcs: int = 256
+    """Rpcs in progress beyond which gRPC answers RESOURCE_EXHAUSTED."""
+    max_batch: int = 64
+    """Most items per request or stream chunk, and per coalesced session run."""
+    batching: bool = True
+    """Coalesce concurrent requests into one session run (off: each request runs alone, in its own thread)."""
+    max_delay_us: int = 2000
+    """How long the first request of a batch waits for others to join, in microseconds."""
+    max_queue: int = 1024
+    """Items waiting for the session beyond which requests are refused with RESOURCE_EXHAUSTED."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest gRPC message received or sent."""
+    stream_window: int = 2
+    """Chunks of one EncodeStream in flight at once (preprocessing of the next overlaps inference of the last)."""
+    grace_s: float = 30.0
+    """On SIGTERM/SIGINT, how long in-flight rpcs may take to finish."""
+    drain_delay_s: float = 0.0
+    """On SIGTERM/SIGINT, how long health reports NOT_SERVING (so load balancers move away) before the port closes."""
+    tls_cert: Path | None = None
+    """PEM certificate chain; with `tls_key`, serve TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token every rpc but health must carry (`authorization: Bearer <token>`); None = no auth."""
+    metrics_port: int | None = None
+    """Port of the Prometheus `/metrics` endpoint (0 = a free port); None = no endpoint."""
+    metrics_host: str = "0.0.0.0"
+    """Address of the metrics endpoint."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_workers", "max_concurrent_rpcs", "max_batch", "max_queue", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.max_delay_us < 0 or self.grace_s < 0 or self.drain_delay_s < 0 or self.stream_window < 1:
+            raise ConfigError("max_delay_us, grace_s and drain_delay_s must be >= 0 and stream_window >= 1")
+        if self.max_queue < self.max_batch:
+            raise ConfigError(f"max_queue ({self.max_queue}) must be >= max_batch ({self.max_batch})")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key must be given together")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ConfigError("auth_token must not be empty (leave it unset to disable auth)")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server listens with TLS."""
+        return self.tls_cert is not None
+
+
+def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
+    """Adds every flag of an encoder service (bundle, session, limits, server, logging) to `parser`."""
+    d = ServerConfig()
+    limits = ImageLimits()
+    g = parser.add_argument_group("model")
+    g.add_argument("--bundle", type=Path, required=True, help="model bundle directory")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA if it loads, else CPU; cuda: or fail")
+    g.add_argument("--intra-op-threads", type=non_negative_int, default=0, help="ORT intra-op threads (0: cores - 1)")
+    g.add_argument("--inter-op-threads", type=positive_int, default=1, help="ORT inter-op threads")
+    g.add_argument("--optimization", choices=tuple(OPTIMIZATION_LEVELS), default="all", help="ORT graph optimisation")
+    g.add_argument("--spin", action="store_true", help="let idle ORT threads busy-wait (ORT's default; off here)")
+    g.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="optimised-model cache directory")
+    g.add_argument("--no-verify", action="store_true", help="skip checking the bundle's file hashes at start")
+    if modality == "image":
+        g.add_argument("--max-image-bytes", type=positive_int, default=limits.max_image_bytes, help="per image")
+        g.add_argument("--max-image-pixels", type=positive_int, default=limits.max_image_pixels, help="per image")
+        g.add_argument("--preprocess-threads", type=non_negative_int, default=0, help="decode threads (0: per core)")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default=d.host, help="bind address")
+    s.add_argument("--port", type=non_negative_int, default=DEFAULT_PORTS[modality], help="gRPC port (0: free port)")
+    s.add_argument("--port-file", type=Path, help="write the bound port to this file once serving")
+    s.add_argument("--max-workers", type=positive_int, default=d.max_workers, help="gRPC thread pool size")
+    s.add_argument("--max-concurrent-rpcs", type=positive_int, default=d.max_concurrent_rpcs, help="rpcs at once")
+    s.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="items per request and per run")
+    s.add_argument("--batching", choices=("on", "off"), default="on", help="dynamic batching of concurrent requests")
+    s.add_argument("--max-delay-us", type=non_negative_int, default=d.max_delay_us, help="batch wait, microseconds")
+    s.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="queued items before overload")
+    s.add_argument("--max-message-bytes", type=positive_int, default=d.max_message_bytes, help="gRPC message limit")
+    s.add_argument("--stream-window", type=positive_int, default=d.stream_window, help="stream chunks in flight")
+    s.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period, seconds")
+    s.add_argument("--drain-delay-s", type=float, default=d.drain_delay_s, help="NOT_SERVING before closing, seconds")
+    s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS on when given with --tls-key)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key")
+    s.add_argument("--auth-token", help="required bearer token (prefer the env variable: flags show in `ps`)")
+    s.add_argument("--metrics-port", type=non_negative_int, help="Prometheus /metrics port (0: free port; unset: off)")
+    s.add_argument("--metrics-host", default=d.metrics_host, help="metrics bind address")
+    add_logging_flags(parser)
+    apply_env_defaults(parser)
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server part of parsed flags."""
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_workers=args.max_workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_batch=args.max_batch,
+        batching=args.batching == "on",
+        max_delay_us=args.max_delay_us,
+        max_queue=args.max_queue,
+        max_message_bytes=args.max_message_bytes,
+        stream_window=args.stream_window,
+        grace_s=args.grace_s,
+        drain_delay_s=args.drain_delay_s,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=args.auth_token,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
+
+
+def session_config_from_args(args: argparse.Namespace) -> SessionConfig:
+    """The ONNX Runtime part of parsed flags."""
+    return SessionConfig(
+        device=args.device,
+        intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads,
+        optimization=args.optimization,
+        cache_dir=args.cache_dir,
+        allow_spinning=args.spin,
+    )

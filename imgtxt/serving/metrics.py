@@ -1,0 +1,101 @@
+"""Prometheus metrics of one encoder service, in a registry of its own (several servers can share a test process)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STAGES = ("queue", "preprocess", "inference")
+
+
+class ServiceMetrics:
+    """Requests, errors by code, items, batch sizes, queue depth and per-stage latency of one service."""
+
+    def __init__(self, modality: str, max_batch: int) -> None:
+        """Creates the metrics in a fresh registry.
+
+        Args:
+            modality: `image` or `text` (a label on every metric, so one dashboard serves both).
+            max_batch: Largest batch, for the batch-size histogram's buckets.
+        """
+        self.registry = CollectorRegistry()
+        self.modality = modality
+        labels = ["modality"]
+        r = self.registry
+        self.requests = Counter("imgtxt_encoder_requests", "Rpcs received.", [*labels, "method"], registry=r)
+        self.errors = Counter(
+            "imgtxt_encoder_errors", "Rpcs that failed, by gRPC status code.", [*labels, "method", "code"], registry=r
+        )
+        self.items = Counter(
+            "imgtxt_encoder_items", "Items processed, by per-item outcome.", [*labels, "code"], registry=r
+        )
+        size_buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, max_batch})
+        self.batch_size = Histogram(
+            "imgtxt_encoder_batch_size", "Items per session run.", labels, buckets=size_buckets, registry=r
+        )
+        self.queue_depth = Gauge("imgtxt_encoder_queue_depth", "Items waiting for the session.", labels, registry=r)
+        self.stage_seconds = Histogram(
+            "imgtxt_encoder_stage_seconds",
+            "Time per stage: queue (waiting for a batch), preprocess (decode/tokenize), inference (session run).",
+            [*labels, "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "imgtxt_encoder_request_seconds", "Rpc latency.", [*labels, "method"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.info = Gauge(
+            "imgtxt_encoder_info",
+            "Always 1; labels say what is served and on which execution provider.",
+            [*labels, "bundle_version", "execution_provider"],
+            registry=r,
+        )
+        avg = Gauge("imgtxt_encoder_batch_size_average", "Mean items per session run since start.", labels, registry=r)
+        avg.labels(modality).set_function(self.average_batch_size)
+        self._batches = 0
+        self._batched_items = 0
+        self._lock = threading.Lock()
+
+    def set_info(self, bundle_version: str, execution_provider: str) -> None:
+        """Publishes the bundle and the active provider."""
+        self.info.labels(self.modality, bundle_version, execution_provider).set(1)
+
+    def observe_batch(self, size: int) -> None:
+        """Records one session run of `size` items."""
+        self.batch_size.labels(self.modality).observe(size)
+        with self._lock:
+            self._batches += 1
+            self._batched_items += size
+
+    def average_batch_size(self) -> float:
+        """Mean items per session run so far (0 before the first)."""
+        with self._lock:
+            return self._batched_items / self._batches if self._batches else 0.0
+
+    def observe_stage(self, stage: str, seconds: float, count: int = 1) -> None:
+        """Records the time `count` requests spent in `stage`."""
+        hist = self.stage_seconds.labels(self.modality, stage)
+        for _ in range(count):
+            hist.observe(seconds)
+
+    def count_items(self, codes: list[int]) -> None:
+        """Counts items by their per-item status code."""
+        for code in set(codes):
+            self.items.labels(self.modality, str(code)).inc(codes.count(code))
+
+    def labels(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(modality, *values)`."""
+        return metric.labels(self.modality, *values)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, int]:
+        """Starts the `/metrics` endpoint in a daemon thread; returns the HTTP server and its port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(server.server_port)
+        logger.info("metrics endpoint listening", extra={"port": bound})
+        return server, bound
