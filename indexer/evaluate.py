@@ -53,13 +53,19 @@ def _encode_all(fn: Any, items: Sequence[Any], chunk: int = 256) -> np.ndarray:
 
 
 def _ranked_sims(
-    store: VectorStore, queries: np.ndarray, target: str, columns: dict[str, int], options: SearchOptions
+    store: VectorStore,
+    queries: np.ndarray,
+    target: str,
+    columns: dict[str, int],
+    options: SearchOptions,
+    depth: int | None = None,
 ) -> np.ndarray:
     """(n_queries, n_columns) similarities as returned by the store; unreturned candidates get MISSING."""
     sim = np.full((len(queries), len(columns)), MISSING, np.float64)
+    limit = min(depth or len(columns), len(columns))
     for start in range(0, len(queries), QUERY_BATCH):
         batch = queries[start : start + QUERY_BATCH]
-        results = store.search(batch, target, len(columns), {"kind": target}, options, with_payload=False)
+        results = store.search(batch, target, limit, {"kind": target}, options, with_payload=False)
         for row, hits in enumerate(results, start):
             for h in hits:
                 col = columns.get(h.id)
@@ -76,6 +82,7 @@ def evaluate_via_index(
     config: CollectionConfig,
     options: SearchOptions = DEFAULT_SEARCH,
     reindex: bool = True,
+    depth: int | None = None,
 ) -> dict[str, float]:
     """Indexes `items` into a fresh `collection` and measures R@K both ways through the store.
 
@@ -87,6 +94,9 @@ def evaluate_via_index(
         config: Collection options.
         options: Search options (`exact=True` reproduces the offline numbers).
         reindex: Delete and re-index the collection first.
+        depth: Candidates asked per query. None asks for the full ranking (exact medr/meanr; but Qdrant then searches
+            HNSW with ef >= collection size, i.e. exhaustively). A depth of 10 measures R@1/5/10 as a real top-10
+            search would serve them; ranks past the depth are unknown, so medr/meanr are left out.
 
     Returns:
         The `imgtxt.metrics.retrieval_metrics` keys (i2t from image queries, t2i from caption queries), plus
@@ -108,9 +118,11 @@ def evaluate_via_index(
     text_image_ids = np.array([i for _, _, i in texts])
     image_queries = _encode_all(encoder.encode_images, [Path(it.path).read_bytes() for it in items])
     text_queries = _encode_all(encoder.encode_texts, [t for _, t, _ in texts])
-    i2t = retrieval_metrics(_ranked_sims(store, image_queries, "text", text_cols, options), text_image_ids)
-    t2i = retrieval_metrics(_ranked_sims(store, text_queries, "image", image_cols, options).T, text_image_ids)
+    i2t = retrieval_metrics(_ranked_sims(store, image_queries, "text", text_cols, options, depth), text_image_ids)
+    t2i = retrieval_metrics(_ranked_sims(store, text_queries, "image", image_cols, options, depth).T, text_image_ids)
     out = {k: v for k, v in i2t.items() if k.startswith("i2t")} | {k: v for k, v in t2i.items() if k.startswith("t2i")}
+    if depth is not None and depth < min(len(image_cols), len(text_cols)):
+        out = {k: v for k, v in out.items() if not k.endswith(("medr", "meanr"))}
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
     return {**out, "n_images": float(len(records)), "n_texts": float(len(texts))}
 
@@ -125,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split to evaluate")
     p.add_argument("--limit", type=positive_int, help="evaluate on the first N images only")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument(
+        "--depth",
+        type=positive_int,
+        help="candidates asked per query (e.g. 10: R@K as a top-10 search serves them, medr/meanr omitted); "
+        "default: the full ranking",
+    )
     add_encoder_flags(p)
     add_store_flags(p)
     add_collection_flags(p)
@@ -158,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         collection = args.collection or f"{encoder.bundle_version}-eval-{args.split}"
         try:
             metrics = evaluate_via_index(
-                items, encoder, store, collection, collection_config(args, encoder.dim), search_options(args)
+                items,
+                encoder,
+                store,
+                collection,
+                collection_config(args, encoder.dim),
+                search_options(args),
+                depth=args.depth,
             )
         except (ValueError, ImgTxtError, OSError, grpc.RpcError) as exc:
             print(f"imgtxt eval: error: {exc}", file=sys.stderr)

@@ -120,6 +120,10 @@ def create_session(model_path: str | Path, cfg: SessionConfig, cache_key: str = 
     """
     model_path = Path(model_path)
     providers = _requested_providers(cfg.device)
+    # With `auto`, a CUDA provider that fails to load is expected on CPU hosts: ORT's default logger would print its
+    # loader error on every start, so it is silenced and our own warning says which provider runs. With `cuda`, the
+    # loader error is the operator's diagnosis and stays visible.
+    ort.set_default_logger_severity(4 if cfg.device == "auto" else 3)
     level = OPTIMIZATION_LEVELS[cfg.optimization]
     cache_dir: Path | None = None
     if cfg.cache_dir is not None and cache_key and cfg.optimization != "disable":

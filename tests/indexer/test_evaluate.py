@@ -29,10 +29,25 @@ def test_exact_search_reproduces_offline_metrics(tmp_path: Path, encoder: InProc
     via_index = evaluate_via_index(
         items, encoder, store, "eval", CollectionConfig(dim=encoder.dim), SearchOptions(exact=True)
     )
+    # A top-10 search (what a served query asks for) gives the same R@K; ranks past 10 are unknown, so no medr/meanr.
+    top10 = evaluate_via_index(
+        items,
+        encoder,
+        store,
+        "eval",
+        CollectionConfig(dim=encoder.dim),
+        SearchOptions(exact=True),
+        reindex=False,
+        depth=10,
+    )
     store.close()
     assert via_index["n_images"] == 16 and via_index["n_texts"] == 48
     for key, value in offline.items():
         assert via_index[key] == pytest.approx(value, abs=1e-9), key
+        if key.endswith(("medr", "meanr")):
+            assert key not in top10
+        else:
+            assert top10[key] == pytest.approx(value, abs=1e-9), key
     assert 0 < offline["rsum"] < 600  # not a degenerate ranking
 
 
