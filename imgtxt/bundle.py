@@ -228,6 +228,7 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, str |
         raise BundleError(f"manifest names file(s) not given to write_bundle: {', '.join(absent)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by services that may run as another user
     try:
         hashes = {}
         for name, src in sorted(files.items()):

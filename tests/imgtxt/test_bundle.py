@@ -47,6 +47,7 @@ def test_round_trip_gives_identical_manifest(tmp_path: Path) -> None:
     assert loaded.manifest.image.parity == Parity(1e-6, 0.99999, 4)
     assert loaded.manifest.image_preprocess.resize == "squash"
     assert loaded.manifest.tower("unit").file == "unit_head.onnx"
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
     # The manifest on disk is plain JSON a non-Python server can read.
     raw = json.loads((tmp_path / "b" / MANIFEST).read_text())
     assert raw["schema_version"] == 1 and raw["distance"] == "cosine"

@@ -1,0 +1,73 @@
+"""Flickr8k val R@K / rSum and training wall time of a recipe under each loss option (one run per option).
+
+    .venv/bin/python -m benchmarks.train_losses --recipe quick --data ../shared/data/flickr8k --out /work/runs/losses \
+        [--options infonce,vsepp_triplet] [--set epochs=5] [--json table.json]
+
+Every option shares the recipe (and thus the feature cache); only `losses` changes. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from trainer import train
+
+OPTIONS: dict[str, str] = {
+    "infonce": "{infonce: 1.0}",
+    "vsepp_triplet": "{vsepp_triplet: 1.0}",
+    "adaptive_margin_triplet": "{adaptive_margin_triplet: 1.0}",
+    "infonce+center": "{infonce: 1.0, center: 0.1}",
+    "soft_negative_triplet": "{soft_negative_triplet: 1.0}",
+    "bcls": "{bcls: 1.0}",
+    "vsepp+relation": "{vsepp_triplet: 1.0, relation: 1.0}",
+    "infonce+quantization": "{infonce: 1.0, quantization: 0.1}",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs each loss option and prints the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="quick", choices=("tiny", "quick", "default"))
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="parent directory of the runs")
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma list of {', '.join(OPTIONS)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.options.split(","):
+        out = args.out / f"{args.recipe}-{name.replace('+', '_')}"
+        argv_run = ["--recipe", args.recipe, "--data", args.data, "--out", str(out), "--set", f"losses={OPTIONS[name]}"]
+        for item in args.overrides:
+            argv_run += ["--set", item]
+        t0 = time.perf_counter()
+        try:
+            train.main(argv_run)
+        except Exception as exc:  # one failing option must not hide the others' figures
+            rows.append({"option": name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"{name}: FAILED {exc}", file=sys.stderr)
+            continue
+        wall = time.perf_counter() - t0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        best = max(records, key=lambda r: r["rsum"])
+        rows.append({"option": name, "wall_s": round(wall, 1), "best_epoch": best["epoch"], **best})
+    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    print(f"| {args.recipe} loss | " + " | ".join(keys) + " | best epoch | wall s |")
+    print("|---" * (len(keys) + 3) + "|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['option']} | failed: {r['error'][:80]} |")
+        else:
+            cells = " | ".join(f"{r[k]:.1f}" for k in keys)
+            print(f"| {r['option']} | {cells} | {r['best_epoch']} | {r['wall_s']} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

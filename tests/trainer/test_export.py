@@ -1,0 +1,131 @@
+"""Export of tiny towers to a bundle: loads, unit-norm outputs, recorded parity, dynamic batch, tamper detection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from imgtxt.bundle import load_bundle
+from imgtxt.errors import BundleError
+from imgtxt.preprocess import ImagePreprocessConfig
+from imgtxt.text import TextTokenizer
+from trainer.export import MIN_COSINE, export_model, export_onnx, parity_image_inputs, tiny_model
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_tiny_bundle_loads_with_parity(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    m = bundle.manifest
+    assert m.embedding_dim == 32 and m.onnx_opset == 17 and m.normalized
+    for spec in (m.image, m.text, m.unit):
+        assert spec is not None and spec.parity is not None
+        assert spec.parity.min_cosine >= MIN_COSINE
+        assert spec.parity.max_abs_diff < 1e-4
+        assert spec.parity.num_inputs >= 5
+    assert (tiny_bundle / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_outputs_unit_norm_for_dynamic_batch(tiny_bundle: Path, batch: int) -> None:
+    m = load_bundle(tiny_bundle).manifest
+    pixels = parity_image_inputs(m.image_preprocess, count=batch)
+    (img,) = _session(tiny_bundle / m.image.file).run(["embedding"], {"pixel_values": pixels})
+    assert img.shape == (batch, 32) and img.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+
+    tok = TextTokenizer.from_file(tiny_bundle / m.text_config.tokenizer_file, m.text_config)
+    texts = ["a dog", "two people walk on a long beach at sunset", "red car", "kids", "a cat on a mat"][:batch]
+    enc = tok.encode(texts)
+    (txt,) = _session(tiny_bundle / m.text.file).run(
+        ["embedding"], {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+    )
+    assert txt.shape == (batch, 32)
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-5)
+
+    assert m.unit is not None
+    (unit,) = _session(tiny_bundle / m.unit.file).run(["embedding"], {"image": img, "text": txt})
+    assert unit.shape == (batch, 32)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+
+
+def test_padding_does_not_change_text_embedding(tiny_bundle: Path) -> None:
+    m = load_bundle(tiny_bundle).manifest
+    tok = TextTokenizer.from_file(tiny_bundle / m.text_config.tokenizer_file, m.text_config)
+    alone = tok.encode(["a dog"])
+    padded = tok.encode(["a dog", "a much longer caption about a dog running on the wet sand"])
+    sess = _session(tiny_bundle / m.text.file)
+    (a,) = sess.run(["embedding"], {"input_ids": alone.input_ids, "attention_mask": alone.attention_mask})
+    (b,) = sess.run(["embedding"], {"input_ids": padded.input_ids, "attention_mask": padded.attention_mask})
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+
+
+def test_metadata_carries_preprocessing(tiny_bundle: Path) -> None:
+    m = load_bundle(tiny_bundle).manifest
+    props = {p.key: p.value for p in onnx.load(str(tiny_bundle / m.image.file)).metadata_props}
+    assert ImagePreprocessConfig.from_dict(json.loads(props["imgtxt.preprocess"])) == m.image_preprocess
+    assert props["imgtxt.modality"] == "image"
+
+
+def test_tampered_file_is_rejected(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "image_tower.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(copy)
+
+
+def test_export_fails_on_parity_violation(tmp_path: Path) -> None:
+    class Diverges(torch.nn.Module):
+        """Different outputs in the traced graph than in eager mode (a data-dependent Python branch)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.normalize(x, dim=-1)
+            return -y if torch.jit.is_tracing() else y
+
+    feeds = {"image": np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)}
+    with pytest.raises(BundleError, match="min cosine"):
+        export_onnx(Diverges(), feeds, tmp_path / "x.onnx", {"image": {0: "batch"}}, {})
+
+
+def test_existing_bundle_dir_is_not_overwritten(tiny_bundle: Path) -> None:
+    with pytest.raises(BundleError, match="immutable"):
+        export_model(tiny_model(dim=8, with_unit=False), tiny_bundle, version="again")
+
+
+def test_fp16_variant_keeps_float32_interface(tmp_path: Path) -> None:
+    bundle = export_model(tiny_model(seed=1), tmp_path / "b16", version="fp16", fp16=True)
+    m = bundle.manifest
+    for name in ("image", "text", "unit"):
+        spec = m.tower(name)
+        assert spec.fp16_file is not None
+        sess = _session(bundle.file(spec.fp16_file))
+        assert [o.type for o in sess.get_outputs()] == ["tensor(float)"]
+        assert all(i.type in ("tensor(float)", "tensor(int64)") for i in sess.get_inputs())
+        assert m.metrics["fp16_parity"][name]["min_cosine"] >= 0.99
+    pixels = parity_image_inputs(m.image_preprocess, count=3)
+    (full,) = _session(bundle.file(m.image.file)).run(["embedding"], {"pixel_values": pixels})
+    (half,) = _session(bundle.file(m.image.fp16_file or "")).run(["embedding"], {"pixel_values": pixels})
+    assert (full * half).sum(1).min() > 0.99
+
+
+@pytest.mark.slow
+def test_export_real_towers(tmp_path: Path) -> None:
+    """EfficientNet-Lite0 + MiniLM (pretrained, untrained heads) through the same export path, parity-gated."""
+    from trainer.model import DualEncoder, ModelSpec
+
+    model = DualEncoder(ModelSpec(dim=64))
+    bundle = export_model(model, tmp_path / "real", version="real")
+    for name in ("image", "text", "unit"):
+        parity = bundle.manifest.tower(name).parity
+        assert parity is not None and parity.min_cosine >= MIN_COSINE

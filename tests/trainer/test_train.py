@@ -1,0 +1,140 @@
+"""End-to-end on tiny towers: `imgtxt train` -> checkpoints/metrics -> `imgtxt export` -> `imgtxt eval` both ways."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgtxt.bundle import load_bundle
+from trainer import evaluate, export, train
+from trainer.checkpoint import load_checkpoint
+
+
+def _train(data: Path, out: Path, cache: Path, *extra: str) -> None:
+    argv = ["--recipe", "tiny", "--data", str(data), "--out", str(out), "--set", f"cache_dir={cache}",
+            "--set", "train_limit=0", "--set", "val_limit=0", *extra]  # fmt: skip
+    assert train.main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def run_dir(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    _train(synthetic_data, root / "run", root / "cache", "--set", "epochs=2")
+    return root / "run"
+
+
+def test_one_run_writes_config_checkpoints_and_metrics(run_dir: Path) -> None:
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert 0 <= r["rsum"] <= 600 and r["train_loss"] > 0
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert best.metrics["rsum"] == max(r["rsum"] for r in records)
+    assert best.config["image_backbone"] == "tiny"
+
+
+def _init_and_trained(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from trainer.config import load_config
+    from trainer.model import DualEncoder
+
+    cfg = load_config(None, run / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    init = DualEncoder(cfg.model_spec()).state_dict()
+    return init, load_checkpoint(run / "checkpoints" / "last.pt").model.state_dict()
+
+
+def test_training_changes_the_heads_but_not_frozen_stages(run_dir: Path) -> None:
+    init, trained = _init_and_trained(run_dir)
+    assert torch.equal(init["image.stages.0.0.weight"], trained["image.stages.0.0.weight"])
+    assert not torch.equal(init["image.head.linear.weight"], trained["image.head.linear.weight"])
+
+
+def test_resume_continues_from_last_epoch_with_cached_activations(synthetic_data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    # Fine-tuning the top stages from activations cached below them (the default recipe's shape).
+    tune = ["--set", "image_trainable_stages=1", "--set", "text_trainable_layers=1"]
+    _train(synthetic_data, tmp_path / "r", cache, "--set", "epochs=1", *tune)
+    cached = sorted(p.name for p in cache.iterdir())
+    assert len(cached) == 2 and all("-i2-t1-" in name for name in cached)  # train + val, split below the top stage
+    _train(synthetic_data, tmp_path / "r", cache, "--set", "epochs=2", "--resume", *tune)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert sorted(p.name for p in cache.iterdir()) == cached  # the second run reused the feature cache
+
+
+def test_pixel_path_with_augmentation_and_finetuning(synthetic_data: Path, tmp_path: Path) -> None:
+    _train(synthetic_data, tmp_path / "r", tmp_path / "cache", "--set", "cache_features=false",
+           "--set", "image_trainable_stages=1", "--set", "text_trainable_layers=1", "--set", "pooling=gpo",
+           "--set", "losses={vsepp_triplet: 1.0, infonce: 0.5}")  # fmt: skip
+    assert not (tmp_path / "cache").exists()
+    init, trained = _init_and_trained(tmp_path / "r")
+    assert torch.equal(init["image.stages.0.0.weight"], trained["image.stages.0.0.weight"])  # frozen
+    assert not torch.equal(init["image.stages.2.0.weight"], trained["image.stages.2.0.weight"])  # top stage tuned
+    assert not torch.equal(init["text.layers.0.qkv.weight"], trained["text.layers.0.qkv.weight"])
+
+
+def test_export_then_eval_bundle_matches_checkpoint(run_dir: Path, synthetic_data: Path, tmp_path: Path) -> None:
+    assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "bundle"), "--version", "t1"]) == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.version == "t1" and bundle.manifest.training["image_backbone"] == "tiny"
+    assert bundle.manifest.metrics["rsum"] >= 0
+    a, b = tmp_path / "onnx.json", tmp_path / "torch.json"
+    assert evaluate.main(["--bundle", str(tmp_path / "bundle"), "--data", str(synthetic_data), "--json", str(a)]) == 0
+    ckpt = str(run_dir / "checkpoints" / "best.pt")
+    assert evaluate.main(["--checkpoint", ckpt, "--data", str(synthetic_data), "--json", str(b)]) == 0
+    onnx_m, torch_m = json.loads(a.read_text()), json.loads(b.read_text())
+    assert onnx_m["n_images"] == 8 and onnx_m["n_texts"] == 16
+    assert onnx_m["rsum"] == pytest.approx(torch_m["rsum"])
+    # The checkpoint evaluated from pixels agrees with the cached-feature validation during training.
+    assert torch_m["rsum"] == pytest.approx(load_checkpoint(run_dir / "checkpoints" / "best.pt").metrics["rsum"])
+
+
+def test_bundle_eval_does_not_import_torch(tiny_bundle: Path, synthetic_data: Path) -> None:
+    code = (
+        "import sys; from trainer import evaluate; "
+        f"evaluate.main(['--bundle', {str(tiny_bundle)!r}, '--data', {str(synthetic_data)!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=Path(__file__).parents[2])
+
+
+def test_hierarchical_option_serves_one_concatenated_vector(synthetic_data: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from imgtxt.preprocess import preprocess_image
+
+    _train(synthetic_data, tmp_path / "r", tmp_path / "cache", "--set", "local_dim=8", "--set", "with_unit=false")
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["train_local_mse"] >= 0  # the local loss was trained
+    assert export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "b")]) == 0
+    m = load_bundle(tmp_path / "b").manifest
+    assert m.embedding_dim == 32 + 8 and m.unit is None
+    image = next((synthetic_data.parent / "img").iterdir())
+    pixels = preprocess_image(image.read_bytes(), m.image_preprocess)[None]
+    sess = ort.InferenceSession(str(tmp_path / "b" / m.image.file), providers=["CPUExecutionProvider"])
+    (emb,) = sess.run(["embedding"], {"pixel_values": pixels})
+    assert emb.shape == (1, 40)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_eval_bundle_with_graded_judgments(tiny_bundle: Path, synthetic_data: Path, tmp_path: Path) -> None:
+    # val images are img016..img023 with 2 captions each: caption rows 2k, 2k+1 belong to val image k.
+    tsv = tmp_path / "graded.tsv"
+    tsv.write_text("# image\tcaption\tscore\nimg016\t0\t3\nimg016\t1\t2\nimg016\t5\t0\nimg017\t2\t3\nimg017\t9\t1\n")
+    out = tmp_path / "r.json"
+    args = ["--bundle", str(tiny_bundle), "--data", str(synthetic_data), "--judgments", str(tsv), "--json", str(out)]
+    assert evaluate.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["kendall_images"] == 2.0
+    assert -1.0 <= result["kendall_tau"] <= 1.0
+    tsv.write_text("img016\t999\t3\n")
+    with pytest.raises(SystemExit, match="caption_index"):
+        evaluate.main(args)

@@ -1,0 +1,47 @@
+"""Checkpoints: weights, optimizer/scheduler/RNG state, resolved config and metrics, written atomically."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.model import DualEncoder
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read back: the rebuilt model plus everything needed to resume."""
+
+    model: DualEncoder
+    """The model, weights loaded, in eval mode on CPU."""
+    config: dict[str, Any]
+    """The resolved training config (plain data)."""
+    metrics: dict[str, Any]
+    """Validation metrics at save time."""
+    state: dict[str, Any]
+    """Raw checkpoint contents (optimizer, scheduler, loss, epoch, step, rng)."""
+
+
+def save_checkpoint(path: Path, model: DualEncoder, cfg: TrainConfig, metrics: dict[str, Any], **state: Any) -> None:
+    """Writes a checkpoint atomically (temporary file, then rename), so a crash never leaves a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": metrics, **state}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Reads a checkpoint and rebuilds its model from the saved config (no pretrained download: weights are inside)."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(payload["config"])
+    spec = cfg.model_spec()
+    # The checkpoint holds every weight, so skip loading the pretrained backbone files a second time.
+    model = DualEncoder(type(spec)(**{**spec.__dict__, "pretrained": False}))
+    model.load_state_dict(payload["model"])
+    return LoadedCheckpoint(model.eval(), payload["config"], payload.get("metrics", {}), payload)

@@ -1,0 +1,226 @@
+"""Training configuration: one frozen dataclass, built from a recipe, a YAML file and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgtxt.errors import ConfigError
+from trainer.model import IMAGE_BACKBONES, POOLINGS, TEXT_BACKBONES, ModelSpec, efficientnet_image_size
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; saved in `config.yaml`, every checkpoint and the exported bundle."""
+
+    data: str = ""
+    """Dataset file or directory (Karpathy `dataset_*.json` or JSONL); empty: `$IMGTXT_DATA` or Flickr8k beside."""
+    train_split: str = "train"
+    """Split to train on."""
+    val_split: str = "val"
+    """Split to select checkpoints on."""
+    train_limit: int = 0
+    """Use at most this many training images (0: all)."""
+    val_limit: int = 0
+    """Use at most this many validation images (0: all)."""
+    image_backbone: str = "efficientnet-lite0"
+    """Image backbone: tiny | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2."""
+    text_backbone: str = "minilm"
+    """Text backbone: tiny | minilm (all-MiniLM-L6-v2)."""
+    pretrained: bool = True
+    """Load pretrained backbone weights (ImageNet / MiniLM)."""
+    dim: int = 512
+    """Dimension of the shared embedding space."""
+    pooling: str = "mean"
+    """Pooling of local features: mean | gpo."""
+    image_size: int = 0
+    """Image input side; 0: the backbone's native size (224/240/260; 32 for tiny)."""
+    max_tokens: int = 64
+    """Tokens per caption, special tokens included."""
+    with_unit: bool = True
+    """Also train/export the (image, caption) fusion head."""
+    head_dropout: float = 0.0
+    """Dropout on pooled backbone features before the projection heads (regularises heads on frozen features)."""
+    local_dim: int = 0
+    """Hierarchical option: local embedding size (trained with the `local_similarity` loss on lexical labels),
+    concatenated to the global one in the served vector. Needs with_unit=false. 0: off."""
+    image_trainable_stages: int = 0
+    """Top image backbone stages to fine-tune (0: heads only). Stages below are frozen and their output cached."""
+    text_trainable_layers: int = 0
+    """Top text transformer layers to fine-tune (0: heads only)."""
+    cache_features: bool = True
+    """Cache frozen-backbone activations on disk (no image augmentation then); False: run from pixels, augmented."""
+    cache_dir: str = ""
+    """Feature cache directory; empty: `$IMGTXT_CACHE` or ~/.cache/imgtxt."""
+    augment: bool = True
+    """Random resized crop + flip when training from pixels (ignored when features are cached)."""
+    epochs: int = 10
+    """Passes over all training captions."""
+    batch_size: int = 128
+    """(image, caption) pairs per step and process."""
+    lr: float = 1e-3
+    """Peak learning rate of the heads (cosine decay after warm-up)."""
+    backbone_lr: float = 5e-5
+    """Peak learning rate of fine-tuned backbone stages."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    grad_clip: float = 2.0
+    """Gradient norm clip (0: off)."""
+    losses: dict[str, float] = field(default_factory=lambda: {"infonce": 1.0})
+    """Loss name -> weight (names from trainer.losses: infonce, vsepp_triplet, adaptive_margin_triplet, ...)."""
+    loss_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Loss name -> constructor keyword arguments."""
+    unit_loss_weight: float = 0.1
+    """Weight of the unit-hinge loss when `with_unit` (0: fusion head left untrained)."""
+    seed: int = 0
+    """Seed of every random generator (model init, shuffling, augmentation)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA when supported, else fp32) | fp32 | bf16 | fp16 (autocast; CUDA only)."""
+    num_workers: int = 0
+    """Data loader worker processes when training from pixels."""
+    encode_batch_size: int = 64
+    """Batch size for feature caching and evaluation."""
+    log_every: int = 50
+    """Steps between structured training log lines."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.image_backbone in IMAGE_BACKBONES, f"image_backbone must be one of {IMAGE_BACKBONES}"),
+            (self.text_backbone in TEXT_BACKBONES, f"text_backbone must be one of {TEXT_BACKBONES}"),
+            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.epochs >= 1 and self.batch_size >= 2, "epochs >= 1 and batch_size >= 2 required"),
+            (self.lr > 0 and self.backbone_lr >= 0, "lr > 0 and backbone_lr >= 0 required"),
+            (self.image_trainable_stages >= 0 and self.text_trainable_layers >= 0, "trainable counts must be >= 0"),
+            (self.train_limit >= 0 and self.val_limit >= 0, "limits must be >= 0"),
+            (self.local_dim >= 0 and not (self.local_dim and self.with_unit), "local_dim > 0 needs with_unit=false"),
+            (bool(self.losses) and all(w >= 0 for w in self.losses.values()), "losses needs name: weight >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def resolved_image_size(self) -> int:
+        """The image side actually used."""
+        if self.image_size:
+            return self.image_size
+        return 32 if self.image_backbone == "tiny" else efficientnet_image_size(self.image_backbone)
+
+    def model_spec(self) -> ModelSpec:
+        """The model part of the config."""
+        return ModelSpec(
+            image_backbone=self.image_backbone,
+            text_backbone=self.text_backbone,
+            dim=self.dim,
+            pooling=self.pooling,
+            image_size=self.resolved_image_size,
+            max_tokens=self.max_tokens,
+            with_unit=self.with_unit,
+            pretrained=self.pretrained,
+            local_dim=self.local_dim,
+            head_dropout=self.head_dropout,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (YAML/JSON ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Builds a config, rejecting unknown keys by name."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid: {', '.join(field_names())}")
+        return cls(**d)
+
+
+def field_names() -> list[str]:
+    """Names of all config fields."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Seconds on CPU: random tiny towers, a handful of images. For tests and smoke runs.
+    "tiny": dict(
+        image_backbone="tiny", text_backbone="tiny", pretrained=False, dim=32, max_tokens=32, epochs=1, batch_size=8,
+        train_limit=20, val_limit=10, warmup_steps=0, lr=1e-3, log_every=1, encode_batch_size=16,
+    ),
+    # ~10 min on 2 CPU cores: heads only, on cached frozen EfficientNet-Lite0 + MiniLM features.
+    # (lr 2e-3, no dropout, 12 epochs overfit: best val rSum 226.6 at epoch 1, then falling; see docs/trainer.md)
+    "quick": dict(
+        epochs=8, batch_size=128, lr=5e-4, weight_decay=0.05, head_dropout=0.2, warmup_steps=100,
+        losses={"infonce": 1.0},
+    ),
+    # ~1 h on 2 CPU cores: heads, then the top image blocks and top MiniLM layers from cached activations.
+    "default": dict(
+        epochs=6, batch_size=128, lr=5e-4, weight_decay=0.05, head_dropout=0.2, backbone_lr=5e-5, warmup_steps=200,
+        image_trainable_stages=2, text_trainable_layers=2, losses={"infonce": 1.0},
+    ),
+}  # fmt: skip
+
+
+def _coerce(name: str, raw: str) -> Any:
+    """Parses an override value with YAML (so `1e-3`, `true`, `{infonce: 1.0}` work), checked against the field type."""
+    hints = typing.get_type_hints(TrainConfig)
+    if name not in hints:
+        raise ConfigError(f"unknown config key {name!r}; valid: {', '.join(field_names())}")
+    kind = hints[name]
+    if kind is str:
+        return raw  # paths and names verbatim (YAML would turn `no` into False)
+    if kind is float:
+        try:
+            return float(raw)  # YAML 1.1 reads `5e-4` (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"config key {name!r} expects float, got {raw!r}") from None
+    value = yaml.safe_load(raw)
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    origin = typing.get_origin(kind) or kind
+    if not isinstance(value, origin) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {name!r} expects {getattr(kind, '__name__', kind)}, got {raw!r}")
+    return value
+
+
+def load_config(
+    recipe: str | None = None, config_file: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """Resolves a config: defaults < recipe < YAML file < `key=value` overrides.
+
+    Raises:
+        ConfigError: Unknown recipe or key, malformed override, or a value of the wrong type.
+    """
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+        values.update(RECIPES[recipe])
+    if config_file is not None:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file} must hold a mapping of config keys")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override must look like key=value, got {item!r}")
+        values[key.strip()] = _coerce(key.strip(), raw.strip())
+    return TrainConfig.from_dict(values)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Writes the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

