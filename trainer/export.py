@@ -109,11 +109,18 @@ def export_onnx(
     dynamic: dict[str, dict[int, str]],
     metadata: dict[str, str],
     opset: int = OPSET,
+    reference: nn.Module | None = None,
+    min_cosine: float = MIN_COSINE,
 ) -> ExportedGraph:
     """Exports one tower: TorchScript-based ONNX export, `onnx.checker`, metadata, then parity on `feeds`.
 
+    Args:
+        reference: Module the graph's outputs are compared with (default `module` itself; the float32 tower when
+            `module` is its fp16 variant).
+        min_cosine: Parity gate.
+
     Raises:
-        BundleError: The graph's outputs disagree with torch (min cosine < MIN_COSINE).
+        BundleError: The graph's outputs disagree with torch (min cosine < `min_cosine`).
     """
     module = module.eval()
     args = tuple(torch.from_numpy(v) for v in feeds.values())
@@ -139,11 +146,11 @@ def export_onnx(
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
     onnx.save(model, str(path))
-    parity = measure_parity(module, path, feeds)
+    parity = measure_parity(reference or module, path, feeds)
     logger.info("exported %s", path.name, extra={"max_abs_diff": parity.max_abs_diff, "min_cosine": parity.min_cosine})
-    if not parity.min_cosine >= MIN_COSINE:  # also catches NaN
+    if not parity.min_cosine >= min_cosine:  # also catches NaN
         raise BundleError(
-            f"{path.name}: ONNX output disagrees with torch (min cosine {parity.min_cosine:.6f} < {MIN_COSINE}, "
+            f"{path.name}: ONNX output disagrees with torch (min cosine {parity.min_cosine:.6f} < {min_cosine}, "
             f"max |diff| {parity.max_abs_diff:.3g})"
         )
     return ExportedGraph(path, parity)
@@ -252,28 +259,7 @@ def _export_fp16(
     import copy
 
     half = _Fp16(copy.deepcopy(module))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            half,
-            tuple(torch.from_numpy(v) for v in feeds.values()),
-            str(path),
-            input_names=list(feeds),
-            output_names=["embedding"],
-            dynamic_axes={**dynamic, "embedding": {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    for key, value in meta.items():
-        prop = model.metadata_props.add()
-        prop.key, prop.value = key, value
-    onnx.save(model, str(path))
-    parity = measure_parity(module, path, feeds)
-    if not parity.min_cosine >= MIN_COSINE_FP16:
-        raise BundleError(f"{path.name}: fp16 graph disagrees with torch (min cosine {parity.min_cosine:.5f})")
-    return parity
+    return export_onnx(half, feeds, path, dynamic, meta, reference=module, min_cosine=MIN_COSINE_FP16).parity
 
 
 def tiny_model(dim: int = 32, seed: int = 0, with_unit: bool = True, image_size: int = 32) -> DualEncoder:
