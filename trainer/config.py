@@ -14,6 +14,7 @@ from imgtxt.errors import ConfigError
 from trainer.model import IMAGE_BACKBONES, POOLINGS, TEXT_BACKBONES, ModelSpec, efficientnet_image_size
 
 DEVICES = ("auto", "cpu", "cuda")
+SAMPLINGS = ("caption", "image")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -60,12 +61,28 @@ class TrainConfig:
     """Cache frozen-backbone activations on disk (no image augmentation then); False: run from pixels, augmented."""
     cache_dir: str = ""
     """Feature cache directory; empty: `$IMGTXT_CACHE` or ~/.cache/imgtxt."""
+    cache_views: int = 1
+    """Image views cached per training image: the evaluation transform plus `cache_views - 1` seeded random resized
+    crops + flips (the shared `imgtxt.preprocess` augmentation); each step picks one view per image at random."""
     augment: bool = True
-    """Random resized crop + flip when training from pixels (ignored when features are cached)."""
+    """Augment training images: random resized crop + flip from pixels, or a random cached view (cache_views > 1)."""
+    feature_drop: float = 0.0
+    """Fraction of local features (image grid cells, caption tokens) randomly left out of the pooling while training
+    (VSE∞'s feature-size augmentation; works on cached activations)."""
+    sampling: str = "caption"
+    """Batch composition. caption: `batch_size` random captions (an image may repeat); image: `batch_size` random
+    images with all their captions, so each image goes through its tower once for ~5 captions (several positives
+    per image in the losses). An epoch visits every caption once either way."""
+    neighbour_batches_from: int = 0
+    """HREM's neighbour batch sampling from this epoch on (1-based; 0: never): each epoch k-means over the current
+    image embeddings of the training split, and batches of `neighbour_clusters` nearby clusters x
+    batch_size / neighbour_clusters images (with all their captions). Needs sampling=image."""
+    neighbour_clusters: int = 8
+    """P, clusters per neighbour batch."""
     epochs: int = 10
     """Passes over all training captions."""
     batch_size: int = 128
-    """(image, caption) pairs per step and process."""
+    """Per step and process: captions (sampling=caption) or images, each with all its captions (sampling=image)."""
     lr: float = 1e-3
     """Peak learning rate of the heads (cosine decay after warm-up)."""
     backbone_lr: float = 5e-5
@@ -102,6 +119,14 @@ class TrainConfig:
             (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.sampling in SAMPLINGS, f"sampling must be one of {SAMPLINGS}"),
+            (0.0 <= self.feature_drop < 1.0, "feature_drop must be in [0, 1)"),
+            (self.cache_views >= 1, "cache_views must be >= 1"),
+            (self.neighbour_batches_from >= 0 and self.neighbour_clusters >= 1, "neighbour_* must be >= 0 / >= 1"),
+            (
+                self.sampling == "image" or not self.neighbour_batches_from,
+                "neighbour_batches_from needs sampling=image",
+            ),
             (self.epochs >= 1 and self.batch_size >= 2, "epochs >= 1 and batch_size >= 2 required"),
             (self.lr > 0 and self.backbone_lr >= 0, "lr > 0 and backbone_lr >= 0 required"),
             (self.image_trainable_stages >= 0 and self.text_trainable_layers >= 0, "trainable counts must be >= 0"),

@@ -58,6 +58,12 @@ class CaptionTable:
             owner.extend([i] * len(rec.captions))
         return cls(list(images), caps, np.asarray(owner, dtype=np.int64))
 
+    def captions_of(self, image_idx: np.ndarray) -> np.ndarray:
+        """Indices of all captions of the given images (in the order of `image_idx`)."""
+        starts = np.searchsorted(self.caption_image, image_idx, side="left")
+        ends = np.searchsorted(self.caption_image, image_idx, side="right")
+        return np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)]).astype(np.int64)
+
     def fingerprint(self) -> str:
         """Identity of the split's content (image keys, sizes, mtimes, captions) for cache keys."""
         h = hashlib.sha256()
@@ -147,24 +153,36 @@ class FeatureStore:
     """Cached frozen activations of one split, in RAM."""
 
     image: Tensor
-    """(n_images, ...) fp16 image activations."""
+    """(n_images, ...) fp16 image activations of the evaluation transform."""
     text: Tensor
     """(n_captions, L_max, H) fp16 hidden states."""
     text_mask: Tensor
     """(n_captions, L_max) int64 mask."""
     sentence: Tensor
     """(n_captions, H) L2-normalised mean-pooled frozen sentence embeddings (pseudo-labels for soft negatives)."""
+    image_views: Tensor | None = None
+    """(n_views - 1, n_images, ...) fp16 activations of augmented views (random resized crop + flip), or None."""
 
 
 class CachedSource:
-    """Serves batches from a `FeatureStore` (no augmentation: activations are fixed)."""
+    """Serves batches from a `FeatureStore`; with augmented views cached, `augment` picks one view per image."""
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, seed: int = 0) -> None:
         self.store = store
+        self.rng = np.random.default_rng(seed)
 
     def images(self, image_idx: np.ndarray, augment: bool = False) -> Tensor:
-        """Cached image activations."""
-        return self.store.image[image_idx]
+        """Cached image activations: the evaluation view, or (augment) a random one of the cached views each."""
+        views = self.store.image_views
+        if not augment or views is None:
+            return self.store.image[image_idx]
+        pick = self.rng.integers(0, len(views) + 1, size=len(image_idx))  # 0: evaluation view, v: views[v - 1]
+        out = self.store.image[image_idx].clone()
+        for v in range(1, len(views) + 1):
+            rows = np.nonzero(pick == v)[0]
+            if len(rows):
+                out[rows] = views[v - 1][image_idx[rows]]
+        return out
 
     def texts(self, caption_idx: np.ndarray) -> tuple[Tensor, Tensor]:
         """Cached hidden states, trimmed to the batch's longest caption, and their mask."""
@@ -186,8 +204,8 @@ def _state_hash(modules: Sequence[torch.nn.Module]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model: DualEncoder, table: CaptionTable, image_split: int, text_split: int) -> str:
-    """Cache file name: backbone names, frozen weights, preprocessing, tokenizer limits, split points and data."""
+def cache_key(model: DualEncoder, table: CaptionTable, image_split: int, text_split: int, views: int = 1) -> str:
+    """Cache file name: backbone names, frozen weights, preprocessing, tokenizer limits, split points, data, views."""
     spec = model.spec
     frozen = [*model.image.stages[:image_split], model.text.embedding, *model.text.layers]
     parts = {
@@ -200,29 +218,51 @@ def cache_key(model: DualEncoder, table: CaptionTable, image_split: int, text_sp
         "splits": [image_split, text_split],
         "data": table.fingerprint(),
     }
+    if views > 1:  # absent for one view, so caches written before views existed stay valid
+        parts["views"] = views
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     return f"{spec.image_backbone}-{spec.text_backbone}-i{image_split}-t{text_split}-{digest}.pt"
 
 
+def view_rng(image_index: int, view: int) -> np.random.Generator:
+    """The augmentation generator of one cached view of one image (deterministic: the cache key covers it)."""
+    return np.random.default_rng([VIEW_SEED, view, image_index])
+
+
+VIEW_SEED = 20261123
+"""Seed of the cached augmented views (part of the cache format: changing it needs a CACHE_FORMAT bump)."""
+
+
 @torch.no_grad()
 def build_feature_store(
-    model: DualEncoder, table: CaptionTable, image_split: int, text_split: int, batch_size: int, desc: str = "cache"
+    model: DualEncoder,
+    table: CaptionTable,
+    image_split: int,
+    text_split: int,
+    batch_size: int,
+    desc: str = "cache",
+    views: int = 1,
 ) -> FeatureStore:
-    """Runs the frozen stages over a whole split (eval transform, eval mode)."""
+    """Runs the frozen stages over a whole split (eval mode): the eval transform, plus `views - 1` augmented views."""
     model.eval()
-    source = PixelSource(model, table, image_split, text_split)
     n_img, n_cap = len(table.images), len(table.captions)
     fast = _onnx_image_stages(model, image_split) if next(model.parameters()).device.type == "cpu" else None
-    images = []
-    for start in tqdm(range(0, n_img, batch_size), desc=f"{desc} images", unit="batch", leave=False):
-        idx = np.arange(start, min(start + batch_size, n_img))
-        if fast is None:
-            images.append(source.images(idx).half())
-        else:
-            pixels = np.stack([load_pixels(table.images[i].path, model.image_preprocess) for i in idx])
-            images.append(torch.from_numpy(fast(pixels)).half())
-    ids, mask = tokenize(model, table.captions)  # padded to the split's longest caption
     device = next(model.parameters()).device
+    per_view = []
+    for view in range(views):
+        images = []
+        label = f"{desc} images" + (f" (view {view + 1}/{views})" if views > 1 else "")
+        for start in tqdm(range(0, n_img, batch_size), desc=label, unit="batch", leave=False):
+            pixels = np.stack([
+                load_pixels(table.images[i].path, model.image_preprocess, view_rng(i, view) if view else None)
+                for i in range(start, min(start + batch_size, n_img))
+            ])  # fmt: skip
+            if fast is not None:
+                images.append(torch.from_numpy(fast(pixels)).half())
+            else:
+                images.append(model.image.features(torch.from_numpy(pixels).to(device), image_split).half().cpu())
+        per_view.append(torch.cat(images))
+    ids, mask = tokenize(model, table.captions)  # padded to the split's longest caption
     text: Tensor | None = None
     sentence: Tensor | None = None
     # Encode captions sorted by length, each batch trimmed to its own longest caption: most captions are far
@@ -242,7 +282,8 @@ def build_feature_store(
         text[rows, :length] = h.half().cpu()
         sentence[rows] = sent
     assert text is not None and sentence is not None
-    return FeatureStore(torch.cat(images).cpu(), text, mask, sentence)
+    extra = torch.stack(per_view[1:]) if views > 1 else None
+    return FeatureStore(per_view[0], text, mask, sentence, image_views=extra)
 
 
 def _onnx_image_stages(model: DualEncoder, stop: int) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -299,20 +340,22 @@ def cached_features(
     batch_size: int,
     desc: str = "cache",
     build: bool = True,
+    views: int = 1,
 ) -> FeatureStore | None:
     """Loads the split's frozen activations from `cache_dir`, computing and saving them on a miss.
 
     Args:
         build: Compute on a miss (False: return None, e.g. for non-zero ranks waiting for rank 0).
+        views: Image views to cache: the evaluation transform, plus `views - 1` seeded random resized crops + flips.
     """
-    path = cache_dir / cache_key(model, table, image_split, text_split)
+    path = cache_dir / cache_key(model, table, image_split, text_split, views)
     if path.is_file():
         logger.info("feature cache hit", extra={"path": str(path)})
         return FeatureStore(**torch.load(path, map_location="cpu", weights_only=True))
     if not build:
         return None
     logger.info("feature cache miss: computing", extra={"path": str(path)})
-    store = build_feature_store(model, table, image_split, text_split, batch_size, desc)
+    store = build_feature_store(model, table, image_split, text_split, batch_size, desc, views)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(vars(store), tmp)

@@ -22,6 +22,25 @@ class Source(Protocol):
     def batch(self, image_idx: np.ndarray, caption_idx: np.ndarray, augment: bool = False) -> TowerInputs: ...
 
 
+def _chunks(n: int, batch_size: int) -> list[np.ndarray]:
+    return np.array_split(np.arange(n), max(1, -(-n // batch_size)))
+
+
+@torch.no_grad()
+def encode_images(
+    model: DualEncoder, source: Source, n_images: int, image_split: int, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """(n_images, D) float32 unit-norm image embeddings of a split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [
+        model.image.forward_from(source.images(idx).to(device).float(), image_split).float().cpu()
+        for idx in _chunks(n_images, batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
 @torch.no_grad()
 def encode_split(
     model: DualEncoder,
@@ -35,13 +54,10 @@ def encode_split(
     """(n_images, D) and (n_captions, D) float32 unit-norm embeddings of a split, in eval mode."""
     was_training = model.training
     model.eval()
-    img_out = [
-        model.image.forward_from(source.images(idx).to(device).float(), image_split).float().cpu()
-        for idx in np.array_split(np.arange(len(table.images)), max(1, -(-len(table.images) // batch_size)))
-    ]
+    images = encode_images(model, source, len(table.images), image_split, batch_size, device)
     txt_out = []
-    for idx in np.array_split(np.arange(len(table.captions)), max(1, -(-len(table.captions) // batch_size))):
+    for idx in _chunks(len(table.captions), batch_size):
         hidden, mask = source.texts(idx)
         txt_out.append(model.text.forward_from(hidden.to(device).float(), mask.to(device), text_split).float().cpu())
     model.train(was_training)
-    return torch.cat(img_out).numpy(), torch.cat(txt_out).numpy()
+    return images, torch.cat(txt_out).numpy()

@@ -85,6 +85,19 @@ class GPO(nn.Module):
         return (ranked * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
 
+def drop_features(mask: Tensor, rate: float) -> Tensor:
+    """Randomly removes a fraction `rate` of the valid rows of an (N, K) float mask, keeping at least one per row.
+
+    VSE∞'s feature-size augmentation (Chen et al. 2021 drop 20% of the local features of each image and caption
+    while training): it works on cached activations too, where pixel augmentation is impossible.
+    """
+    if rate <= 0:
+        return mask
+    keep = (torch.rand(mask.shape, device=mask.device) >= rate).to(mask.dtype) * mask
+    empty = keep.sum(1, keepdim=True) == 0
+    return torch.where(empty, mask, keep)
+
+
 def build_pooling(name: str) -> nn.Module:
     """`mean` or `gpo`."""
     if name not in POOLINGS:
@@ -218,13 +231,16 @@ class ImageTower(nn.Module):
             x = stage(x)
         return x
 
-    def pooled_from(self, h: Tensor, start: int) -> Tensor:
-        """Runs stages [start, end) on `h`, then pools the h*w local features: (N, C)."""
+    def pooled_from(self, h: Tensor, start: int, drop: float = 0.0) -> Tensor:
+        """Runs stages [start, end) on `h`, then pools the h*w local features: (N, C).
+
+        `drop`: fraction of local features randomly left out of the pooling (training augmentation).
+        """
         for stage in self.stages[start:]:
             h = stage(h)
         local = h.flatten(2).transpose(1, 2)  # (N, h*w, C)
         mask = torch.ones(local.shape[:2], dtype=local.dtype, device=local.device)
-        return self.pool(local, mask)
+        return self.pool(local, drop_features(mask, drop))
 
     def forward_from(self, h: Tensor, start: int) -> Tensor:
         """Runs stages [start, end) on `h`, then pooling and the head: (N, D) unit-norm served embeddings."""
@@ -339,13 +355,16 @@ class TextTower(nn.Module):
             h = layer(h, bias)
         return h
 
-    def pooled_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
-        """Runs stages [max(start,1), end) on hidden states `h`, then masked pooling over tokens: (N, H)."""
+    def pooled_from(self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0) -> Tensor:
+        """Runs stages [max(start,1), end) on hidden states `h`, then masked pooling over tokens: (N, H).
+
+        `drop`: fraction of tokens randomly left out of the pooling (training augmentation; attention sees all).
+        """
         mask = attention_mask.to(h.dtype)
         bias = self._bias(mask)
         for layer in self.layers[max(start, 1) - 1 :]:
             h = layer(h, bias)
-        return self.pool(h, mask)
+        return self.pool(h, drop_features(mask, drop))
 
     def forward_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         """Runs stages [max(start,1), end) on hidden states `h`, then pooling and the head (served embeddings)."""

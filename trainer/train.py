@@ -32,8 +32,8 @@ from imgtxt.metrics import retrieval_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_config, save_config
 from trainer.data import CachedSource, CaptionTable, PixelSource, TowerInputs, cached_features, default_cache_dir
-from trainer.encode import Source, encode_split
-from trainer.losses import CombinedLoss, LossInputs, lexical_similarity
+from trainer.encode import Source, encode_images, encode_split
+from trainer.losses import CombinedLoss, LossInputs, lexical_similarity, neighbour_batches
 from trainer.model import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -45,16 +45,23 @@ _NEEDS_TEXT_SIM = {"soft_negative_triplet", "kendall_rank", "bcls", "adaptive_ma
 class TrainStep(nn.Module):
     """Trainable forward + loss in one module, so DistributedDataParallel can wrap it (it only hooks `forward`)."""
 
-    def __init__(self, model: DualEncoder, loss: CombinedLoss, image_split: int, text_split: int) -> None:
+    def __init__(
+        self, model: DualEncoder, loss: CombinedLoss, image_split: int, text_split: int, feature_drop: float = 0.0
+    ) -> None:
         super().__init__()
         self.model, self.loss = model, loss
-        self.image_split, self.text_split = image_split, text_split
+        self.image_split, self.text_split, self.feature_drop = image_split, text_split, feature_drop
 
     def forward(
-        self, inputs: TowerInputs, image_ids: Tensor, epoch: int, text_sim: Tensor | None, local_sim: Tensor | None
-    ) -> dict[str, Tensor]:
-        image, image_local = self.model.image.head.parts(self.model.image.pooled_from(inputs.image, self.image_split))
-        pooled_text = self.model.text.pooled_from(inputs.text, inputs.text_mask, self.text_split)
+        self, inputs: TowerInputs, pair_image: Tensor, image_ids: Tensor, epoch: int, text_sim: Tensor | None,
+        local_sim: Tensor | None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """`inputs.image` holds each distinct image of the batch once; `pair_image` maps every caption to its row."""
+        pooled_image = self.model.image.pooled_from(inputs.image, self.image_split, self.feature_drop)
+        image, image_local = self.model.image.head.parts(pooled_image)
+        image = image[pair_image]
+        image_local = None if image_local is None else image_local[pair_image]
+        pooled_text = self.model.text.pooled_from(inputs.text, inputs.text_mask, self.text_split, self.feature_drop)
         text, text_local = self.model.text.head.parts(pooled_text)
         unit = self.model.unit(image, text) if self.model.unit is not None else None
         batch = LossInputs(image, text, image_ids, epoch=epoch, text_sim=text_sim, unit=unit, image_local=image_local,
@@ -110,16 +117,17 @@ class Trainer:
             )
 
         backbone, heads = self._freeze()
-        self.step_module: nn.Module = TrainStep(self.model, self.loss, self.image_split, self.text_split).to(
-            self.device
-        )
+        self.step_module: nn.Module = TrainStep(
+            self.model, self.loss, self.image_split, self.text_split, cfg.feature_drop
+        ).to(self.device)
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
         groups = [{"params": heads, "lr": cfg.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": cfg.backbone_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = max(1, len(self.train_table.captions) // (cfg.batch_size * self.world))
+        units = len(self.train_table.images) if cfg.sampling == "image" else len(self.train_table.captions)
+        self.steps_per_epoch = max(1, units // (cfg.batch_size * self.world))
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total)
@@ -144,18 +152,19 @@ class Trainer:
             )
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         stores = []
-        for table, name in ((self.train_table, "train"), (self.val_table, "val")):
+        for table, name, views in ((self.train_table, "train", cfg.cache_views), (self.val_table, "val", 1)):
             # Rank 0 computes a missing cache; the others wait at the barrier, then read the file it wrote.
             store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir,
-                                    self.cfg.encode_batch_size, desc=name, build=self.rank == 0)  # fmt: skip
+                                    cfg.encode_batch_size, desc=name, build=self.rank == 0, views=views)  # fmt: skip
             if self.world > 1:
                 dist.barrier()
             if store is None:
-                store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir, 1, build=False)
+                store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir, 1,
+                                        build=False, views=views)  # fmt: skip
             assert store is not None
             stores.append(store)
         self.train_sentence = stores[0].sentence
-        return CachedSource(stores[0]), CachedSource(stores[1])
+        return CachedSource(stores[0], seed=cfg.seed + self.rank), CachedSource(stores[1])
 
     def _freeze(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Freezes the backbone below the split points; returns (fine-tuned backbone params, head/loss params)."""
@@ -184,13 +193,14 @@ class Trainer:
         best: dict[str, float] = {}
         for epoch in range(self.start_epoch, cfg.epochs):
             self._train_mode()
-            perm = np.random.default_rng(cfg.seed + epoch).permutation(len(self.train_table.captions))
-            # Every rank sees the same permutation and takes its own slice of each global batch.
-            global_batch = cfg.batch_size * self.world
-            bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=self.rank != 0)
+            batches = self._epoch_batches(epoch)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=self.rank != 0)
             t0, seen, terms = time.perf_counter(), 0, {}
-            for i in bar:
-                idx = perm[i * global_batch : (i + 1) * global_batch][self.rank :: self.world]
+            for batch in bar:
+                # Every rank sees the same global batches and takes its own slice of each.
+                idx = batch[self.rank :: self.world]
+                if cfg.sampling == "image":
+                    idx = self.train_table.captions_of(idx)
                 terms = self._train_step(idx, epoch)
                 seen += len(idx) * self.world
                 rate = seen / (time.perf_counter() - t0)
@@ -215,6 +225,24 @@ class Trainer:
                 self._check_ranks_agree()
         return best
 
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's global batches: image indices (sampling=image) or caption indices (sampling=caption)."""
+        cfg = self.cfg
+        global_batch = cfg.batch_size * self.world
+        if cfg.neighbour_batches_from and epoch + 1 >= cfg.neighbour_batches_from:
+            with self._autocast():
+                emb = encode_images(self.model, self.train_source, len(self.train_table.images), self.image_split,
+                                    cfg.encode_batch_size, self.device)  # fmt: skip
+            per_cluster = max(1, global_batch // cfg.neighbour_clusters)
+            found = neighbour_batches(emb, cfg.neighbour_clusters, per_cluster, seed=cfg.seed + epoch)
+            # Keep the step count of the LR schedule: the fullest batches (the few short tails are dropped).
+            keep = sorted(sorted(range(len(found)), key=lambda b: -len(found[b]))[: self.steps_per_epoch])
+            logger.info("neighbour batches", extra={"epoch": epoch, "batches": len(found), "kept": len(keep)})
+            return [np.asarray(found[b], dtype=np.int64) for b in keep]
+        units = len(self.train_table.images) if cfg.sampling == "image" else len(self.train_table.captions)
+        perm = np.random.default_rng(cfg.seed + epoch).permutation(units)
+        return [perm[i * global_batch : (i + 1) * global_batch] for i in range(self.steps_per_epoch)]
+
     def _check_ranks_agree(self) -> None:
         """Data parallel sanity check: every rank must hold the same trained weights after each epoch."""
         trained = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -228,9 +256,11 @@ class Trainer:
         logger.info("ranks agree", extra={"world": self.world, "checksum": float(local[:, 0].sum())})
 
     def _train_step(self, idx: np.ndarray, epoch: int) -> dict[str, float]:
+        """One optimizer step on the captions `idx` (and their images, each run through the image tower once)."""
         cfg = self.cfg
         image_ids = self.train_table.caption_image[idx]
-        inputs = self.train_source.batch(image_ids, idx, augment=cfg.augment).to(self.device)
+        distinct, pair_image = np.unique(image_ids, return_inverse=True)
+        inputs = self.train_source.batch(distinct, idx, augment=cfg.augment).to(self.device)
         text_sim = None
         if self.needs_text_sim:
             s = self.train_sentence[idx].float()
@@ -239,9 +269,9 @@ class Trainer:
         if self.cfg.local_dim:
             captions = [self.train_table.captions[i] for i in idx]
             local_sim = torch.from_numpy(lexical_similarity(captions, captions)).to(self.device)
-        ids = torch.from_numpy(image_ids).to(self.device)
+        ids, rows = torch.from_numpy(image_ids).to(self.device), torch.from_numpy(pair_image).to(self.device)
         with self._autocast():
-            out = self.step_module(inputs, ids, epoch, text_sim, local_sim)
+            out = self.step_module(inputs, rows, ids, epoch, text_sim, local_sim)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
         if cfg.grad_clip > 0:

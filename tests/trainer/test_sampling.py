@@ -1,0 +1,147 @@
+"""Batch composition (caption- or image-major), one image-tower pass per distinct image, and feature dropout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imgtxt.datasets import CaptionedImage
+from imgtxt.errors import ConfigError
+from trainer.config import load_config
+from trainer.data import CachedSource, CaptionTable, load_pixels, view_rng
+from trainer.encode import encode_images
+from trainer.losses import CombinedLoss, neighbour_batches
+from trainer.model import DualEncoder, drop_features
+from trainer.train import Trainer, TrainStep
+
+
+def test_captions_of_returns_every_caption_of_each_image_in_order() -> None:
+    sizes = [2, 3, 1, 2]
+    table = CaptionTable.from_images(
+        [
+            CaptionedImage(i, f"k{i}", Path(f"{i}.jpg"), tuple(f"c{i}.{j}" for j in range(n)), "train")
+            for i, n in enumerate(sizes)
+        ]
+    )
+    idx = table.captions_of(np.array([2, 0, 3]))
+    assert [table.captions[i] for i in idx] == ["c2.0", "c0.0", "c0.1", "c3.0", "c3.1"]
+    assert table.caption_image[idx].tolist() == [2, 0, 0, 3, 3]
+
+
+def test_drop_features_keeps_a_random_subset_of_valid_rows_and_never_empties_a_row() -> None:
+    torch.manual_seed(0)
+    mask = torch.ones(200, 10)
+    mask[:, 7:] = 0.0  # padding
+    assert drop_features(mask, 0.0) is mask
+    kept = drop_features(mask, 0.5)
+    assert torch.all(kept <= mask)  # padding is never switched on
+    assert 0.4 < float(kept[:, :7].mean()) < 0.6
+    nearly_all = drop_features(mask, 0.999)
+    assert torch.all(nearly_all.sum(1) >= 1)
+
+
+def _tiny_model() -> DualEncoder:
+    torch.manual_seed(0)
+    cfg = load_config("tiny", None, ["with_unit=false"])
+    return DualEncoder(cfg.model_spec()).eval()
+
+
+def test_train_step_runs_each_distinct_image_once_and_matches_the_duplicated_batch() -> None:
+    model = _tiny_model()
+    step = TrainStep(model, CombinedLoss({"infonce": 1.0, "vsepp_triplet": 1.0}), model.image.num_stages, 2)
+    from trainer.data import TowerInputs
+
+    torch.manual_seed(1)
+    images = torch.randn(3, 32, 4, 4)  # activations at the top split (pooling input) of 3 distinct images
+    text = torch.randn(7, 5, 32)
+    mask = torch.ones(7, 5, dtype=torch.long)
+    pair_image = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    calls: list[int] = []
+    handle = model.image.pool.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    try:
+        once = step(TowerInputs(images, text, mask), pair_image, pair_image, 0, None, None)
+        repeated = step(TowerInputs(images[pair_image], text, mask), torch.arange(7), pair_image, 0, None, None)
+    finally:
+        handle.remove()
+    assert calls == [3, 7]
+    for name in once:
+        assert once[name].item() == pytest.approx(repeated[name].item(), rel=1e-5)
+
+
+def test_image_sampling_visits_every_caption_with_fewer_steps(synthetic_data: Path, tmp_path: Path) -> None:
+    overrides = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0",
+                 "sampling=image", "batch_size=4", "epochs=2", "feature_drop=0.2"]  # fmt: skip
+    trainer = Trainer(load_config("tiny", None, overrides), tmp_path / "run").setup()
+    assert trainer.steps_per_epoch == len(trainer.train_table.images) // 4  # 16 images, 4 per step
+    seen: list[np.ndarray] = []
+    original = trainer._train_step
+
+    def spy(idx: np.ndarray, epoch: int) -> dict[str, float]:
+        seen.append(idx)
+        return original(idx, epoch)
+
+    trainer._train_step = spy  # type: ignore[method-assign]
+    trainer.fit()
+    first_epoch = np.concatenate(seen[: trainer.steps_per_epoch])
+    assert sorted(first_epoch.tolist()) == list(range(len(trainer.train_table.captions)))  # each caption once
+    for idx in seen:  # every step holds 4 whole images: all captions of each
+        owners = trainer.train_table.caption_image[idx]
+        assert len(set(owners.tolist())) == 4 and len(idx) == 4 * 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8]
+
+
+def test_neighbour_batches_group_nearby_images_from_the_given_epoch(synthetic_data: Path, tmp_path: Path) -> None:
+    overrides = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0",
+                 "sampling=image", "batch_size=4", "epochs=2", "neighbour_batches_from=2",
+                 "neighbour_clusters=2"]  # fmt: skip
+    trainer = Trainer(load_config("tiny", None, overrides), tmp_path / "run").setup()
+    random_batches = trainer._epoch_batches(0)
+    neighbour = trainer._epoch_batches(1)
+    assert len(neighbour) <= trainer.steps_per_epoch == len(random_batches) == 4
+    flat = np.concatenate(neighbour)
+    assert len(set(flat.tolist())) == len(flat)  # no image twice in an epoch
+    # The epoch's batches are HREM neighbour batches (P=2 clusters x 2 images) of the current image embeddings
+    # (the grouping itself is tested in test_losses_relation).
+    emb = encode_images(trainer.model, trainer.train_source, len(trainer.train_table.images), trainer.image_split, 8,
+                        trainer.device)  # fmt: skip
+    expected = [b for b in neighbour_batches(emb, 2, 2, seed=trainer.cfg.seed + 1) if len(b) == 4]
+    assert [b.tolist() for b in neighbour] == expected[: len(neighbour)]
+    assert trainer.fit()["rsum"] >= 0
+
+
+def test_neighbour_batches_need_image_sampling() -> None:
+    with pytest.raises(ConfigError, match="neighbour_batches_from needs sampling=image"):
+        load_config("tiny", None, ["neighbour_batches_from=1"])
+
+
+def test_cached_augmented_views_are_the_shared_augmentation_and_get_picked_per_image(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    overrides = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0",
+                 "cache_views=3", "image_trainable_stages=1"]  # fmt: skip
+    trainer = Trainer(load_config("tiny", None, overrides), tmp_path / "run").setup()
+    source = trainer.train_source
+    assert isinstance(source, CachedSource)
+    store = source.store
+    n = len(trainer.train_table.images)
+    assert store.image_views is not None and store.image_views.shape == (2, *store.image.shape)
+    assert trainer.val_source.store.image_views is None  # type: ignore[attr-defined]
+    # View v of image i is the frozen stages on imgtxt.preprocess's random resized crop + flip drawn by view_rng(i, v).
+    model, split = trainer.model, trainer.image_split
+    i = 5
+    pixels = load_pixels(trainer.train_table.images[i].path, model.image_preprocess, view_rng(i, 2))
+    with torch.no_grad():
+        expected = model.image.features(torch.from_numpy(pixels)[None], split)[0].half()
+    torch.testing.assert_close(store.image_views[1, i], expected, atol=2e-3, rtol=2e-3)
+    assert not torch.equal(store.image_views[0], store.image)  # the views differ from the evaluation transform
+    idx = np.arange(n)
+    assert torch.equal(source.images(idx), store.image)  # no augmentation: the evaluation view
+    picked = source.images(idx, augment=True)
+    choices = torch.stack([store.image, *store.image_views])  # (3, n, ...)
+    which = [next(v for v in range(3) if torch.equal(picked[j], choices[v, j])) for j in range(n)]
+    assert len(set(which)) == 3  # 16 images: all three views get picked
