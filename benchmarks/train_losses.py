@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.train_losses --recipe quick --data ../shared/data/flickr8k --out /work/runs/losses \
         [--options infonce,vsepp_triplet] [--set epochs=5] [--json table.json]
 
-Every option shares the recipe (and thus the feature cache); only `losses` changes. Prints a Markdown table.
+Every option shares the recipe (and thus the feature cache); only the losses (and, for the hierarchical option, the
+local embedding) change. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from pathlib import Path
 
 from trainer import train
 
-OPTIONS: dict[str, str] = {
-    "infonce": "{infonce: 1.0}",
-    "vsepp_triplet": "{vsepp_triplet: 1.0}",
-    "adaptive_margin_triplet": "{adaptive_margin_triplet: 1.0}",
-    "infonce+center": "{infonce: 1.0, center: 0.1}",
-    "soft_negative_triplet": "{soft_negative_triplet: 1.0}",
-    "bcls": "{bcls: 1.0}",
-    "vsepp+relation": "{vsepp_triplet: 1.0, relation: 1.0}",
-    "infonce+quantization": "{infonce: 1.0, quantization: 0.1}",
+OPTIONS: dict[str, list[str]] = {
+    "infonce": ["losses={infonce: 1.0}"],
+    "vsepp_triplet": ["losses={vsepp_triplet: 1.0}"],
+    "adaptive_margin_triplet": ["losses={adaptive_margin_triplet: 1.0}"],
+    "infonce+center": ["losses={infonce: 1.0, center: 0.1}"],
+    "soft_negative_triplet": ["losses={soft_negative_triplet: 1.0}"],
+    "bcls": ["losses={bcls: 1.0}"],
+    "vsepp+relation": ["losses={vsepp_triplet: 1.0, relation: 1.0}"],
+    "infonce+quantization": ["losses={infonce: 1.0, quantization: 0.1}"],
+    # The hierarchical option adds the local_similarity loss on a 128-d local part of the served vector.
+    "infonce+hierarchical": ["losses={infonce: 1.0}", "local_dim=128", "with_unit=false"],
 }
+"""Option name -> config overrides (over the recipe)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.options.split(","):
         out = args.out / f"{args.recipe}-{name.replace('+', '_')}"
-        argv_run = ["--recipe", args.recipe, "--data", args.data, "--out", str(out), "--set", f"losses={OPTIONS[name]}"]
-        for item in args.overrides:
+        argv_run = ["--recipe", args.recipe, "--data", args.data, "--out", str(out)]
+        for item in [*OPTIONS[name], *args.overrides]:
             argv_run += ["--set", item]
         t0 = time.perf_counter()
         try:

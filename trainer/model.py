@@ -366,6 +366,23 @@ class TextTower(nn.Module):
             h = layer(h, bias)
         return self.pool(h, drop_features(mask, drop))
 
+    def pooled_from_bucketed(
+        self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0, bucket: int = 128
+    ) -> Tensor:
+        """`pooled_from` over length-sorted buckets of `bucket` rows, each trimmed to its longest caption.
+
+        The same result as one padded pass (rows never interact), with far less padding when there are layers to run:
+        a batch of 640 Flickr8k captions averages 14 tokens but is padded to its longest, about 32.
+        """
+        if start >= self.num_stages or h.shape[0] <= bucket:
+            return self.pooled_from(h, attention_mask, start, drop)
+        order = torch.argsort(attention_mask.sum(1))
+        parts = []
+        for rows in order.split(bucket):
+            length = int(attention_mask[rows].sum(1).max())
+            parts.append(self.pooled_from(h[rows, :length], attention_mask[rows, :length], start, drop))
+        return torch.cat(parts)[torch.argsort(order)]
+
     def forward_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         """Runs stages [max(start,1), end) on hidden states `h`, then pooling and the head (served embeddings)."""
         return self.head(self.pooled_from(h, attention_mask, start))

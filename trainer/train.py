@@ -61,7 +61,9 @@ class TrainStep(nn.Module):
         image, image_local = self.model.image.head.parts(pooled_image)
         image = image[pair_image]
         image_local = None if image_local is None else image_local[pair_image]
-        pooled_text = self.model.text.pooled_from(inputs.text, inputs.text_mask, self.text_split, self.feature_drop)
+        pooled_text = self.model.text.pooled_from_bucketed(
+            inputs.text, inputs.text_mask, self.text_split, self.feature_drop
+        )
         text, text_local = self.model.text.head.parts(pooled_text)
         unit = self.model.unit(image, text) if self.model.unit is not None else None
         batch = LossInputs(image, text, image_ids, epoch=epoch, text_sim=text_sim, unit=unit, image_local=image_local,

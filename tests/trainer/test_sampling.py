@@ -145,3 +145,15 @@ def test_cached_augmented_views_are_the_shared_augmentation_and_get_picked_per_i
     choices = torch.stack([store.image, *store.image_views])  # (3, n, ...)
     which = [next(v for v in range(3) if torch.equal(picked[j], choices[v, j])) for j in range(n)]
     assert len(set(which)) == 3  # 16 images: all three views get picked
+
+
+def test_length_bucketed_text_pass_equals_the_padded_one() -> None:
+    model = _tiny_model()
+    torch.manual_seed(2)
+    lengths = torch.randint(2, 12, (50,))
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    h = torch.randn(50, 12, 32)
+    with torch.no_grad():
+        padded = model.text.pooled_from(h, mask, 1)
+        bucketed = model.text.pooled_from_bucketed(h, mask, 1, bucket=8)
+    torch.testing.assert_close(bucketed, padded, atol=1e-5, rtol=1e-5)

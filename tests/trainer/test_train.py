@@ -138,3 +138,17 @@ def test_eval_bundle_with_graded_judgments(tiny_bundle: Path, synthetic_data: Pa
     tsv.write_text("img016\t999\t3\n")
     with pytest.raises(SystemExit, match="caption_index"):
         evaluate.main(args)
+
+
+def test_loss_table_benchmark_runs_each_option(synthetic_data: Path, tmp_path: Path) -> None:
+    from benchmarks import train_losses
+
+    argv = ["--recipe", "tiny", "--data", str(synthetic_data), "--out", str(tmp_path / "runs"), "--json",
+            str(tmp_path / "t.json"), "--options", "vsepp+relation,infonce+hierarchical",
+            "--set", f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert train_losses.main(argv) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [r["option"] for r in rows] == ["vsepp+relation", "infonce+hierarchical"]
+    assert all("error" not in r and 0 <= r["rsum"] <= 600 for r in rows)
+    hier = load_checkpoint(tmp_path / "runs" / "tiny-infonce_hierarchical" / "checkpoints" / "best.pt")
+    assert hier.config["local_dim"] == 128 and hier.config["with_unit"] is False
