@@ -128,8 +128,7 @@ class Trainer:
         if backbone:
             groups.append({"params": backbone, "lr": cfg.backbone_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        units = len(self.train_table.images) if cfg.sampling == "image" else len(self.train_table.captions)
-        self.steps_per_epoch = max(1, units // (cfg.batch_size * self.world))
+        self.steps_per_epoch = max(1, self._sampling_units() // (cfg.batch_size * self.world))
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total)
@@ -241,9 +240,12 @@ class Trainer:
             keep = sorted(sorted(range(len(found)), key=lambda b: -len(found[b]))[: self.steps_per_epoch])
             logger.info("neighbour batches", extra={"epoch": epoch, "batches": len(found), "kept": len(keep)})
             return [np.asarray(found[b], dtype=np.int64) for b in keep]
-        units = len(self.train_table.images) if cfg.sampling == "image" else len(self.train_table.captions)
-        perm = np.random.default_rng(cfg.seed + epoch).permutation(units)
+        perm = np.random.default_rng(cfg.seed + epoch).permutation(self._sampling_units())
         return [perm[i * global_batch : (i + 1) * global_batch] for i in range(self.steps_per_epoch)]
+
+    def _sampling_units(self) -> int:
+        """How many units an epoch draws batches from: training images (sampling=image) or captions."""
+        return len(self.train_table.images) if self.cfg.sampling == "image" else len(self.train_table.captions)
 
     def _check_ranks_agree(self) -> None:
         """Data parallel sanity check: every rank must hold the same trained weights after each epoch."""
