@@ -14,13 +14,21 @@ from trainer.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_agree(synthetic_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "steps_per_epoch"),
+    [
+        ([], 4),  # 16 train images x 2 captions, global batch 2 x 4 captions = 8 -> 4 steps per epoch
+        (["--set", "sampling=image", "--set", "batch_size=2", "--set", "cache_views=2"], 4),  # 16 images / (2 x 2)
+    ],
+    ids=["caption-major", "image-major-with-views"],
+)
+def test_two_gloo_ranks_agree(synthetic_data: Path, tmp_path: Path, extra: list[str], steps_per_epoch: int) -> None:
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "imgtxt.cli",
         "train", "--recipe", "tiny", "--data", str(synthetic_data), "--out", str(run), "-v",
         "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train_limit=0", "--set", "val_limit=0",
-        "--set", "epochs=2", "--set", "batch_size=4",
+        "--set", "epochs=2", "--set", "batch_size=4", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2], env=env, timeout=300)
@@ -29,6 +37,5 @@ def test_two_gloo_ranks_agree(synthetic_data: Path, tmp_path: Path) -> None:
     assert proc.stderr.count("ranks agree") == 2 * 2, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]  # only rank 0 writes
-    # 16 train images x 2 captions, global batch 2 x 4 = 8 -> 4 steps per epoch
-    assert records[-1]["step"] == 8
+    assert records[-1]["step"] == 2 * steps_per_epoch
     assert load_checkpoint(run / "checkpoints" / "last.pt").state["epoch"] == 2
