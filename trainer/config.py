@@ -93,6 +93,9 @@ class TrainConfig:
     """Linear warm-up steps."""
     grad_clip: float = 2.0
     """Gradient norm clip (0: off)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the trained weights (0: off): validation, best.pt and so the exported bundle use
+    the averaged weights; the optimizer keeps stepping the raw ones (last.pt holds both, for --resume)."""
     losses: dict[str, float] = field(default_factory=lambda: {"infonce": 1.0})
     """Loss name -> weight (names from trainer.losses: infonce, vsepp_triplet, adaptive_margin_triplet, ...)."""
     loss_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -122,6 +125,7 @@ class TrainConfig:
             (self.sampling in SAMPLINGS, f"sampling must be one of {SAMPLINGS}"),
             (0.0 <= self.feature_drop < 1.0, "feature_drop must be in [0, 1)"),
             (self.cache_views >= 1, "cache_views must be >= 1"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.neighbour_batches_from >= 0 and self.neighbour_clusters >= 1, "neighbour_* must be >= 0 / >= 1"),
             (
                 self.sampling == "image" or not self.neighbour_batches_from,

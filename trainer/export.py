@@ -1,6 +1,6 @@
 """Export of trained towers to a model bundle: one ONNX graph per tower, checked, parity-tested, hashed.
 
-`imgtxt export --run RUN_DIR | --checkpoint PATH --out BUNDLE_DIR [--version V] [--fp16]`.
+`imgtxt export --run RUN_DIR | --checkpoint PATH --out BUNDLE_DIR [--version V] [--fp16] [--flip-average]`.
 """
 
 from __future__ import annotations
@@ -168,6 +168,23 @@ class _Fp16(nn.Module):
         return self.module(*cast).float()
 
 
+class FlipAveraged(nn.Module):
+    """Image tower whose embedding is the normalised mean of the image's and its mirror image's embeddings.
+
+    Horizontal-flip test-time augmentation inside the graph: one pass over a batch twice the size (so about twice
+    the image encode cost), served and indexed like any image tower.
+    """
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        n = pixel_values.shape[0]
+        both = self.tower(torch.cat([pixel_values, pixel_values.flip(-1)]))
+        return nn.functional.normalize(both[:n] + both[n:], dim=-1)
+
+
 def export_model(
     model: DualEncoder,
     out_dir: Path,
@@ -176,6 +193,7 @@ def export_model(
     metrics: dict[str, Any] | None = None,
     fp16: bool = False,
     parity_images: Sequence[Path] = (),
+    flip_average: bool = False,
 ) -> Bundle:
     """Exports a dual encoder's towers (and unit head) into a new model bundle at `out_dir`.
 
@@ -187,6 +205,7 @@ def export_model(
         metrics: Evaluation figures, recorded in the manifest.
         fp16: Also write an fp16 variant of each graph (float32 inputs and outputs) for GPU serving.
         parity_images: Real image files to measure parity on (synthetic photos when empty).
+        flip_average: Export the image tower as `FlipAveraged` (recorded as `training.export.flip_average`).
 
     Raises:
         BundleError: A graph fails parity, or `out_dir` is not empty.
@@ -194,6 +213,7 @@ def export_model(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BundleError(f"bundle directory {out_dir} exists and is not empty; bundles are immutable, pick a new path")
     model = model.cpu().float().eval()
+    image_tower: nn.Module = FlipAveraged(model.image) if flip_average else model.image
     img_cfg, txt_cfg = model.image_preprocess, model.text_config
     pixel_values = parity_image_inputs(img_cfg, parity_images)
     input_ids, attention_mask = parity_text_inputs(tokenizer_path(), txt_cfg)
@@ -204,7 +224,7 @@ def export_model(
         towers: dict[str, TowerSpec] = {}
         fp16_parity: dict[str, dict[str, float]] = {}
         jobs: list[tuple[str, nn.Module, dict[str, np.ndarray], dict[str, dict[int, str]], str]] = [
-            ("image", model.image, {"pixel_values": pixel_values}, {"pixel_values": {0: "batch"}},
+            ("image", image_tower, {"pixel_values": pixel_values}, {"pixel_values": {0: "batch"}},
              json.dumps(img_cfg.to_dict(), sort_keys=True)),
             ("text", model.text, {"input_ids": input_ids, "attention_mask": attention_mask},
              {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
@@ -213,7 +233,7 @@ def export_model(
         if model.unit is not None:
             with torch.no_grad():
                 n = min(len(pixel_values), len(input_ids))
-                img_emb = model.image(torch.from_numpy(pixel_values[:n])).numpy()
+                img_emb = image_tower(torch.from_numpy(pixel_values[:n])).numpy()
                 txt_emb = model.text(torch.from_numpy(input_ids[:n]), torch.from_numpy(attention_mask[:n])).numpy()
             jobs.append(("unit", model.unit, {"image": img_emb, "text": txt_emb},
                          {"image": {0: "batch"}, "text": {0: "batch"}}, "{}"))  # fmt: skip
@@ -238,7 +258,7 @@ def export_model(
             text_config=txt_cfg,
             onnx_opset=OPSET,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            training=training or {"model": model.spec.__dict__},
+            training={**(training or {"model": model.spec.__dict__}), "export": {"flip_average": flip_average}},
             metrics={**(metrics or {}), **({"fp16_parity": fp16_parity} if fp16_parity else {})},
         )
         return write_bundle(out_dir, manifest, files)
@@ -291,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
     parser.add_argument("--version", default=None, help="bundle version (default: <run name>-<UTC time>)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (float32 inputs/outputs)")
+    parser.add_argument(
+        "--flip-average", action="store_true", help="embed each image with its mirror image (~2x image encode cost)"
+    )
     parser.add_argument("--parity-images", type=Path, default=None, help="dataset to draw real parity images from")
     add_logging_flags(parser)
     apply_env_defaults(parser)
@@ -316,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle = export_model(
             ckpt.model, args.out, version, training=ckpt.config, metrics=ckpt.metrics, fp16=args.fp16,
-            parity_images=images,
+            parity_images=images, flip_average=args.flip_average,
         )  # fmt: skip
     except BundleError as exc:
         raise SystemExit(f"imgtxt export: {exc}") from exc

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,49 @@ class TrainStep(nn.Module):
         batch = LossInputs(image, text, image_ids, epoch=epoch, text_sim=text_sim, unit=unit, image_local=image_local,
                            text_local=text_local, local_sim=local_sim)  # fmt: skip
         return self.loss(batch)
+
+
+class WeightAverage:
+    """Exponential moving average of trained parameters (Polyak averaging, as timm's ModelEmaV2).
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (TensorFlow's
+    ExponentialMovingAverage with num_updates), so the early average is not dominated by the initial weights.
+    """
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params, self.decay, self.updates = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Moves the average towards the current weights; call after each optimizer step."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, p in zip(self.shadow, self.params, strict=True):
+            shadow.lerp_(p.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily puts the averaged weights into the parameters (restores the raw ones on exit)."""
+        raw = [p.detach().clone() for p in self.params]
+        _copy_into(self.params, self.shadow)
+        try:
+            yield
+        finally:
+            _copy_into(self.params, raw)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _copy_into(self.shadow, state["shadow"])
+        self.updates = int(state["updates"])
+
+
+@torch.no_grad()
+def _copy_into(targets: list[Tensor] | list[nn.Parameter], sources: list[Tensor]) -> None:
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
 
 
 class Trainer:
@@ -128,6 +172,7 @@ class Trainer:
         if backbone:
             groups.append({"params": backbone, "lr": cfg.backbone_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.average = WeightAverage([*heads, *backbone], cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.steps_per_epoch = max(1, self._sampling_units() // (cfg.batch_size * self.world))
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -209,19 +254,20 @@ class Trainer:
                 if self.step % cfg.log_every == 0:
                     logger.info("train", extra={"epoch": epoch, "step": self.step, "pairs_per_s": round(rate, 1),
                                                 "lr": self.scheduler.get_last_lr()[0], **terms})  # fmt: skip
-            metrics = self.evaluate() if self.rank == 0 else {}
             if self.rank == 0:
-                record = {"epoch": epoch + 1, "step": self.step, "train_s": round(time.perf_counter() - t0, 2),
+                train_s = round(time.perf_counter() - t0, 2)
+                with self._averaged():  # validate (and keep as best.pt) the averaged weights when ema_decay > 0
+                    metrics = self.evaluate()
+                    improved = metrics["rsum"] > self.best_rsum
+                    if improved:  # select the checkpoint by validation rSum
+                        self.best_rsum, best = metrics["rsum"], metrics
+                        self._save("best.pt", epoch, metrics)
+                record = {"epoch": epoch + 1, "step": self.step, "train_s": train_s,
                           **{f"train_{k}": v for k, v in terms.items()}, **metrics}  # fmt: skip
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 logger.info("epoch done", extra=record)
-                improved = metrics["rsum"] > self.best_rsum
-                if improved:
-                    self.best_rsum, best = metrics["rsum"], metrics
                 self._save("last.pt", epoch, metrics)
-                if improved:  # select the checkpoint by validation rSum
-                    self._save("best.pt", epoch, metrics)
             if self.world > 1:
                 self._check_ranks_agree()
         return best
@@ -284,6 +330,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update()
         for module in self.loss.modules():
             clamp = getattr(module, "clamp_", None)
             if callable(clamp):  # InfoNCE keeps its logit scale within [0, ln 100] (open_clip's bound)
@@ -315,6 +363,7 @@ class Trainer:
             best_rsum=self.best_rsum, loss=self.loss.state_dict(), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
             rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            average=self.average.state_dict() if self.average is not None else None,
         )  # fmt: skip
 
     def _restore(self, path: Path) -> None:
@@ -327,8 +376,13 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
+        if self.average is not None and ckpt.get("average") is not None:
+            self.average.load_state_dict(ckpt["average"])
         self.start_epoch, self.step, self.best_rsum = ckpt["epoch"], ckpt["step"], ckpt["best_rsum"]
         logger.info("resumed", extra={"path": str(path), "epoch": self.start_epoch, "step": self.step})
+
+    def _averaged(self) -> contextlib.AbstractContextManager[Any]:
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def _want_cuda(self) -> bool:
         return self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available())

@@ -129,3 +129,23 @@ def test_export_real_towers(tmp_path: Path) -> None:
     for name in ("image", "text", "unit"):
         parity = bundle.manifest.tower(name).parity
         assert parity is not None and parity.min_cosine >= MIN_COSINE
+
+
+def test_flip_averaged_image_graph_is_mirror_invariant(tmp_path: Path) -> None:
+    model = tiny_model(seed=2)
+    plain = export_model(model, tmp_path / "plain", version="plain")
+    flipped = export_model(model, tmp_path / "flip", version="flip", flip_average=True)
+    assert flipped.manifest.training["export"] == {"flip_average": True}
+    assert plain.manifest.training["export"] == {"flip_average": False}
+    pixels = parity_image_inputs(flipped.manifest.image_preprocess, count=4)
+    mirrored = np.ascontiguousarray(pixels[..., ::-1])
+
+    def embed(bundle_dir: Path, x: np.ndarray) -> np.ndarray:
+        return _session(bundle_dir / "image_tower.onnx").run(["embedding"], {"pixel_values": x})[0]
+
+    np.testing.assert_allclose(embed(flipped.path, pixels), embed(flipped.path, mirrored), atol=1e-5)
+    assert np.abs(embed(plain.path, pixels) - embed(plain.path, mirrored)).max() > 1e-3
+    with torch.no_grad():
+        one = model.image(torch.from_numpy(pixels)) + model.image(torch.from_numpy(mirrored))
+    expected = torch.nn.functional.normalize(one, dim=-1).numpy()
+    np.testing.assert_allclose(embed(flipped.path, pixels), expected, atol=1e-5)

@@ -152,3 +152,32 @@ def test_loss_table_benchmark_runs_each_option(synthetic_data: Path, tmp_path: P
     assert all("error" not in r and 0 <= r["rsum"] <= 600 for r in rows)
     hier = load_checkpoint(tmp_path / "runs" / "tiny-infonce_hierarchical" / "checkpoints" / "best.pt")
     assert hier.config["local_dim"] == 128 and hier.config["with_unit"] is False
+
+
+def test_weight_average_ramps_its_decay_and_swaps_weights_in_and_out() -> None:
+    from trainer.train import WeightAverage
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    average = WeightAverage([p], decay=0.9)
+    with torch.no_grad():
+        p.fill_(1.0)
+    average.update()  # decay min(0.9, 2/11): the average moves 9/11 of the way
+    assert torch.allclose(average.shadow[0], torch.full((2,), 9 / 11))
+    with average.applied():
+        assert torch.allclose(p.detach(), torch.full((2,), 9 / 11))
+    assert torch.equal(p.detach(), torch.ones(2))
+
+
+def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    _train(synthetic_data, run, tmp_path / "cache", "--set", "epochs=1", "--set", "ema_decay=0.9")
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    best = load_checkpoint(run / "checkpoints" / "best.pt")  # epoch 1 is the best so far: it holds the average
+    average = last.state["average"]
+    steps = last.state["step"]
+    assert average["updates"] == steps > 0
+    head = "image.head.linear.weight"
+    assert not torch.equal(last.model.state_dict()[head], best.model.state_dict()[head])  # raw vs averaged
+    assert any(torch.equal(best.model.state_dict()[head], s) for s in average["shadow"])
+    _train(synthetic_data, run, tmp_path / "cache", "--set", "epochs=2", "--set", "ema_decay=0.9", "--resume")
+    assert load_checkpoint(run / "checkpoints" / "last.pt").state["average"]["updates"] == 2 * steps
