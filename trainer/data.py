@@ -192,7 +192,7 @@ class CachedSource:
 
     def batch(self, image_idx: np.ndarray, caption_idx: np.ndarray, augment: bool = False) -> TowerInputs:
         """Inputs for the given images and captions."""
-        return TowerInputs(self.images(image_idx), *self.texts(caption_idx))
+        return TowerInputs(self.images(image_idx, augment), *self.texts(caption_idx))
 
 
 def _state_hash(modules: Sequence[torch.nn.Module]) -> str:

@@ -140,8 +140,8 @@ def test_cached_augmented_views_are_the_shared_augmentation_and_get_picked_per_i
     torch.testing.assert_close(store.image_views[1, i], expected, atol=2e-3, rtol=2e-3)
     assert not torch.equal(store.image_views[0], store.image)  # the views differ from the evaluation transform
     idx = np.arange(n)
-    assert torch.equal(source.images(idx), store.image)  # no augmentation: the evaluation view
-    picked = source.images(idx, augment=True)
+    assert torch.equal(source.batch(idx, idx, augment=False).image, store.image)  # the evaluation view
+    picked = source.batch(idx, idx, augment=True).image  # the trainer's path
     choices = torch.stack([store.image, *store.image_views])  # (3, n, ...)
     which = [next(v for v in range(3) if torch.equal(picked[j], choices[v, j])) for j in range(n)]
     assert len(set(which)) == 3  # 16 images: all three views get picked
