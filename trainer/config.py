@@ -43,7 +43,12 @@ class TrainConfig:
     pooling: str = "mean"
     """Pooling of local features: mean | gpo."""
     image_size: int = 0
-    """Image input side; 0: the backbone's native size (224/240/260; 32 for tiny)."""
+    """Image input side served (bundle contract, validation, evaluation); 0: the backbone's native size (224/240/260;
+    32 for tiny)."""
+    train_image_size: int = 0
+    """Side of the training views (random resized crops, cached views); 0: image_size. Random resized crops make
+    objects look larger than the evaluation transform does, so serving at a larger side than the crops matches their
+    apparent size ("FixRes", Touvron et al. 2019); the towers are fully convolutional + pooled, any side works."""
     max_tokens: int = 64
     """Tokens per caption, special tokens included."""
     with_unit: bool = True
@@ -125,6 +130,7 @@ class TrainConfig:
             (self.sampling in SAMPLINGS, f"sampling must be one of {SAMPLINGS}"),
             (0.0 <= self.feature_drop < 1.0, "feature_drop must be in [0, 1)"),
             (self.cache_views >= 1, "cache_views must be >= 1"),
+            (self.image_size >= 0 and self.train_image_size >= 0, "image sizes must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.neighbour_batches_from >= 0 and self.neighbour_clusters >= 1, "neighbour_* must be >= 0 / >= 1"),
             (
@@ -148,6 +154,11 @@ class TrainConfig:
         if self.image_size:
             return self.image_size
         return 32 if self.image_backbone == "tiny" else efficientnet_image_size(self.image_backbone)
+
+    @property
+    def resolved_train_image_size(self) -> int:
+        """The side of the training views."""
+        return self.train_image_size or self.resolved_image_size
 
     def model_spec(self) -> ModelSpec:
         """The model part of the config."""

@@ -120,14 +120,24 @@ class TowerInputs:
 class PixelSource:
     """Runs the frozen lower stages on the fly from image files and captions (with augmentation when training)."""
 
-    def __init__(self, model: DualEncoder, table: CaptionTable, image_split: int, text_split: int, seed: int = 0):
+    def __init__(
+        self,
+        model: DualEncoder,
+        table: CaptionTable,
+        image_split: int,
+        text_split: int,
+        seed: int = 0,
+        preprocess: ImagePreprocessConfig | None = None,
+    ):
+        """`preprocess`: the image transform (default: the model's serving contract)."""
         self.model, self.table = model, table
         self.image_split, self.text_split = image_split, text_split
         self.rng = np.random.default_rng(seed)
+        self.preprocess = preprocess or model.image_preprocess
 
     def images(self, image_idx: np.ndarray, augment: bool = False) -> Tensor:
         """Image activations at the split point (frozen stages run without gradients)."""
-        cfg = self.model.image_preprocess
+        cfg = self.preprocess
         rng = self.rng if augment else None
         pixels = torch.from_numpy(np.stack([load_pixels(self.table.images[i].path, cfg, rng) for i in image_idx]))
         with torch.no_grad():
@@ -204,7 +214,14 @@ def _state_hash(modules: Sequence[torch.nn.Module]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model: DualEncoder, table: CaptionTable, image_split: int, text_split: int, views: int = 1) -> str:
+def cache_key(
+    model: DualEncoder,
+    table: CaptionTable,
+    image_split: int,
+    text_split: int,
+    views: int = 1,
+    preprocess: ImagePreprocessConfig | None = None,
+) -> str:
     """Cache file name: backbone names, frozen weights, preprocessing, tokenizer limits, split points, data, views."""
     spec = model.spec
     frozen = [*model.image.stages[:image_split], model.text.embedding, *model.text.layers]
@@ -213,7 +230,7 @@ def cache_key(model: DualEncoder, table: CaptionTable, image_split: int, text_sp
         "image_backbone": spec.image_backbone,
         "text_backbone": spec.text_backbone,
         "weights": _state_hash(frozen),
-        "preprocess": model.image_preprocess.to_dict(),
+        "preprocess": (preprocess or model.image_preprocess).to_dict(),
         "text": model.text_config.to_dict(),
         "splits": [image_split, text_split],
         "data": table.fingerprint(),
@@ -242,11 +259,17 @@ def build_feature_store(
     batch_size: int,
     desc: str = "cache",
     views: int = 1,
+    preprocess: ImagePreprocessConfig | None = None,
 ) -> FeatureStore:
-    """Runs the frozen stages over a whole split (eval mode): the eval transform, plus `views - 1` augmented views."""
+    """Runs the frozen stages over a whole split (eval mode): the eval transform, plus `views - 1` augmented views.
+
+    `preprocess`: the image transform and side (default: the model's serving contract).
+    """
     model.eval()
+    preprocess = preprocess or model.image_preprocess
     n_img, n_cap = len(table.images), len(table.captions)
-    fast = _onnx_image_stages(model, image_split) if next(model.parameters()).device.type == "cpu" else None
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    fast = _onnx_image_stages(model, image_split, preprocess.image_size) if on_cpu else None
     device = next(model.parameters()).device
     per_view = []
     for view in range(views):
@@ -254,7 +277,7 @@ def build_feature_store(
         label = f"{desc} images" + (f" (view {view + 1}/{views})" if views > 1 else "")
         for start in tqdm(range(0, n_img, batch_size), desc=label, unit="batch", leave=False):
             pixels = np.stack([
-                load_pixels(table.images[i].path, model.image_preprocess, view_rng(i, view) if view else None)
+                load_pixels(table.images[i].path, preprocess, view_rng(i, view) if view else None)
                 for i in range(start, min(start + batch_size, n_img))
             ])  # fmt: skip
             if fast is not None:
@@ -286,8 +309,8 @@ def build_feature_store(
     return FeatureStore(per_view[0], text, mask, sentence, image_views=extra)
 
 
-def _onnx_image_stages(model: DualEncoder, stop: int) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The frozen image stages [0, stop) as an ONNX Runtime CPU session, or None when not usable.
+def _onnx_image_stages(model: DualEncoder, stop: int, size: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The frozen image stages [0, stop) for `size`-pixel inputs as an ONNX Runtime CPU session, or None.
 
     On CPU, ONNX Runtime runs EfficientNet's depthwise convolutions about an order of magnitude faster than PyTorch
     eager (measured on this 2-core machine), which makes the one-off feature cache minutes instead of tens of minutes.
@@ -308,7 +331,6 @@ def _onnx_image_stages(model: DualEncoder, stop: int) -> Callable[[np.ndarray], 
         def forward(self, x: Tensor) -> Tensor:
             return self.image.features(x, stop)
 
-    size = model.image_preprocess.image_size
     probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     path = Path(tempfile.mkdtemp(prefix="imgtxt-cache-")) / "lower.onnx"
     try:
@@ -341,21 +363,23 @@ def cached_features(
     desc: str = "cache",
     build: bool = True,
     views: int = 1,
+    preprocess: ImagePreprocessConfig | None = None,
 ) -> FeatureStore | None:
     """Loads the split's frozen activations from `cache_dir`, computing and saving them on a miss.
 
     Args:
         build: Compute on a miss (False: return None, e.g. for non-zero ranks waiting for rank 0).
         views: Image views to cache: the evaluation transform, plus `views - 1` seeded random resized crops + flips.
+        preprocess: Image transform and side (default: the model's serving contract).
     """
-    path = cache_dir / cache_key(model, table, image_split, text_split, views)
+    path = cache_dir / cache_key(model, table, image_split, text_split, views, preprocess)
     if path.is_file():
         logger.info("feature cache hit", extra={"path": str(path)})
         return FeatureStore(**torch.load(path, map_location="cpu", weights_only=True))
     if not build:
         return None
     logger.info("feature cache miss: computing", extra={"path": str(path)})
-    store = build_feature_store(model, table, image_split, text_split, batch_size, desc, views)
+    store = build_feature_store(model, table, image_split, text_split, batch_size, desc, views, preprocess)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(vars(store), tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -191,22 +192,27 @@ class Trainer:
 
     def _sources(self) -> tuple[Source, Source]:
         cfg = self.cfg
+        served = self.model.image_preprocess
+        train_pre = dataclasses.replace(served, image_size=cfg.resolved_train_image_size)
         if not cfg.cache_features:
             return (
-                PixelSource(self.model, self.train_table, self.image_split, self.text_split, seed=cfg.seed + self.rank),
+                PixelSource(self.model, self.train_table, self.image_split, self.text_split, seed=cfg.seed + self.rank,
+                            preprocess=train_pre),
                 PixelSource(self.model, self.val_table, self.image_split, self.text_split),
-            )
+            )  # fmt: skip
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         stores = []
-        for table, name, views in ((self.train_table, "train", cfg.cache_views), (self.val_table, "val", 1)):
+        splits = ((self.train_table, "train", cfg.cache_views, train_pre), (self.val_table, "val", 1, served))
+        for table, name, views, pre in splits:
             # Rank 0 computes a missing cache; the others wait at the barrier, then read the file it wrote.
             store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir,
-                                    cfg.encode_batch_size, desc=name, build=self.rank == 0, views=views)  # fmt: skip
+                                    cfg.encode_batch_size, desc=name, build=self.rank == 0, views=views,
+                                    preprocess=pre)  # fmt: skip
             if self.world > 1:
                 dist.barrier()
             if store is None:
                 store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir, 1,
-                                        build=False, views=views)  # fmt: skip
+                                        build=False, views=views, preprocess=pre)  # fmt: skip
             assert store is not None
             stores.append(store)
         self.train_sentence = stores[0].sentence

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,31 @@ def test_cached_augmented_views_are_the_shared_augmentation_and_get_picked_per_i
     choices = torch.stack([store.image, *store.image_views])  # (3, n, ...)
     which = [next(v for v in range(3) if torch.equal(picked[j], choices[v, j])) for j in range(n)]
     assert len(set(which)) == 3  # 16 images: all three views get picked
+
+
+@pytest.mark.parametrize("cache_features", [True, False])
+def test_training_views_at_train_image_size_while_validation_and_serving_use_image_size(
+    synthetic_data: Path, tmp_path: Path, cache_features: bool
+) -> None:
+    overrides = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0",
+                 "cache_views=2", "image_trainable_stages=1", "image_size=48", "train_image_size=32",
+                 f"cache_features={cache_features}"]  # fmt: skip
+    trainer = Trainer(load_config("tiny", None, overrides), tmp_path / "run").setup()
+    model, split = trainer.model, trainer.image_split
+    assert model.image_preprocess.image_size == 48  # the served contract (bundle, validation, eval)
+    idx = np.arange(3)
+    train_act = trainer.train_source.images(idx, augment=True)
+    val_act = trainer.val_source.images(idx)
+    with torch.no_grad():
+        at = {n: model.image.features(torch.zeros(1, 3, n, n), split).shape[1:] for n in (32, 48)}
+    assert at[32] != at[48]
+    assert train_act.shape[1:] == at[32] and val_act.shape[1:] == at[48]
+    if cache_features:  # the training cache's evaluation view is the serving transform at the training side
+        pixels = load_pixels(trainer.train_table.images[1].path, replace(model.image_preprocess, image_size=32))
+        with torch.no_grad():
+            expected = model.image.features(torch.from_numpy(pixels)[None], split)[0].half()
+        torch.testing.assert_close(trainer.train_source.store.image[1], expected, atol=2e-3, rtol=2e-3)  # type: ignore[attr-defined]
+    assert trainer.fit()["rsum"] >= 0
 
 
 def test_length_bucketed_text_pass_equals_the_padded_one() -> None:
