@@ -205,7 +205,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         epochs=20, batch_size=128, sampling="image", feature_drop=0.2, lr=5e-4, weight_decay=0.05, head_dropout=0.2,
         warmup_steps=20, losses={"infonce": 1.0},
     ),
-    # About 70 min on 2 CPU cores: EfficientNet-Lite2 + MiniLM; fine-tunes the image backbone's top 8 stages (the last
+    # About 80 min on 2 CPU cores: EfficientNet-Lite2 + MiniLM; fine-tunes the image backbone's top 8 stages (the last
     # 112-channel block at 17x17, the 9x9 blocks, head conv) and all 6 MiniLM layers from activations cached below
     # them (5 cached views per training image: eval transform + 4 random resized crops/flips), image-major batches,
     # feature dropout, weight average (EMA) validated and exported, 8 epochs: val rSum 320.8 (README, Trainer figures).
