@@ -49,6 +49,10 @@ class TrainConfig:
     """Side of the training views (random resized crops, cached views); 0: image_size. Random resized crops make
     objects look larger than the evaluation transform does, so serving at a larger side than the crops matches their
     apparent size ("FixRes", Touvron et al. 2019); the towers are fully convolutional + pooled, any side works."""
+    flip_average: bool = False
+    """Serve image embeddings flip-averaged: the normalised mean of the image's and its mirror image's (test-time
+    augmentation; ~2x image encode cost, text side unchanged). Validation measures it (a mirrored view of the val
+    split is cached) and `imgtxt export` writes the flip-averaged image graph unless `--no-flip-average`."""
     max_tokens: int = 64
     """Tokens per caption, special tokens included."""
     with_unit: bool = True
@@ -173,6 +177,7 @@ class TrainConfig:
             pretrained=self.pretrained,
             local_dim=self.local_dim,
             head_dropout=self.head_dropout,
+            flip_average=self.flip_average,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -135,11 +135,14 @@ class PixelSource:
         self.rng = np.random.default_rng(seed)
         self.preprocess = preprocess or model.image_preprocess
 
-    def images(self, image_idx: np.ndarray, augment: bool = False) -> Tensor:
-        """Image activations at the split point (frozen stages run without gradients)."""
+    def images(self, image_idx: np.ndarray, augment: bool = False, mirror: bool = False) -> Tensor:
+        """Image activations at the split point (frozen stages run without gradients); `mirror`: of the mirrored
+        evaluation view (flip-averaged validation)."""
         cfg = self.preprocess
         rng = self.rng if augment else None
         pixels = torch.from_numpy(np.stack([load_pixels(self.table.images[i].path, cfg, rng) for i in image_idx]))
+        if mirror:
+            pixels = pixels.flip(-1)
         with torch.no_grad():
             return self.model.image.features(pixels.to(self._device()), self.image_split)
 
@@ -172,6 +175,8 @@ class FeatureStore:
     """(n_captions, H) L2-normalised mean-pooled frozen sentence embeddings (pseudo-labels for soft negatives)."""
     image_views: Tensor | None = None
     """(n_views - 1, n_images, ...) fp16 activations of augmented views (random resized crop + flip), or None."""
+    image_mirror: Tensor | None = None
+    """(n_images, ...) fp16 activations of the mirrored evaluation view (flip-averaged validation), or None."""
 
 
 class CachedSource:
@@ -181,8 +186,13 @@ class CachedSource:
         self.store = store
         self.rng = np.random.default_rng(seed)
 
-    def images(self, image_idx: np.ndarray, augment: bool = False) -> Tensor:
-        """Cached image activations: the evaluation view, or (augment) a random one of the cached views each."""
+    def images(self, image_idx: np.ndarray, augment: bool = False, mirror: bool = False) -> Tensor:
+        """Cached image activations: the evaluation view, (augment) a random one of the cached views each, or
+        (mirror) the mirrored evaluation view."""
+        if mirror:
+            if self.store.image_mirror is None:
+                raise ValueError("this feature cache holds no mirrored view (built without mirror=True)")
+            return self.store.image_mirror[image_idx]
         views = self.store.image_views
         if not augment or views is None:
             return self.store.image[image_idx]
@@ -221,6 +231,7 @@ def cache_key(
     text_split: int,
     views: int = 1,
     preprocess: ImagePreprocessConfig | None = None,
+    mirror: bool = False,
 ) -> str:
     """Cache file name: backbone names, frozen weights, preprocessing, tokenizer limits, split points, data, views."""
     spec = model.spec
@@ -237,6 +248,8 @@ def cache_key(
     }
     if views > 1:  # absent for one view, so caches written before views existed stay valid
         parts["views"] = views
+    if mirror:  # likewise
+        parts["mirror"] = True
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     return f"{spec.image_backbone}-{spec.text_backbone}-i{image_split}-t{text_split}-{digest}.pt"
 
@@ -260,8 +273,10 @@ def build_feature_store(
     desc: str = "cache",
     views: int = 1,
     preprocess: ImagePreprocessConfig | None = None,
+    mirror: bool = False,
 ) -> FeatureStore:
-    """Runs the frozen stages over a whole split (eval mode): the eval transform, plus `views - 1` augmented views.
+    """Runs the frozen stages over a whole split (eval mode): the eval transform, plus `views - 1` augmented views,
+    plus (`mirror`) the mirrored eval transform.
 
     `preprocess`: the image transform and side (default: the model's serving contract).
     """
@@ -272,14 +287,17 @@ def build_feature_store(
     fast = _onnx_image_stages(model, image_split, preprocess.image_size) if on_cpu else None
     device = next(model.parameters()).device
     per_view = []
-    for view in range(views):
+    passes = [(view, False) for view in range(views)] + ([(0, True)] if mirror else [])
+    for view, mirrored in passes:
         images = []
-        label = f"{desc} images" + (f" (view {view + 1}/{views})" if views > 1 else "")
+        label = f"{desc} images" + (" (mirrored)" if mirrored else f" (view {view + 1}/{views})" if views > 1 else "")
         for start in tqdm(range(0, n_img, batch_size), desc=label, unit="batch", leave=False):
             pixels = np.stack([
                 load_pixels(table.images[i].path, preprocess, view_rng(i, view) if view else None)
                 for i in range(start, min(start + batch_size, n_img))
             ])  # fmt: skip
+            if mirrored:
+                pixels = np.ascontiguousarray(pixels[..., ::-1])
             if fast is not None:
                 images.append(torch.from_numpy(fast(pixels)).half())
             else:
@@ -305,8 +323,9 @@ def build_feature_store(
         text[rows, :length] = h.half().cpu()
         sentence[rows] = sent
     assert text is not None and sentence is not None
-    extra = torch.stack(per_view[1:]) if views > 1 else None
-    return FeatureStore(per_view[0], text, mask, sentence, image_views=extra)
+    extra = torch.stack(per_view[1:views]) if views > 1 else None
+    mirrored_view = per_view[views] if mirror else None
+    return FeatureStore(per_view[0], text, mask, sentence, image_views=extra, image_mirror=mirrored_view)
 
 
 def _onnx_image_stages(model: DualEncoder, stop: int, size: int) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -364,6 +383,7 @@ def cached_features(
     build: bool = True,
     views: int = 1,
     preprocess: ImagePreprocessConfig | None = None,
+    mirror: bool = False,
 ) -> FeatureStore | None:
     """Loads the split's frozen activations from `cache_dir`, computing and saving them on a miss.
 
@@ -371,15 +391,16 @@ def cached_features(
         build: Compute on a miss (False: return None, e.g. for non-zero ranks waiting for rank 0).
         views: Image views to cache: the evaluation transform, plus `views - 1` seeded random resized crops + flips.
         preprocess: Image transform and side (default: the model's serving contract).
+        mirror: Also cache the mirrored evaluation transform (flip-averaged validation).
     """
-    path = cache_dir / cache_key(model, table, image_split, text_split, views, preprocess)
+    path = cache_dir / cache_key(model, table, image_split, text_split, views, preprocess, mirror)
     if path.is_file():
         logger.info("feature cache hit", extra={"path": str(path)})
         return FeatureStore(**torch.load(path, map_location="cpu", weights_only=True))
     if not build:
         return None
     logger.info("feature cache miss: computing", extra={"path": str(path)})
-    store = build_feature_store(model, table, image_split, text_split, batch_size, desc, views, preprocess)
+    store = build_feature_store(model, table, image_split, text_split, batch_size, desc, views, preprocess, mirror)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(vars(store), tmp)

@@ -9,13 +9,13 @@ import torch
 from torch import Tensor
 
 from trainer.data import CaptionTable, TowerInputs
-from trainer.model import DualEncoder
+from trainer.model import DualEncoder, mirror_mean
 
 
 class Source(Protocol):
     """Anything that yields the trainable towers' inputs for image and caption indices."""
 
-    def images(self, image_idx: np.ndarray, augment: bool = False) -> Tensor: ...
+    def images(self, image_idx: np.ndarray, augment: bool = False, mirror: bool = False) -> Tensor: ...
 
     def texts(self, caption_idx: np.ndarray) -> tuple[Tensor, Tensor]: ...
 
@@ -28,13 +28,28 @@ def _chunks(n: int, batch_size: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def encode_images(
-    model: DualEncoder, source: Source, n_images: int, image_split: int, batch_size: int, device: torch.device
+    model: DualEncoder,
+    source: Source,
+    n_images: int,
+    image_split: int,
+    batch_size: int,
+    device: torch.device,
+    flip_average: bool = False,
 ) -> np.ndarray:
-    """(n_images, D) float32 unit-norm image embeddings of a split, in eval mode."""
+    """(n_images, D) float32 unit-norm image embeddings of a split, in eval mode.
+
+    `flip_average`: each embedding is `mirror_mean` of the image's and its mirrored view's (the source's
+    `mirror=True` inputs), as the flip-averaged image graph serves it.
+    """
     was_training = model.training
     model.eval()
+
+    def embed(idx: np.ndarray, mirror: bool) -> Tensor:
+        h = source.images(idx, mirror=mirror).to(device).float()
+        return model.image.forward_from(h, image_split).float().cpu()
+
     out = [
-        model.image.forward_from(source.images(idx).to(device).float(), image_split).float().cpu()
+        mirror_mean(embed(idx, False), embed(idx, True)) if flip_average else embed(idx, False)
         for idx in _chunks(n_images, batch_size)
     ]
     model.train(was_training)
@@ -51,10 +66,12 @@ def encode_split(
     batch_size: int,
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(n_images, D) and (n_captions, D) float32 unit-norm embeddings of a split, in eval mode."""
+    """(n_images, D) and (n_captions, D) float32 unit-norm served embeddings of a split (flip-averaged images when
+    the model is: `ModelSpec.flip_average`), in eval mode."""
     was_training = model.training
     model.eval()
-    images = encode_images(model, source, len(table.images), image_split, batch_size, device)
+    images = encode_images(model, source, len(table.images), image_split, batch_size, device,
+                           model.spec.flip_average)  # fmt: skip
     txt_out = []
     for idx in _chunks(len(table.captions), batch_size):
         hidden, mask = source.texts(idx)

@@ -1,11 +1,14 @@
 """Export of trained towers to a model bundle: one ONNX graph per tower, checked, parity-tested, hashed.
 
-`imgtxt export --run RUN_DIR | --checkpoint PATH --out BUNDLE_DIR [--version V] [--fp16] [--flip-average]`.
+`imgtxt export --run RUN_DIR | --checkpoint PATH --out BUNDLE_DIR [--version V] [--fp16] [--flip-average]
+[--image-size N]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import io
 import json
 import logging
@@ -31,7 +34,7 @@ from imgtxt.errors import BundleError
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.preprocess import ImagePreprocessConfig, preprocess_image
 from imgtxt.text import TextConfig, TextTokenizer
-from trainer.model import DualEncoder, ModelSpec, tokenizer_path
+from trainer.model import DualEncoder, ModelSpec, mirror_mean, tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +172,7 @@ class _Fp16(nn.Module):
 
 
 class FlipAveraged(nn.Module):
-    """Image tower whose embedding is the normalised mean of the image's and its mirror image's embeddings.
+    """Image tower whose embedding is `mirror_mean` of the image's and its mirror image's embeddings.
 
     Horizontal-flip test-time augmentation inside the graph: one pass over a batch twice the size (so about twice
     the image encode cost), served and indexed like any image tower.
@@ -182,7 +185,7 @@ class FlipAveraged(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         n = pixel_values.shape[0]
         both = self.tower(torch.cat([pixel_values, pixel_values.flip(-1)]))
-        return nn.functional.normalize(both[:n] + both[n:], dim=-1)
+        return mirror_mean(both[:n], both[n:])
 
 
 def export_model(
@@ -193,7 +196,8 @@ def export_model(
     metrics: dict[str, Any] | None = None,
     fp16: bool = False,
     parity_images: Sequence[Path] = (),
-    flip_average: bool = False,
+    flip_average: bool | None = None,
+    image_size: int | None = None,
 ) -> Bundle:
     """Exports a dual encoder's towers (and unit head) into a new model bundle at `out_dir`.
 
@@ -205,7 +209,11 @@ def export_model(
         metrics: Evaluation figures, recorded in the manifest.
         fp16: Also write an fp16 variant of each graph (float32 inputs and outputs) for GPU serving.
         parity_images: Real image files to measure parity on (synthetic photos when empty).
-        flip_average: Export the image tower as `FlipAveraged` (recorded as `training.export.flip_average`).
+        flip_average: Export the image tower as `FlipAveraged` (recorded as `training.export.flip_average`);
+            None: as the model was trained and validated (`ModelSpec.flip_average`).
+        image_size: Serve at this image side instead of the trained `image_size` (recorded as
+            `training.export.image_size`): the towers are convolutional + pooled, so any side runs, and a side larger
+            than the training crops can retrieve better ("FixRes"); `imgtxt eval --bundle` measures it.
 
     Raises:
         BundleError: A graph fails parity, or `out_dir` is not empty.
@@ -213,6 +221,15 @@ def export_model(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BundleError(f"bundle directory {out_dir} exists and is not empty; bundles are immutable, pick a new path")
     model = model.cpu().float().eval()
+    if image_size is not None and image_size < 8:
+        raise BundleError(f"image_size must be >= 8, got {image_size}")
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("image_size", image_size), ("flip_average", flip_average)) if v is not None
+    }
+    if overrides:
+        model = copy.copy(model)  # a shallow copy with its own spec: the caller's model keeps what it was trained as
+        model.spec = dataclasses.replace(model.spec, **overrides)
+    flip_average = model.spec.flip_average
     image_tower: nn.Module = FlipAveraged(model.image) if flip_average else model.image
     img_cfg, txt_cfg = model.image_preprocess, model.text_config
     pixel_values = parity_image_inputs(img_cfg, parity_images)
@@ -258,7 +275,10 @@ def export_model(
             text_config=txt_cfg,
             onnx_opset=OPSET,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            training={**(training or {"model": model.spec.__dict__}), "export": {"flip_average": flip_average}},
+            training={
+                **(training or {"model": model.spec.__dict__}),
+                "export": {"flip_average": flip_average, "image_size": img_cfg.image_size},
+            },
             metrics={**(metrics or {}), **({"fp16_parity": fp16_parity} if fp16_parity else {})},
         )
         return write_bundle(out_dir, manifest, files)
@@ -276,8 +296,6 @@ def _export_fp16(
     Its parity against the float32 torch module is measured and recorded (manifest `metrics.fp16_parity`) and gated
     loosely (cosine >= MIN_COSINE_FP16): half precision cannot meet the float32 bound, but a broken graph fails.
     """
-    import copy
-
     half = _Fp16(copy.deepcopy(module))
     return export_onnx(half, feeds, path, dynamic, meta, reference=module, min_cosine=MIN_COSINE_FP16).parity
 
@@ -312,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default=None, help="bundle version (default: <run name>-<UTC time>)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (float32 inputs/outputs)")
     parser.add_argument(
-        "--flip-average", action="store_true", help="embed each image with its mirror image (~2x image encode cost)"
+        "--flip-average",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="embed each image with its mirror image (~2x image encode cost); default: as trained (flip_average key)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="serve at this image side (default: the trained image_size)"
     )
     parser.add_argument("--parity-images", type=Path, default=None, help="dataset to draw real parity images from")
     add_logging_flags(parser)
@@ -339,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle = export_model(
             ckpt.model, args.out, version, training=ckpt.config, metrics=ckpt.metrics, fp16=args.fp16,
-            parity_images=images, flip_average=args.flip_average,
+            parity_images=images, flip_average=args.flip_average, image_size=args.image_size,
         )  # fmt: skip
     except BundleError as exc:
         raise SystemExit(f"imgtxt export: {exc}") from exc

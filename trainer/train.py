@@ -202,17 +202,20 @@ class Trainer:
             )  # fmt: skip
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         stores = []
-        splits = ((self.train_table, "train", cfg.cache_views, train_pre), (self.val_table, "val", 1, served))
-        for table, name, views, pre in splits:
+        splits = (
+            (self.train_table, "train", cfg.cache_views, train_pre, False),
+            (self.val_table, "val", 1, served, cfg.flip_average),  # flip-averaged validation needs the mirrored view
+        )
+        for table, name, views, pre, mirror in splits:
             # Rank 0 computes a missing cache; the others wait at the barrier, then read the file it wrote.
             store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir,
                                     cfg.encode_batch_size, desc=name, build=self.rank == 0, views=views,
-                                    preprocess=pre)  # fmt: skip
+                                    preprocess=pre, mirror=mirror)  # fmt: skip
             if self.world > 1:
                 dist.barrier()
             if store is None:
                 store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir, 1,
-                                        build=False, views=views, preprocess=pre)  # fmt: skip
+                                        build=False, views=views, preprocess=pre, mirror=mirror)  # fmt: skip
             assert store is not None
             stores.append(store)
         self.train_sentence = stores[0].sentence

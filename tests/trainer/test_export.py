@@ -135,8 +135,8 @@ def test_flip_averaged_image_graph_is_mirror_invariant(tmp_path: Path) -> None:
     model = tiny_model(seed=2)
     plain = export_model(model, tmp_path / "plain", version="plain")
     flipped = export_model(model, tmp_path / "flip", version="flip", flip_average=True)
-    assert flipped.manifest.training["export"] == {"flip_average": True}
-    assert plain.manifest.training["export"] == {"flip_average": False}
+    assert flipped.manifest.training["export"] == {"flip_average": True, "image_size": 32}
+    assert plain.manifest.training["export"] == {"flip_average": False, "image_size": 32}
     pixels = parity_image_inputs(flipped.manifest.image_preprocess, count=4)
     mirrored = np.ascontiguousarray(pixels[..., ::-1])
 
@@ -149,3 +149,20 @@ def test_flip_averaged_image_graph_is_mirror_invariant(tmp_path: Path) -> None:
         one = model.image(torch.from_numpy(pixels)) + model.image(torch.from_numpy(mirrored))
     expected = torch.nn.functional.normalize(one, dim=-1).numpy()
     np.testing.assert_allclose(embed(flipped.path, pixels), expected, atol=1e-5)
+
+
+def test_export_at_another_image_side(tmp_path: Path) -> None:
+    """`image_size=` serves the same weights at another side: contract, graph and torch agree; the model keeps 32."""
+    model = tiny_model(seed=3)
+    bundle = export_model(model, tmp_path / "b48", version="b48", image_size=48)
+    m = bundle.manifest
+    assert m.image_preprocess.image_size == 48 and m.training["export"]["image_size"] == 48
+    assert model.spec.image_size == 32 and model.image_preprocess.image_size == 32
+    pixels = parity_image_inputs(m.image_preprocess, count=3)
+    assert pixels.shape == (3, 3, 48, 48)
+    (got,) = _session(bundle.path / m.image.file).run(["embedding"], {"pixel_values": pixels})
+    with torch.no_grad():
+        expected = model.image(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(BundleError, match="image_size must be >= 8"):
+        export_model(model, tmp_path / "bad", version="bad", image_size=4)

@@ -96,6 +96,46 @@ def test_export_then_eval_bundle_matches_checkpoint(run_dir: Path, synthetic_dat
     assert torch_m["rsum"] == pytest.approx(load_checkpoint(run_dir / "checkpoints" / "best.pt").metrics["rsum"])
 
 
+def test_flip_averaged_model_validates_evaluates_and_exports_alike(synthetic_data: Path, tmp_path: Path) -> None:
+    """flip_average: cached validation (mirrored val view), eval from pixels and the exported graph give one figure."""
+    cache = tmp_path / "cache"
+    _train(synthetic_data, tmp_path / "r", cache, "--set", "flip_average=true", "--set", "image_trainable_stages=1")
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")
+    assert ckpt.model.spec.flip_average
+    val = [torch.load(p, weights_only=True) for p in cache.iterdir()]
+    assert sorted(v["image_mirror"] is not None for v in val) == [False, True]  # only the val split has the mirror
+    out = {}
+    for name, argv in {
+        "torch": ["--checkpoint", str(tmp_path / "r" / "checkpoints" / "best.pt")],
+        "onnx": ["--bundle", str(tmp_path / "b")],
+        "plain": ["--bundle", str(tmp_path / "b_plain")],
+    }.items():
+        if name == "onnx":
+            assert export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "b")]) == 0
+        if name == "plain":
+            assert (
+                export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "b_plain"), "--no-flip-average"])
+                == 0
+            )
+        assert evaluate.main([*argv, "--data", str(synthetic_data), "--json", str(tmp_path / f"{name}.json")]) == 0
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert load_bundle(tmp_path / "b").manifest.training["export"]["flip_average"] is True
+    assert load_bundle(tmp_path / "b_plain").manifest.training["export"]["flip_average"] is False
+    assert out["onnx"]["rsum"] == pytest.approx(out["torch"]["rsum"]) == pytest.approx(ckpt.metrics["rsum"])
+    # The default export is the flip-averaged graph (mirror-invariant), `--no-flip-average` the plain one.
+    import numpy as np
+    import onnxruntime as ort
+
+    from trainer.export import parity_image_inputs
+
+    pixels = parity_image_inputs(load_bundle(tmp_path / "b").manifest.image_preprocess, count=3)
+    mirrored = np.ascontiguousarray(pixels[..., ::-1])
+    for name, invariant in (("b", True), ("b_plain", False)):
+        session = ort.InferenceSession(str(tmp_path / name / "image_tower.onnx"), providers=["CPUExecutionProvider"])
+        a, b = (session.run(["embedding"], {"pixel_values": x})[0] for x in (pixels, mirrored))
+        assert (np.abs(a - b).max() < 1e-5) == invariant
+
+
 def test_bundle_eval_does_not_import_torch(tiny_bundle: Path, synthetic_data: Path) -> None:
     code = (
         "import sys; from trainer import evaluate; "
@@ -152,6 +192,28 @@ def test_loss_table_benchmark_runs_each_option(synthetic_data: Path, tmp_path: P
     assert all("error" not in r and 0 <= r["rsum"] <= 600 for r in rows)
     hier = load_checkpoint(tmp_path / "runs" / "tiny-infonce_hierarchical" / "checkpoints" / "best.pt")
     assert hier.config["local_dim"] == 128 and hier.config["with_unit"] is False
+
+
+def test_serving_variants_benchmark_matches_the_exported_variants(
+    run_dir: Path, synthetic_data: Path, tmp_path: Path
+) -> None:
+    """Each (side, flip) row of the benchmark is the rSum of `imgtxt export --image-size N [--flip-average]`."""
+    from benchmarks import serving_variants
+
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    argv = ["--checkpoint", str(ckpt), "--data", str(synthetic_data), "--sizes", "32,48", "--json", str(tmp_path / "v")]
+    assert serving_variants.main(argv) == 0
+    rows = {(r["image_size"], r["flip_average"]): r for r in json.loads((tmp_path / "v").read_text())}
+    assert sorted(rows) == [(32, False), (32, True), (48, False), (48, True)]
+    assert rows[32, False]["rsum"] == pytest.approx(load_checkpoint(ckpt).metrics["rsum"])
+    for size, flip in ((48, False), (32, True)):
+        bundle = tmp_path / f"b{size}{flip}"
+        flags = ["--image-size", str(size), "--flip-average" if flip else "--no-flip-average"]
+        assert export.main(["--run", str(run_dir), "--out", str(bundle), *flags]) == 0
+        assert load_bundle(bundle).manifest.image_preprocess.image_size == size
+        out = tmp_path / f"e{size}{flip}.json"
+        assert evaluate.main(["--bundle", str(bundle), "--data", str(synthetic_data), "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["rsum"] == pytest.approx(rows[size, flip]["rsum"])
 
 
 def test_weight_average_ramps_its_decay_and_swaps_weights_in_and_out() -> None:
