@@ -38,6 +38,14 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str] 
             truthy = raw.strip().lower() in ("1", "true", "yes", "on")
             action.default = truthy if isinstance(action, argparse._StoreTrueAction) else not truthy
             continue
+        if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: the variable says which
+            word = raw.strip().lower()
+            if word not in _TRUE + _FALSE:
+                parser.error(
+                    f"environment variable {var}={raw!r} is invalid for {longs[0]}: use one of {_TRUE + _FALSE}"
+                )
+            action.default = word in _TRUE
+            continue
         convert = int if isinstance(action, argparse._CountAction) else action.type
         try:
             value = convert(raw) if callable(convert) else raw
@@ -47,6 +55,9 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str] 
             parser.error(f"environment variable {var}={raw!r} is not one of {list(action.choices)}")
         action.default = value
         action.required = False
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def positive_int(text: str) -> int:

@@ -17,6 +17,7 @@ def _parser(env: dict[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=32, help="items per batch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tls", action="store_true")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("-v", "--verbose", action="count", default=0)
     apply_env_defaults(p, env)
     return p
@@ -29,10 +30,17 @@ def test_flag_beats_env_beats_default() -> None:
     assert _parser({"IMGTXT_MAX_BATCH": "8"}).parse_args(["--max-batch", "4"]).max_batch == 4
     assert _parser({"IMGTXT_TLS": "true"}).parse_args([]).tls is True
     assert _parser({"IMGTXT_VERBOSE": "2"}).parse_args([]).verbose == 2
+    assert _parser({}).parse_args([]).flip is None
+    assert _parser({"IMGTXT_FLIP": "off"}).parse_args([]).flip is False
+    assert _parser({"IMGTXT_FLIP": "off"}).parse_args(["--flip"]).flip is True
+    assert _parser({"IMGTXT_FLIP": "yes"}).parse_args(["--no-flip"]).flip is False
     assert "[env IMGTXT_MAX_BATCH]" in _parser({}).format_help()
 
 
-@pytest.mark.parametrize("env", [{"IMGTXT_MAX_BATCH": "zero"}, {"IMGTXT_MAX_BATCH": "-1"}, {"IMGTXT_DEVICE": "tpu"}])
+@pytest.mark.parametrize(
+    "env",
+    [{"IMGTXT_MAX_BATCH": "zero"}, {"IMGTXT_MAX_BATCH": "-1"}, {"IMGTXT_DEVICE": "tpu"}, {"IMGTXT_FLIP": "maybe"}],
+)
 def test_bad_env_values_fail_naming_the_variable(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         _parser(env)
