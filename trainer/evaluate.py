@@ -28,6 +28,29 @@ def encode_with_bundle(
     bundle_dir: Path, image_paths: list[Path], captions: list[str], batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """Encodes images and captions with a bundle's ONNX graphs, through the serving preprocessing (numpy only)."""
+    return bundle_images(bundle_dir, image_paths, batch_size), bundle_texts(bundle_dir, captions, batch_size * 4)
+
+
+def bundle_images(bundle_dir: Path, image_paths: list[Path], batch_size: int = 32) -> np.ndarray:
+    """(n, D) embeddings of image files by a bundle's image graph (ONNX Runtime CPU), through the serving decode."""
+    import onnxruntime as ort
+
+    from imgtxt.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    session = ort.InferenceSession(str(bundle.file(m.image.file)), providers=["CPUExecutionProvider"])
+    out = []
+    for start in tqdm(range(0, len(image_paths), batch_size), desc="images", unit="batch", leave=False):
+        pixels = np.stack(
+            [preprocess_image(p.read_bytes(), m.image_preprocess) for p in image_paths[start : start + batch_size]]
+        )
+        out.append(session.run([m.image.output], {"pixel_values": pixels})[0])
+    return np.concatenate(out)
+
+
+def bundle_texts(bundle_dir: Path, captions: list[str], batch_size: int = 128) -> np.ndarray:
+    """(n, D) embeddings of captions by a bundle's text graph (ONNX Runtime CPU) and tokenizer."""
     import onnxruntime as ort
 
     from imgtxt.bundle import load_bundle
@@ -35,22 +58,13 @@ def encode_with_bundle(
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    providers = ["CPUExecutionProvider"]
-    image_sess = ort.InferenceSession(str(bundle.file(m.image.file)), providers=providers)
-    text_sess = ort.InferenceSession(str(bundle.file(m.text.file)), providers=providers)
+    session = ort.InferenceSession(str(bundle.file(m.text.file)), providers=["CPUExecutionProvider"])
     tokenizer = TextTokenizer.from_file(bundle.file(m.text_config.tokenizer_file), m.text_config)
-    images = []
-    for start in tqdm(range(0, len(image_paths), batch_size), desc="images", unit="batch", leave=False):
-        pixels = np.stack(
-            [preprocess_image(p.read_bytes(), m.image_preprocess) for p in image_paths[start : start + batch_size]]
-        )
-        images.append(image_sess.run([m.image.output], {"pixel_values": pixels})[0])
-    texts = []
-    for start in tqdm(range(0, len(captions), batch_size * 4), desc="captions", unit="batch", leave=False):
-        enc = tokenizer.encode(captions[start : start + batch_size * 4])
-        feeds = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
-        texts.append(text_sess.run([m.text.output], feeds)[0])
-    return np.concatenate(images), np.concatenate(texts)
+    out = []
+    for start in tqdm(range(0, len(captions), batch_size), desc="captions", unit="batch", leave=False):
+        enc = tokenizer.encode(captions[start : start + batch_size])
+        out.append(session.run([m.text.output], {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})[0])
+    return np.concatenate(out)
 
 
 def encode_with_checkpoint(
