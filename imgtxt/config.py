@@ -35,7 +35,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str] 
             continue
         raw = env[var]
         if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-            truthy = raw.strip().lower() in ("1", "true", "yes", "on")
+            truthy = raw.strip().lower() in _TRUE
             action.default = truthy if isinstance(action, argparse._StoreTrueAction) else not truthy
             continue
         if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: the variable says which

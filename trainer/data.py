@@ -286,22 +286,24 @@ def build_feature_store(
     on_cpu = next(model.parameters()).device.type == "cpu"
     fast = _onnx_image_stages(model, image_split, preprocess.image_size) if on_cpu else None
     device = next(model.parameters()).device
-    per_view = []
-    passes = [(view, False) for view in range(views)] + ([(0, True)] if mirror else [])
-    for view, mirrored in passes:
+
+    def frozen(pixels: np.ndarray) -> Tensor:
+        if fast is not None:
+            return torch.from_numpy(fast(pixels)).half()
+        return model.image.features(torch.from_numpy(pixels).to(device), image_split).half().cpu()
+
+    per_view, mirrored = [], []
+    for view in range(views):
         images = []
-        label = f"{desc} images" + (" (mirrored)" if mirrored else f" (view {view + 1}/{views})" if views > 1 else "")
+        label = f"{desc} images" + (f" (view {view + 1}/{views})" if views > 1 else "")
         for start in tqdm(range(0, n_img, batch_size), desc=label, unit="batch", leave=False):
             pixels = np.stack([
                 load_pixels(table.images[i].path, preprocess, view_rng(i, view) if view else None)
                 for i in range(start, min(start + batch_size, n_img))
             ])  # fmt: skip
-            if mirrored:
-                pixels = np.ascontiguousarray(pixels[..., ::-1])
-            if fast is not None:
-                images.append(torch.from_numpy(fast(pixels)).half())
-            else:
-                images.append(model.image.features(torch.from_numpy(pixels).to(device), image_split).half().cpu())
+            images.append(frozen(pixels))
+            if mirror and view == 0:  # the mirrored evaluation view, from the same decoded pixels
+                mirrored.append(frozen(np.ascontiguousarray(pixels[..., ::-1])))
         per_view.append(torch.cat(images))
     ids, mask = tokenize(model, table.captions)  # padded to the split's longest caption
     text: Tensor | None = None
@@ -323,8 +325,8 @@ def build_feature_store(
         text[rows, :length] = h.half().cpu()
         sentence[rows] = sent
     assert text is not None and sentence is not None
-    extra = torch.stack(per_view[1:views]) if views > 1 else None
-    mirrored_view = per_view[views] if mirror else None
+    extra = torch.stack(per_view[1:]) if views > 1 else None
+    mirrored_view = torch.cat(mirrored) if mirror else None
     return FeatureStore(per_view[0], text, mask, sentence, image_views=extra, image_mirror=mirrored_view)
 
 

@@ -104,19 +104,14 @@ def test_flip_averaged_model_validates_evaluates_and_exports_alike(synthetic_dat
     assert ckpt.model.spec.flip_average
     val = [torch.load(p, weights_only=True) for p in cache.iterdir()]
     assert sorted(v["image_mirror"] is not None for v in val) == [False, True]  # only the val split has the mirror
+    assert export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "b")]) == 0
+    assert export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "b_plain"), "--no-flip-average"]) == 0
     out = {}
     for name, argv in {
         "torch": ["--checkpoint", str(tmp_path / "r" / "checkpoints" / "best.pt")],
         "onnx": ["--bundle", str(tmp_path / "b")],
         "plain": ["--bundle", str(tmp_path / "b_plain")],
     }.items():
-        if name == "onnx":
-            assert export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "b")]) == 0
-        if name == "plain":
-            assert (
-                export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "b_plain"), "--no-flip-average"])
-                == 0
-            )
         assert evaluate.main([*argv, "--data", str(synthetic_data), "--json", str(tmp_path / f"{name}.json")]) == 0
         out[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert load_bundle(tmp_path / "b").manifest.training["export"]["flip_average"] is True
