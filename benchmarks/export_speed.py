@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
+from benchmarks.report import Report, add_results_flag
+from imgtxt.encoders.session import SessionConfig, create_session
 from trainer.export import PARITY_CAPTIONS, export_model, parity_image_inputs, parity_text_inputs, tiny_model
 from trainer.model import DualEncoder, ModelSpec, tokenizer_path
 
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    report = Report("export_speed", argv, args.results)
+    rows = []
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         from trainer.checkpoint import load_checkpoint
@@ -56,12 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_model(model, Path(tmp) / "bundle", version="speed")
         m = bundle.manifest
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
-        sessions = {
-            name: ort.InferenceSession(str(bundle.file(m.tower(name).file)), opts, providers=["CPUExecutionProvider"])
-            for name in ("image", "text")
-        }
+        cfg = SessionConfig(device="cpu", intra_op_threads=args.threads)
+        sessions = {name: create_session(bundle.file(m.tower(name).file), cfg) for name in ("image", "text")}
         reps = -(-args.batch // len(PARITY_CAPTIONS))
         pixels = np.concatenate([parity_image_inputs(m.image_preprocess, count=6)] * reps)[: args.batch]
         ids, mask = parity_text_inputs(tokenizer_path(), m.text_config)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "image": (lambda: model.image(torch.from_numpy(pixels)), {"pixel_values": pixels}),
             "text": (lambda: model.text(torch.from_numpy(ids), torch.from_numpy(mask)), text_feeds),
         }
-        print(f"threads={args.threads} batch={args.batch} repeats={args.repeats} (median)")
+        report.line(f"threads={args.threads} batch={args.batch} repeats={args.repeats} (median)")
         for name, (eager, feeds) in cases.items():
             parity = m.tower(name).parity
             assert parity is not None
@@ -79,11 +79,19 @@ def main(argv: list[str] | None = None) -> int:
                 t_torch = _time(eager, args.repeats)
             sess = sessions[name]
             t_ort = _time(lambda s=sess, f=feeds: s.run(["embedding"], f), args.repeats)  # type: ignore[misc]
-            print(
+            rows.append(
+                {
+                    "tower": name,
+                    "torch_per_s": round(args.batch / t_torch, 1),
+                    "ort_per_s": round(args.batch / t_ort, 1),
+                }
+            )
+            report.line(
                 f"{name:<5} parity max|d|={parity.max_abs_diff:.2e} min cos={parity.min_cosine:.7f}  "
                 f"torch {args.batch / t_torch:7.1f} items/s  onnxruntime {args.batch / t_ort:7.1f} items/s  "
                 f"ratio ort/torch = {t_torch / t_ort:.2f}x"
             )
+    report.save(rows)
     return 0
 
 

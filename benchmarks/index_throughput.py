@@ -18,13 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from imgtxt.client import ImageEncoderClient
+from benchmarks.report import Report, add_results_flag
+from imgtxt.client import ImageEncoderClient, ServiceEncoder
 from imgtxt.datasets import default_data_root
-from indexer.encoding import GrpcEncoder, UnitFusion
+from imgtxt.encoders.unit import UnitEncoder
+from imgtxt.supervisor import run_services
 from indexer.pipeline import IndexConfig, run_index
 from indexer.reader import read_records
-from indexer.services import run_services
-from indexer.store import CollectionConfig, open_store
+from indexer.stores.base import CollectionConfig
+from indexer.stores.factory import open_store
 
 
 def make_bundle(out: Path) -> Path:
@@ -38,7 +40,7 @@ def make_bundle(out: Path) -> Path:
     return export_model(model, out, version="bench-lite0-minilm").path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path)
     p.add_argument("--make-bundle", type=Path, help="export a real-architecture bundle here (needs torch) and use it")
@@ -47,7 +49,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--kinds", default="image", help="kinds for the end-to-end run (image = like for like)")
-    args = p.parse_args()
+    add_results_flag(p)
+    args = p.parse_args(argv)
+    out = Report("index_throughput", argv, args.results)
     bundle = make_bundle(args.make_bundle) if args.make_bundle else args.bundle
     if bundle is None:
         p.error("--bundle or --make-bundle is required")
@@ -63,43 +67,42 @@ def main() -> None:
         service_rate = n / (time.perf_counter() - t0)
         client.close()
 
-        encoder = GrpcEncoder(image_svc.target, text_svc.target, chunk_size=args.batch_size)
+        encoder = ServiceEncoder(image_svc.target, text_svc.target, chunk_size=args.batch_size)
         with tempfile.TemporaryDirectory() as tmp:
             store = open_store(tmp)
             from imgtxt.bundle import load_bundle
 
-            report = run_index(
+            job_report = run_index(
                 records,
                 encoder,
                 store,
                 "bench",
                 CollectionConfig(dim=encoder.dim),
                 IndexConfig(kinds=kinds, batch_size=args.batch_size, progress=False),
-                fusion=UnitFusion(load_bundle(bundle)),
+                fusion=UnitEncoder(load_bundle(bundle)),
                 checkpoint=Path(tmp) / "cp.json",
                 job={"bench": 1},
             )
             store.close()
         encoder.close()
-    index_rate = len(images) / report.elapsed_s
-    print(
-        json.dumps(
-            {
-                "bundle": str(bundle),
-                "images": len(images),
-                "kinds": list(kinds),
-                "service_images_per_s": round(service_rate, 1),
-                "index_images_per_s": round(index_rate, 1),
-                "points": report.total_indexed,
-                "stage_seconds": report.stage_seconds,
-            }
-        )
-    )
-    print(
+    index_rate = len(images) / job_report.elapsed_s
+    row = {
+        "bundle": str(bundle),
+        "images": len(images),
+        "kinds": list(kinds),
+        "service_images_per_s": round(service_rate, 1),
+        "index_images_per_s": round(index_rate, 1),
+        "points": job_report.total_indexed,
+        "stage_seconds": job_report.stage_seconds,
+    }
+    out.line(json.dumps(row))
+    out.line(
         f"service encode: {service_rate:.1f} images/s; end-to-end index ({'+'.join(kinds)}): {index_rate:.1f} images/s"
     )
-    print(f"ratio index/service = {index_rate / service_rate:.2f} (target >= 0.8)")
+    out.line(f"ratio index/service = {index_rate / service_rate:.2f} (target >= 0.8)")
+    out.save([row])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import Report, add_results_flag
 from indexer.ids import point_id
-from indexer.store import CollectionConfig, PointData, SearchOptions, VectorStore, open_store
+from indexer.stores.base import CollectionConfig, PointData, SearchOptions, VectorStore
+from indexer.stores.factory import open_store
 
 DIM = 512
 K = 10
@@ -95,7 +97,7 @@ def run(
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--quantizations", nargs="+", default=["none", "int8", "binary"])
@@ -103,18 +105,20 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--hnsw-ef", type=int, default=128)
     p.add_argument("--oversampling", type=float, nargs="+", default=[1.0, 4.0], help="quantised: candidates x limit")
-    args = p.parse_args()
+    add_results_flag(p)
+    args = p.parse_args(argv)
+    report = Report("search_latency", argv, args.results)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             for q in args.quantizations:
                 for row in run("embedded", n, q, args.queries, args.hnsw_ef, args.oversampling, Path(tmp)):
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    report.line(json.dumps(row))
         for n in args.client_sizes:
             for row in run("client-local", n, "none", min(args.queries, 50), args.hnsw_ef, [1.0], Path(tmp)):
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                report.line(json.dumps(row))
     cols = (
         "backend",
         "n",
@@ -126,15 +130,18 @@ def main() -> None:
         "exact_p50_ms",
         "recall_at_10",
     )
-    print("\n" + " ".join(f"{c:>13}" for c in cols))
+    report.line()
+    report.line(" ".join(f"{c:>13}" for c in cols))
     for r in rows:
-        print(" ".join(f"{r[c]!s:>13}" for c in cols))
+        report.line(" ".join(f"{r[c]!s:>13}" for c in cols))
     emb = {(r["n"], r["quantization"]): r for r in rows if r["backend"] == "embedded" and r["oversampling"] == 1.0}
     for r in rows:
         if r["backend"] == "client-local" and (r["n"], "none") in emb:
             ratio = float(r["p50_ms"]) / float(emb[(r["n"], "none")]["p50_ms"])
-            print(f"client local mode / embedded HNSW p50 latency at {r['n']}: {ratio:.1f}x")
+            report.line(f"client local mode / embedded HNSW p50 latency at {r['n']}: {ratio:.1f}x")
+    report.save(rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.services_common import running_service, sample_items
-from image_encoder_service.encoder import ImageEncoder
+from benchmarks.report import Report, add_results_flag
+from benchmarks.samples import sample_items
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
-from imgtxt.serving.session import available_cores
-from text_encoder_service.encoder import TextEncoder
+from imgtxt.encoders.image import ImageEncoder
+from imgtxt.encoders.session import available_cores
+from imgtxt.encoders.text import TextEncoder
+from imgtxt.supervisor import run_services
 
 CLIENTS: dict[str, Any] = {"image": ImageEncoderClient, "text": TextEncoderClient}
 
@@ -81,15 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay-us", type=int, default=2000, help="server --max-delay-us")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per mode; the best counts")
     parser.add_argument("--server-flags", default="", help="more flags for both servers, e.g. '--intra-op-threads 1'")
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    report = Report(f"services_batching_{args.modality}", argv, args.results, module="services_batching")
     items, source = sample_items(args.modality, 256)
-    print(f"{args.modality}: {source}; {args.clients} clients x {args.requests} one-item requests")
-    print(f"  {available_cores()} cores; server flags: {' '.join(args.server_flags.split()) or '(defaults)'}")
+    report.line(f"{args.modality}: {source}; {args.clients} clients x {args.requests} one-item requests")
+    report.line(f"  {available_cores()} cores; server flags: {' '.join(args.server_flags.split()) or '(defaults)'}")
     rates = {}
+    rows: list[dict[str, Any]] = []
     for mode in ("on", "off"):
         flags = ["--batching", mode, "--max-batch", str(args.max_batch), "--max-delay-us", str(args.max_delay_us)]
         flags += args.server_flags.split()
-        with running_service(args.modality, args.bundle, *flags) as port:
+        with run_services(args.bundle, extra_args=("--device", "cpu", *flags), modalities=(args.modality,)) as (svc,):
+            port = svc.port
             _load(args.modality, port, items, args.clients, 2)  # warm-up: connections, first batches
             rate, lat = max(
                 (_load(args.modality, port, items, args.clients, args.requests) for _ in range(args.repeats)),
@@ -97,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         rates[mode] = rate
         p50, p99 = np.percentile(lat, [50, 99]) * 1000
-        print(f"  batching {mode:<3}  {rate:8.1f} items/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms")
-    print(f"  ratio batching on / off = {rates['on'] / rates['off']:.2f}x  (target >= 3x for the text tower)")
+        rows.append({"batching": mode, "items_per_s": round(rate, 1), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)})
+        report.line(f"  batching {mode:<3}  {rate:8.1f} items/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms")
+    report.line(f"  ratio batching on / off = {rates['on'] / rates['off']:.2f}x  (target >= 3x for the text tower)")
     one, full = _model_batching_gain(args.modality, args.bundle, items, args.max_batch, args.server_flags)
-    print(f"  model alone, in-process: batch 1 {one:.1f} items/s, batch {args.max_batch} {full:.1f} items/s")
-    print(f"  = {full / one:.2f}x: the most any batching can gain for this model on this machine")
+    report.line(f"  model alone, in-process: batch 1 {one:.1f} items/s, batch {args.max_batch} {full:.1f} items/s")
+    report.line(f"  = {full / one:.2f}x: the most any batching can gain for this model on this machine")
+    rows.append({"model_batch_1_per_s": round(one, 1), f"model_batch_{args.max_batch}_per_s": round(full, 1)})
+    report.save(rows)
     return 0
 
 

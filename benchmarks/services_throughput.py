@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.services_common import running_service, sample_items
-from image_encoder_service.encoder import ImageEncoder
+from benchmarks.report import Report, add_results_flag
+from benchmarks.samples import sample_items
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
-from imgtxt.serving.session import SessionConfig, available_cores
-from imgtxt.serving.tower import TowerEncoder
-from text_encoder_service.encoder import TextEncoder
+from imgtxt.encoders.image import ImageEncoder
+from imgtxt.encoders.session import SessionConfig, available_cores
+from imgtxt.encoders.text import TextEncoder
+from imgtxt.encoders.tower import TowerEncoder
+from imgtxt.supervisor import run_services
 
 ENCODERS: dict[str, type[TowerEncoder[Any, Any]]] = {"image": ImageEncoder, "text": TextEncoder}
 CLIENTS: dict[str, Any] = {"image": ImageEncoderClient, "text": TextEncoderClient}
@@ -39,8 +41,8 @@ def measure(
     flags = ("--intra-op-threads", str(threads), "--max-batch", str(batch))
     with (
         ENCODERS[modality].from_bundle(bundle, device="cpu", intra_op_threads=threads) as encoder,
-        running_service(modality, bundle, *flags) as port,
-        CLIENTS[modality](f"127.0.0.1:{port}") as client,
+        run_services(bundle, extra_args=("--device", "cpu", *flags), modalities=(modality,)) as (svc,),
+        CLIENTS[modality](svc.target) as client,
     ):
 
         def local(xs: list[Any]) -> int:
@@ -63,16 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="items per session run / stream chunk")
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: the services' default)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements; the best of each counts")
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    report = Report("services_throughput", argv, args.results)
+    rows = []
     threads = SessionConfig(intra_op_threads=args.threads).resolved_intra_op_threads
     for modality in ("image", "text") if args.modality == "both" else (args.modality,):
         items, source = sample_items(modality, args.items)
         local, remote = measure(modality, args.bundle, items, args.batch, threads, args.repeats)
-        print(f"{modality}: {source}, batch {args.batch}, {threads} ORT threads, {available_cores()} cores")
-        print(f"  best of {args.repeats} alternating runs each")
-        print(f"  in-process ORT  {local:9.1f} items/s")
-        print(f"  service stream  {remote:9.1f} items/s")
-        print(f"  ratio service / in-process = {remote / local:.2f}x  (target >= 0.9x)")
+        report.line(f"{modality}: {source}, batch {args.batch}, {threads} ORT threads, {available_cores()} cores")
+        report.line(f"  best of {args.repeats} alternating runs each")
+        report.line(f"  in-process ORT  {local:9.1f} items/s")
+        report.line(f"  service stream  {remote:9.1f} items/s")
+        report.line(f"  ratio service / in-process = {remote / local:.2f}x  (target >= 0.9x)")
+        rows.append({"modality": modality, "in_process_per_s": round(local, 1), "service_per_s": round(remote, 1)})
+    report.save(rows)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Flickr8k val R@K / rSum and training wall time of a recipe under each loss option (one run per option).
 
     .venv/bin/python -m benchmarks.train_losses --recipe quick --data ../shared/data/flickr8k --out /work/runs/losses \
-        [--options infonce,vsepp_triplet] [--set epochs=5] [--json table.json]
+        [--options infonce,vsepp_triplet] [--set epochs=5] [--results DIR]
 
 Every option shares the recipe (and thus the feature cache); only the losses (and, for the hierarchical option, the
 local embedding) change. Prints a Markdown table.
@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import Report, add_results_flag
 from trainer import train
 
 OPTIONS: dict[str, list[str]] = {
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="parent directory of the runs")
     parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma list of {', '.join(OPTIONS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
-    parser.add_argument("--json", type=Path, default=None)
+    add_results_flag(parser)
     args = parser.parse_args(argv)
+    report = Report("train_losses", argv, args.results, markdown=True)
     rows = []
     for name in args.options.split(","):
         out = args.out / f"{args.recipe}-{name.replace('+', '_')}"
@@ -60,16 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         best = max(records, key=lambda r: r["rsum"])
         rows.append({"option": name, "wall_s": round(wall, 1), "best_epoch": best["epoch"], **best})
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
-    print(f"| {args.recipe} loss | " + " | ".join(keys) + " | best epoch | wall s |")
-    print("|---" * (len(keys) + 3) + "|")
+    report.line(f"| {args.recipe} loss | " + " | ".join(keys) + " | best epoch | wall s |")
+    report.line("|---" * (len(keys) + 3) + "|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['option']} | failed: {r['error'][:80]} |")
+            report.line(f"| {r['option']} | failed: {r['error'][:80]} |")
         else:
             cells = " | ".join(f"{r[k]:.1f}" for k in keys)
-            print(f"| {r['option']} | {cells} | {r['best_epoch']} | {r['wall_s']} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            report.line(f"| {r['option']} | {cells} | {r['best_epoch']} | {r['wall_s']} |")
+    report.save(rows)
     return 0
 
 

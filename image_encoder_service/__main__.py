@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from image_encoder_service.encoder import ImageEncoder
 from image_encoder_service.server import create_server
+from imgtxt.encoders.image import ImageEncoder
 from imgtxt.preprocess import ImageLimits
 from imgtxt.serving.main import run_service
 

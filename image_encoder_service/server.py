@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from image_encoder_service.encoder import ImageEncoder
 from image_encoder_service.servicer import ImageEncoderServicer
+from imgtxt.encoders.image import ImageEncoder
 from imgtxt.serving.config import ServerConfig
 from imgtxt.serving.server import EncoderServer, build_server
 from imgtxt.v1 import encoder_pb2 as pb

@@ -11,14 +11,14 @@ import sys
 
 # name -> (module:function taking argv and returning an exit code, one-line help, extra needed)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("indexer.demo:main", "end to end: get a bundle, start both services, index val, run example queries", ""),
+    "demo": ("demo.cli:main", "end to end: get a bundle, start both services, index val, run example queries", ""),
     "train": ("trainer.train:main", "train the image and text towers (dual encoder)", "train"),
-    "eval": ("trainer.evaluate:main", "R@K evaluation of a checkpoint or bundle (also --via-index)", "train"),
+    "eval": ("evaluation.cli:main", "R@K evaluation of a bundle, a checkpoint (needs imgtxt[train]) or the index", ""),
     "export": ("trainer.export:main", "export a checkpoint's towers to an ONNX model bundle", "train"),
     "serve-image": ("image_encoder_service.__main__:main", "serve a bundle's image tower over gRPC", ""),
     "serve-text": ("text_encoder_service.__main__:main", "serve a bundle's text tower over gRPC", ""),
-    "index": ("indexer.cli:index_main", "encode images/captions/units and write them into Qdrant", ""),
-    "search": ("indexer.cli:search_main", "search the index with a text or an image query", ""),
+    "index": ("indexer.cli:main", "encode images/captions/units and write them into Qdrant", ""),
+    "search": ("search.cli:main", "search the index with a text or an image query", ""),
     "bundle-info": ("imgtxt.bundle:main", "verify a model bundle and describe it", ""),
 }
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     target, _, extra = COMMANDS[argv[0]]
     if argv[0] == "eval" and "--via-index" in argv:
         # Evaluation through the services and the vector store needs no torch: the indexer owns it.
-        target, extra = "indexer.evaluate:main", ""
+        target, extra = "evaluation.via_index:main", ""
     return int(_load(target, extra)(argv[1:]) or 0)
 
 

@@ -1,5 +1,8 @@
 """Clients of the encoder services: numpy in/out, deadlines, retries on UNAVAILABLE, streaming for bulk jobs.
 
+`ImageEncoderClient` / `TextEncoderClient` speak to one service each; `ServiceEncoder` joins both into the
+`imgtxt.encoders.types.Encoder` of indexing, search and evaluation. Imports no ONNX Runtime and no torch.
+
 Example:
     >>> with TextEncoderClient("localhost:50052") as client:
     ...     result = client.encode(["a dog on a beach"])
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -18,11 +22,12 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
 
-from imgtxt.serving.config import DEFAULT_MAX_MESSAGE_BYTES
-from imgtxt.serving.convert import from_response
-from imgtxt.serving.result import EncodeResult
+from imgtxt.encoders.types import EncodeJob, EncodeResult
+from imgtxt.errors import ImgTxtError
+from imgtxt.stages import Channel
 from imgtxt.v1 import encoder_pb2 as pb
 from imgtxt.v1 import encoder_pb2_grpc as pb_grpc
+from imgtxt.wire import DEFAULT_MAX_MESSAGE_BYTES, from_response
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +211,115 @@ class TextEncoderClient(_EncoderClient[str]):
 
     def _item_bytes(self, item: str) -> int:
         return 4 * len(item) + 16
+
+
+def _recut(results: Iterator[EncodeResult], sizes: deque[int], dim: int) -> Iterator[EncodeResult]:
+    """Re-cuts a stream of per-chunk results at job boundaries (`sizes` is filled as jobs are sent)."""
+    parts: list[EncodeResult] = []
+    have = 0
+
+    def take(n: int) -> EncodeResult:
+        nonlocal parts, have
+        joined = EncodeResult.concat(parts, dim)
+        head = EncodeResult(joined.embeddings[:n], joined.outcomes[:n])
+        rest = EncodeResult(joined.embeddings[n:], joined.outcomes[n:])
+        parts, have = ([rest] if len(rest) else []), have - n
+        return head
+
+    for res in results:
+        parts.append(res)
+        have += len(res)
+        while sizes and sizes[0] <= have:
+            yield take(sizes.popleft())
+    while sizes:  # trailing jobs with nothing to encode
+        yield take(sizes.popleft())
+
+
+def _info(client: _EncoderClient[Any], modality: str) -> pb.InfoResponse:
+    """The service's Info, or a one-line error naming the service and the gRPC status."""
+    try:
+        return client.info()
+    except grpc.RpcError as exc:
+        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        raise ImgTxtError(f"cannot use the {modality} service at {client.target}: {code}: {details}") from exc
+
+
+class ServiceEncoder:
+    """Both encoder services as one `Encoder`: unary calls for queries, one `EncodeStream` per modality for a job.
+
+    Args:
+        image_target: `host:port` of the image service.
+        text_target: `host:port` of the text service.
+        token: Bearer token, when the services require one.
+        timeout: Deadline of unary calls (Info, Encode), in seconds.
+        chunk_size: Items per streamed request (capped at the services' max_batch).
+
+    Raises:
+        ImgTxtError: A service cannot be reached.
+        ValueError: The two services serve different bundles.
+    """
+
+    def __init__(
+        self, image_target: str, text_target: str, token: str | None = None, timeout: float = 30.0, chunk_size: int = 0
+    ) -> None:
+        self.image = ImageEncoderClient(image_target, token=token, timeout=timeout)
+        self.text = TextEncoderClient(text_target, token=token, timeout=timeout)
+        image_info, text_info = _info(self.image, "image"), _info(self.text, "text")
+        if (image_info.bundle_version, image_info.dim) != (text_info.bundle_version, text_info.dim):
+            raise ValueError(
+                f"the services serve different bundles: image {image_info.bundle_version} (dim {image_info.dim}), "
+                f"text {text_info.bundle_version} (dim {text_info.dim})"
+            )
+        self.dim = int(image_info.dim)
+        self.bundle_version = str(image_info.bundle_version)
+        self.chunk_size = chunk_size or None
+
+    def encode_images(self, images: Sequence[bytes]) -> EncodeResult:
+        """Encodes images with unary calls (for queries)."""
+        return self.image.encode(images)
+
+    def encode_texts(self, texts: Sequence[str]) -> EncodeResult:
+        """Encodes texts with unary calls (for queries)."""
+        return self.text.encode(texts)
+
+    def _stream(self, client: _EncoderClient[T], lists: Iterable[Sequence[T]]) -> Iterator[EncodeResult]:
+        sizes: deque[int] = deque()
+
+        def items() -> Iterator[T]:
+            for lst in lists:
+                sizes.append(len(lst))
+                yield from lst
+
+        return _recut(client.encode_stream(items(), self.chunk_size), sizes, self.dim)
+
+    def encode_jobs(self, jobs: Iterable[EncodeJob]) -> Iterator[tuple[EncodeResult, EncodeResult]]:
+        """Streams every job's images and texts through the two services concurrently; yields per job, in order.
+
+        gRPC draws the image requests from `jobs` on its own thread; each job's texts are handed to the text
+        stream through a channel (unbounded, but small: texts only), so neither stream waits for the other's reader.
+        """
+        text_lists: Channel[list[str]] = Channel()
+
+        def image_lists() -> Iterator[list[bytes]]:
+            try:
+                for job in jobs:
+                    text_lists.put(job.texts)
+                    yield job.images
+            except BaseException as exc:
+                text_lists.close(exc)
+                raise
+            else:
+                text_lists.close()
+
+        try:
+            image_results = self._stream(self.image, image_lists())
+            text_results = self._stream(self.text, text_lists)
+            yield from zip(image_results, text_results, strict=True)
+        finally:
+            text_lists.cancel()  # ends the text request thread, even on error
+
+    def close(self) -> None:
+        """Closes both channels."""
+        self.image.close()
+        self.text.close()

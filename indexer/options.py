@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from imgtxt.bundle import Bundle, load_bundle
+from imgtxt.client import ServiceEncoder
 from imgtxt.config import positive_int
-from indexer.encoding import Encoder, GrpcEncoder, InProcessEncoder
-from indexer.store import QUANTIZATIONS, CollectionConfig, SearchOptions
+from imgtxt.encoders.bundle import BundleEncoder
+from imgtxt.encoders.session import SessionConfig, default_cache_dir
+from imgtxt.encoders.types import Encoder
+from indexer.stores.base import QUANTIZATIONS, CollectionConfig, SearchOptions
 
 DEFAULT_STORE = "artifacts/qdrant"
 
@@ -89,8 +92,10 @@ def build_encoder(args: argparse.Namespace) -> tuple[Encoder, Bundle | None]:
     if args.in_process:
         if bundle is None:
             raise ValueError("--in-process needs --bundle")
-        return InProcessEncoder(bundle.path, device=args.device), bundle
-    encoder = GrpcEncoder(args.image_service, args.text_service, token=args.token, timeout=args.rpc_timeout)
+        return BundleEncoder.from_bundle(
+            bundle, SessionConfig(device=args.device, cache_dir=default_cache_dir())
+        ), bundle
+    encoder = ServiceEncoder(args.image_service, args.text_service, token=args.token, timeout=args.rpc_timeout)
     if bundle is not None and bundle.version != encoder.bundle_version:
         encoder.close()
         raise ValueError(f"the services serve bundle {encoder.bundle_version}, not --bundle {bundle.version}")

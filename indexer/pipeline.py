@@ -9,9 +9,8 @@ checkpoint is harmless because point ids are deterministic (upserts overwrite).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,11 +18,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from indexer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from indexer.encoding import EncodeJob, Encoder, UnitFusion, encode_jobs
+from imgtxt.encoders.types import EncodeJob, Encoder, EncodeResult
+from imgtxt.encoders.unit import UnitEncoder
+from imgtxt.stages import stage as stage_of
 from indexer.ids import KINDS
+from indexer.plan import BatchPlan, needs
 from indexer.reader import LoadedRecord, SourceRecord, load_record
-from indexer.store import CollectionConfig, VectorStore
+from indexer.shard_checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from indexer.stores.base import CollectionConfig, VectorStore
 from indexer.writer import RejectsFile, build_points
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,7 @@ class IndexConfig:
     """Show a progress bar (None = only on a terminal)."""
 
     def __post_init__(self) -> None:
-        if not self.kinds or any(k not in KINDS for k in self.kinds):
-            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        needs(self.kinds)  # raises ValueError naming the valid kinds
         if self.batch_size <= 0 or self.queue_depth <= 0 or self.checkpoint_every <= 0:
             raise ValueError(
                 f"batch_size, queue_depth and checkpoint_every must be positive, got "
@@ -89,46 +90,6 @@ class IndexReport:
         return {**asdict(self), "total_indexed": self.total_indexed}
 
 
-@dataclass(frozen=True)
-class ReadBatch:
-    """A batch of loaded records and the encode job built from them."""
-
-    records: list[LoadedRecord]
-    """The records, in shard order."""
-    end: int
-    """Position (in the shard's order) just after the batch's last record: the checkpoint value once written."""
-    job: EncodeJob
-    """Images and texts to encode."""
-
-
-class _Failed:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_DONE = object()
-
-
-def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
-    """Puts unless the job is stopping (so a failed writer never leaves a stage blocked on a full queue)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.2)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def make_job(records: list[LoadedRecord], kinds: tuple[str, ...]) -> EncodeJob:
-    """The images and texts a batch needs encoded, in record order (see `writer.build_points`)."""
-    need_images = "image" in kinds or "unit" in kinds
-    need_texts = "text" in kinds or "unit" in kinds
-    images = [r.image_bytes for r in records if need_images and r.image_bytes is not None]
-    texts = [t for r in records for t in r.record.texts] if need_texts else []
-    return EncodeJob(images, texts)
-
-
 def run_index(
     records: Iterable[SourceRecord],
     encoder: Encoder,
@@ -136,7 +97,7 @@ def run_index(
     collection: str,
     collection_config: CollectionConfig,
     config: IndexConfig = IndexConfig(),
-    fusion: UnitFusion | None = None,
+    fusion: UnitEncoder | None = None,
     checkpoint: Path | None = None,
     job: dict[str, Any] | None = None,
     rejects: Path | None = None,
@@ -165,7 +126,7 @@ def run_index(
     """
     if encoder.dim != collection_config.dim:
         raise ValueError(f"encoder dimension {encoder.dim} differs from the bundle's {collection_config.dim}")
-    fusion = fusion or UnitFusion(None)
+    fusion = fusion or UnitEncoder(None)
     job_id = {"collection": collection, "kinds": list(config.kinds), **(job or {})}
     cp = None if (restart or checkpoint is None) else load_checkpoint(checkpoint, job_id)
     store.ensure_collection(collection, collection_config)
@@ -178,85 +139,67 @@ def run_index(
         return report
 
     start = time.perf_counter()
-    stop = threading.Event()
     stage = {"read": 0.0, "encode": 0.0, "write": 0.0}
-    read_q: queue.Queue[Any] = queue.Queue(config.queue_depth)
-    enc_q: queue.Queue[Any] = queue.Queue(config.queue_depth)
     skip = report.resumed_from
 
-    def read() -> None:
-        try:
-            batch: list[LoadedRecord] = []
-            pos = 0
-            for rec in records:
-                pos += 1
-                if pos <= skip:
-                    continue
-                t0 = time.perf_counter()
-                batch.append(load_record(rec))
-                stage["read"] += time.perf_counter() - t0
-                if len(batch) >= config.batch_size:
-                    if not _put(read_q, ReadBatch(batch, pos, make_job(batch, config.kinds)), stop):
-                        return
-                    batch = []
-            if batch:
-                _put(read_q, ReadBatch(batch, pos, make_job(batch, config.kinds)), stop)
-            _put(read_q, _DONE, stop)
-        except BaseException as exc:
-            _put(read_q, _Failed(exc), stop)
-
-    read_error: list[BaseException] = []
-    batches: queue.Queue[ReadBatch] = queue.Queue()  # batches whose encode job was handed over, in order
-
-    def jobs() -> Iterator[EncodeJob]:
-        while not stop.is_set():
-            try:
-                item = read_q.get(timeout=0.2)
-            except queue.Empty:
+    def read() -> Iterator[BatchPlan]:
+        batch: list[LoadedRecord] = []
+        pos = 0
+        for rec in records:
+            pos += 1
+            if pos <= skip:
                 continue
-            if item is _DONE:
-                return
-            if isinstance(item, _Failed):
-                read_error.append(item.exc)
-                return
-            batches.put(item)
-            yield item.job
+            t0 = time.perf_counter()
+            batch.append(load_record(rec))
+            stage["read"] += time.perf_counter() - t0
+            if len(batch) >= config.batch_size:
+                yield BatchPlan.build(batch, config.kinds, pos)
+                batch = []
+        if batch:
+            yield BatchPlan.build(batch, config.kinds, pos)
 
-    def encode() -> None:
+    def encode(plans: Iterable[BatchPlan]) -> Iterator[tuple[BatchPlan, EncodeResult, EncodeResult]]:
+        sent: deque[BatchPlan] = deque()  # plans whose job the encoder has drawn, in order
+        read_error: list[BaseException] = []
+
+        def jobs() -> Iterator[EncodeJob]:
+            try:
+                for plan in plans:
+                    sent.append(plan)
+                    yield plan.job
+            except BaseException as exc:
+                read_error.append(exc)
+                raise
+
+        results = encoder.encode_jobs(jobs())
         try:
-            results = encode_jobs(encoder, jobs())
             while True:
                 t0 = time.perf_counter()
                 pair = next(results, None)
                 stage["encode"] += time.perf_counter() - t0
                 if pair is None:
-                    break
-                if not _put(enc_q, (batches.get(), *pair), stop):
                     return
-            _put(enc_q, _Failed(read_error[0]) if read_error else _DONE, stop)
-        except BaseException as exc:
-            _put(enc_q, _Failed(read_error[0] if read_error else exc), stop)
+                yield (sent.popleft(), *pair)
+        except BaseException:
+            # A gRPC stream whose request iterator raised reports only CANCELLED: the read error is the cause.
+            if read_error:
+                raise read_error[0] from None
+            raise
 
     rejects_file = RejectsFile(rejects, truncate_to=cp.rejects_bytes if cp else 0)
     committed = report.resumed_from
-    extra = {"bundle_version": getattr(encoder, "bundle_version", "")}
-    threads = [threading.Thread(target=read, name="index-read"), threading.Thread(target=encode, name="index-encode")]
-    for t in threads:
-        t.start()
+    extra = {"bundle_version": encoder.bundle_version}
+    # Three overlapping stages: reading and encoding each run ahead in their own thread, at most `queue_depth`
+    # batches in each queue; this thread writes.
+    planned = stage_of("index-read", read(), config.queue_depth)
+    encoded = stage_of("index-encode", encode(planned), config.queue_depth)
     bar = tqdm(
         total=total, initial=committed, unit="rec", disable=None if config.progress is None else not config.progress
     )
     try:
-        n = 0
-        while True:
-            item = enc_q.get()
-            if item is _DONE:
-                break
-            if isinstance(item, _Failed):
-                raise item.exc
-            batch, image_res, text_res = item
+        for n, (plan, image_res, text_res) in enumerate(encoded, 1):
             t0 = time.perf_counter()
-            points, rejected = build_points(batch.records, image_res, text_res, config.kinds, fusion, extra)
+            points, rejected = build_points(plan, image_res, text_res, fusion, extra)
             store.upsert(points)
             rejects_file.write(rejected)
             for p in points:
@@ -264,12 +207,11 @@ def run_index(
                 counts[kind] = counts.get(kind, 0) + 1
             counts["skipped"] = counts.get("skipped", 0) + sum(not r.failed for r in rejected)
             counts["failed"] = counts.get("failed", 0) + sum(r.failed for r in rejected)
-            n += 1
-            committed = batch.end
+            committed = plan.end
             if n % config.checkpoint_every == 0:
                 _commit(store, rejects_file, checkpoint, job_id, committed, counts, done=False)
             stage["write"] += time.perf_counter() - t0
-            bar.update(len(batch.records))
+            bar.update(len(plan.records))
             bar.set_postfix(points=sum(v for k, v in counts.items() if k in KINDS), refresh=False)
         t0 = time.perf_counter()
         store.flush()
@@ -277,11 +219,10 @@ def run_index(
         _commit(store, rejects_file, checkpoint, job_id, committed, counts, done=True)
         stage["write"] += time.perf_counter() - t0
     finally:
-        stop.set()
+        encoded.cancel()
+        planned.cancel()
         bar.close()
         rejects_file.close()
-        for t in threads:
-            t.join()
     done_now = sum(v for k, v in counts.items() if k in KINDS) - sum(
         v for k, v in (cp.counts if cp else {}).items() if k in KINDS
     )

@@ -10,11 +10,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from imgtxt.serving.result import EncodeResult, ItemCode
-from indexer.encoding import UnitFusion
+from imgtxt.encoders.types import EncodeResult, ItemCode
+from imgtxt.encoders.unit import UnitEncoder
 from indexer.ids import point_id
-from indexer.reader import LoadedRecord
-from indexer.store import PointData
+from indexer.plan import BatchPlan, needs
+from indexer.stores.base import PointData
 
 
 @dataclass(frozen=True)
@@ -82,46 +82,51 @@ def _reason(result: EncodeResult, index: int) -> tuple[str, bool]:
 
 
 def build_points(
-    records: list[LoadedRecord],
+    plan: BatchPlan,
     images: EncodeResult,
     texts: EncodeResult,
-    kinds: tuple[str, ...],
-    fusion: UnitFusion,
+    fusion: UnitEncoder,
     extra_payload: dict[str, Any],
 ) -> tuple[list[PointData], list[Reject]]:
     """Turns one batch's encodings into points (image, text and unit) and rejects.
 
-    `images` holds one row per record with a readable image (when images were encoded), `texts` one row per text
-    of every record (when texts were encoded), in record order, as the read stage built the encode job.
+    Each embedding row is found through the plan (`plan.image_rows`, `plan.text_rows`), the same map the encode job
+    was built from.
 
     Args:
-        records: The batch's records, in order.
-        images: Image encodings.
-        texts: Text encodings.
-        kinds: Which kinds of points to make.
+        plan: The batch's records and the map from embedding rows to them.
+        images: Encodings of `plan.job.images`.
+        texts: Encodings of `plan.job.texts`.
         fusion: Makes unit vectors.
         extra_payload: Added to every point's payload (e.g. the bundle version).
+
+    Raises:
+        ValueError: The encodings do not have one row per planned row.
     """
-    need_images = "image" in kinds or "unit" in kinds
-    need_texts = "text" in kinds or "unit" in kinds
+    if len(images) != len(plan.image_rows) or len(texts) != len(plan.text_rows):
+        raise ValueError(
+            f"encodings do not match the plan: {len(images)} image rows for {len(plan.image_rows)} planned, "
+            f"{len(texts)} text rows for {len(plan.text_rows)} planned"
+        )
+    kinds = plan.kinds
+    need_images, need_texts = needs(kinds)
+    image_row = {record: row for row, record in enumerate(plan.image_rows)}
+    text_row = {(t.record, t.caption): row for row, t in enumerate(plan.text_rows)}
     points: list[PointData] = []
     rejects: list[Reject] = []
     unit_rows: list[tuple[str, dict[str, Any], np.ndarray, np.ndarray]] = []
-    ii = ti = 0
-    for loaded in records:
+    for r, loaded in enumerate(plan.records):
         rec = loaded.record
         base = {**rec.payload, **extra_payload}
         image_vec: np.ndarray | None = None
         image_reason, image_failed = "", False
         if need_images and rec.image is not None:
-            if loaded.image_bytes is None:
+            if r not in image_row:
                 image_reason = loaded.image_error or "unreadable image"
+            elif images.outcomes[image_row[r]].ok:
+                image_vec = images.embeddings[image_row[r]]
             else:
-                if images.outcomes[ii].ok:
-                    image_vec = images.embeddings[ii]
-                else:
-                    image_reason, image_failed = _reason(images, ii)
-                ii += 1
+                image_reason, image_failed = _reason(images, image_row[r])
             if "image" in kinds:
                 if image_vec is not None:
                     payload = {**base, "kind": "image", "key": rec.key, "image_path": str(rec.image)}
@@ -132,10 +137,10 @@ def build_points(
             continue
         for i, text in enumerate(rec.texts):
             key = rec.text_key(i)
-            ok = texts.outcomes[ti].ok
-            text_vec = texts.embeddings[ti] if ok else None
-            text_reason, text_failed = ("", False) if ok else _reason(texts, ti)
-            ti += 1
+            row = text_row[(r, i)]
+            ok = texts.outcomes[row].ok
+            text_vec = texts.embeddings[row] if ok else None
+            text_reason, text_failed = ("", False) if ok else _reason(texts, row)
             payload = {**base, "key": key, "text": text, "caption_index": i}
             if rec.image is not None:
                 payload["image_key"] = rec.key
@@ -152,7 +157,7 @@ def build_points(
                     reason = image_reason if image_vec is None else text_reason
                     rejects.append(Reject(key, "unit", reason, image_failed if image_vec is None else text_failed))
     if unit_rows:
-        fused = fusion.fuse(np.stack([r[2] for r in unit_rows]), np.stack([r[3] for r in unit_rows]))
+        fused = fusion.fuse(np.stack([u[2] for u in unit_rows]), np.stack([u[3] for u in unit_rows]))
         for (key, payload, v, t), u in zip(unit_rows, fused, strict=True):
             points.append(PointData(point_id("unit", key), {"image": v, "text": t, "unit": u}, payload))
     return points, rejects

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from imgtxt.encoders.text import TextEncoder
 from imgtxt.serving.main import run_service
-from text_encoder_service.encoder import TextEncoder
 from text_encoder_service.server import create_server
 
 

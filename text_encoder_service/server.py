@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from imgtxt.encoders.text import TextEncoder
 from imgtxt.serving.config import ServerConfig
 from imgtxt.serving.server import EncoderServer, build_server
 from imgtxt.v1 import encoder_pb2 as pb
 from imgtxt.v1 import encoder_pb2_grpc as pb_grpc
-from text_encoder_service.encoder import TextEncoder
 from text_encoder_service.servicer import TextEncoderServicer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name

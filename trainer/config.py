@@ -91,13 +91,14 @@ class TrainConfig:
     epochs: int = 10
     """Passes over all training captions."""
     batch_size: int = 128
-    """Per step and process: captions (sampling=caption) or images, each with all its captions (sampling=image)."""
+    """Per step and process: captions (sampling=caption) or images, each with all its captions (sampling=image).
+    Under `torchrun` the losses see the global batch of all processes (N x batch_size), gathered with gradients."""
     lr: float = 1e-3
     """Peak learning rate of the heads (cosine decay after warm-up)."""
     backbone_lr: float = 5e-5
     """Peak learning rate of fine-tuned backbone stages."""
     weight_decay: float = 1e-4
-    """AdamW weight decay."""
+    """AdamW weight decay of weight matrices and kernels; biases, norm gains and InfoNCE's logit scale get none."""
     warmup_steps: int = 100
     """Linear warm-up steps."""
     grad_clip: float = 2.0

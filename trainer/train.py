@@ -2,7 +2,8 @@
 
 `imgtxt train [--recipe tiny|quick|default] [--config FILE.yaml] [--data PATH] [--out RUN_DIR] [--resume]
 [--set key=value ...]` writes RUN_DIR/{config.yaml, checkpoints/last.pt, checkpoints/best.pt, metrics.jsonl}.
-Data parallel under `torchrun` (gloo on CPU, nccl on CUDA).
+Data parallel under `torchrun` (gloo on CPU, nccl on CUDA): N ranks x `batch_size` train as one process on the
+global batch, since the losses see every rank's rows (`trainer.distributed`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,15 @@ from imgtxt.config import apply_env_defaults
 from imgtxt.datasets import default_data_root, load_captioned_images
 from imgtxt.errors import ConfigError
 from imgtxt.logs import add_logging_flags, setup_logging
-from imgtxt.metrics import retrieval_metrics
+from imgtxt.retrieval_metrics import retrieval_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_config, save_config
 from trainer.data import CachedSource, CaptionTable, PixelSource, TowerInputs, cached_features, default_cache_dir
+from trainer.distributed import gather_rows, shard_batch
 from trainer.encode import Source, encode_images, encode_split
-from trainer.losses import CombinedLoss, LossInputs, lexical_similarity, neighbour_batches
+from trainer.losses import CombinedLoss, LossInputs, lexical_similarity, neighbour_batches, pack_batches
 from trainer.model import DualEncoder
+from trainer.optim import build_param_groups, upgrade_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,15 @@ class TrainStep(nn.Module):
         self, inputs: TowerInputs, pair_image: Tensor, image_ids: Tensor, epoch: int, text_sim: Tensor | None,
         local_sim: Tensor | None,
     ) -> dict[str, Tensor]:  # fmt: skip
-        """`inputs.image` holds each distinct image of the batch once; `pair_image` maps every caption to its row."""
+        """Embeds this rank's rows, gathers every rank's rows, and returns the loss terms of the gathered batch.
+
+        `inputs.image` holds each distinct image of this rank's rows once; `pair_image` maps every caption (row) to
+        its image row; `image_ids` are the rows' global image ids. Under `torchrun` the per-row tensors (embeddings
+        with their gradients, image ids) are gathered across ranks in rank order before the loss, so every in-batch
+        loss sees the global batch exactly as one process would (`trainer.distributed` explains the gradients).
+        The pairwise labels `text_sim` and `local_sim` are not per row: the caller builds them for the gathered
+        batch (rows in rank order), which every rank knows.
+        """
         pooled_image = self.model.image.pooled_from(inputs.image, self.image_split, self.feature_drop)
         image, image_local = self.model.image.head.parts(pooled_image)
         image = image[pair_image]
@@ -68,8 +79,12 @@ class TrainStep(nn.Module):
         )
         text, text_local = self.model.text.head.parts(pooled_text)
         unit = self.model.unit(image, text) if self.model.unit is not None else None
-        batch = LossInputs(image, text, image_ids, epoch=epoch, text_sim=text_sim, unit=unit, image_local=image_local,
-                           text_local=text_local, local_sim=local_sim)  # fmt: skip
+        every_image, every_text, every_id, unit, image_local, text_local = gather_rows(
+            image, text, image_ids, unit, image_local, text_local
+        )
+        assert every_image is not None and every_text is not None and every_id is not None
+        batch = LossInputs(every_image, every_text, every_id, epoch=epoch, text_sim=text_sim, unit=unit,
+                           image_local=image_local, text_local=text_local, local_sim=local_sim)  # fmt: skip
         return self.loss(batch)
 
 
@@ -168,11 +183,13 @@ class Trainer:
             self.model, self.loss, self.image_split, self.text_split, cfg.feature_drop
         ).to(self.device)
         if self.world > 1:
+            # DDP averages the gradients; with the loss on the gathered batch that is the single-process gradient.
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
-        groups = [{"params": heads, "lr": cfg.lr}]
+        # Parts in the order the optimizer groups were made before the no-decay split (old checkpoints rely on it).
+        self.parts: dict[str, tuple[list[nn.Parameter], float]] = {"heads": (heads, cfg.lr)}
         if backbone:
-            groups.append({"params": backbone, "lr": cfg.backbone_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+            self.parts["backbone"] = (backbone, cfg.backbone_lr)
+        self.optimizer = torch.optim.AdamW(build_param_groups(self.parts, cfg.weight_decay))
         self.average = WeightAverage([*heads, *backbone], cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.steps_per_epoch = max(1, self._sampling_units() // (cfg.batch_size * self.world))
         total = self.steps_per_epoch * cfg.epochs
@@ -252,12 +269,13 @@ class Trainer:
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=self.rank != 0)
             t0, seen, terms = time.perf_counter(), 0, {}
             for batch in bar:
-                # Every rank sees the same global batches and takes its own slice of each.
-                idx = batch[self.rank :: self.world]
+                # Every rank sees the same global batches and knows every rank's shard of each (it encodes its own;
+                # the losses see them all, gathered). The strided split loses no remainder.
+                shards = shard_batch(batch, self.world)
                 if cfg.sampling == "image":
-                    idx = self.train_table.captions_of(idx)
-                terms = self._train_step(idx, epoch)
-                seen += len(idx) * self.world
+                    shards = [self.train_table.captions_of(s) for s in shards]
+                terms = self._train_step(shards, epoch)
+                seen += sum(len(s) for s in shards)
                 rate = seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", pairs_s=f"{rate:.0f}")
                 if self.step % cfg.log_every == 0:
@@ -282,7 +300,12 @@ class Trainer:
         return best
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's global batches: image indices (sampling=image) or caption indices (sampling=caption)."""
+        """The epoch's `steps_per_epoch` global batches: image indices (sampling=image) or caption indices.
+
+        Every unit appears exactly once per epoch: the units that do not fill a whole batch are spread over the
+        batches (a few batches are one or a few units larger) instead of being dropped, so no image or caption is
+        skipped, and the step count the LR schedule was built with stays fixed.
+        """
         cfg = self.cfg
         global_batch = cfg.batch_size * self.world
         if cfg.neighbour_batches_from and epoch + 1 >= cfg.neighbour_batches_from:
@@ -291,12 +314,13 @@ class Trainer:
                                     cfg.encode_batch_size, self.device)  # fmt: skip
             per_cluster = max(1, global_batch // cfg.neighbour_clusters)
             found = neighbour_batches(emb, cfg.neighbour_clusters, per_cluster, seed=cfg.seed + epoch)
-            # Keep the step count of the LR schedule: the fullest batches (the few short tails are dropped).
-            keep = sorted(sorted(range(len(found)), key=lambda b: -len(found[b]))[: self.steps_per_epoch])
-            logger.info("neighbour batches", extra={"epoch": epoch, "batches": len(found), "kept": len(keep)})
-            return [np.asarray(found[b], dtype=np.int64) for b in keep]
+            # More batches than steps (short tails where clusters run out): the tails are packed, whole, into the
+            # steps instead of being dropped with their images.
+            packed = pack_batches(found, self.steps_per_epoch)
+            logger.info("neighbour batches", extra={"epoch": epoch, "batches": len(found), "steps": len(packed)})
+            return [np.asarray(b, dtype=np.int64) for b in packed]
         perm = np.random.default_rng(cfg.seed + epoch).permutation(self._sampling_units())
-        return [perm[i * global_batch : (i + 1) * global_batch] for i in range(self.steps_per_epoch)]
+        return np.array_split(perm, self.steps_per_epoch)
 
     def _sampling_units(self) -> int:
         """How many units an epoch draws batches from: training images (sampling=image) or captions."""
@@ -314,19 +338,22 @@ class Trainer:
             raise RuntimeError("data-parallel ranks diverged: trained weights differ between ranks")
         logger.info("ranks agree", extra={"world": self.world, "checksum": float(local[:, 0].sum())})
 
-    def _train_step(self, idx: np.ndarray, epoch: int) -> dict[str, float]:
-        """One optimizer step on the captions `idx` (and their images, each run through the image tower once)."""
+    def _train_step(self, shards: Sequence[np.ndarray], epoch: int) -> dict[str, float]:
+        """One optimizer step on a global batch given as every rank's caption indices (`shards[rank]` are this
+        rank's, each of their images run through the image tower once); the losses see all shards' rows."""
         cfg = self.cfg
+        idx = shards[self.rank]
+        every = np.concatenate(list(shards))  # the gathered batch's rows, in rank order (as `gather_rows` makes)
         image_ids = self.train_table.caption_image[idx]
         distinct, pair_image = np.unique(image_ids, return_inverse=True)
         inputs = self.train_source.batch(distinct, idx, augment=cfg.augment).to(self.device)
         text_sim = None
         if self.needs_text_sim:
-            s = self.train_sentence[idx].float()
+            s = self.train_sentence[every].float()
             text_sim = (s @ s.T).clamp(0, 1).to(self.device)
         local_sim = None
         if self.cfg.local_dim:
-            captions = [self.train_table.captions[i] for i in idx]
+            captions = [self.train_table.captions[i] for i in every]
             local_sim = torch.from_numpy(lexical_similarity(captions, captions)).to(self.device)
         ids, rows = torch.from_numpy(image_ids).to(self.device), torch.from_numpy(pair_image).to(self.device)
         with self._autocast():
@@ -379,8 +406,12 @@ class Trainer:
         ckpt = load_checkpoint(path).state
         self.model.load_state_dict(ckpt["model"])
         self.loss.load_state_dict(ckpt["loss"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        # Checkpoints from before the no-decay groups hold one group per part: regroup their state.
+        optimizer, scheduler = upgrade_optimizer_state(
+            ckpt["optimizer"], ckpt["scheduler"], self.optimizer, {k: p for k, (p, _) in self.parts.items()}
+        )
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(scheduler)
         self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])

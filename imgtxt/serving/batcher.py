@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from imgtxt.errors import Overloaded
-from imgtxt.serving.metrics import ServiceMetrics
+from imgtxt.serving.prometheus import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 

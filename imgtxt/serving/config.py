@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
+from imgtxt.encoders.session import DEVICES, OPTIMIZATION_LEVELS, SessionConfig, default_cache_dir
 from imgtxt.errors import ConfigError
 from imgtxt.logs import add_logging_flags
 from imgtxt.preprocess import ImageLimits
-from imgtxt.serving.session import DEVICES, OPTIMIZATION_LEVELS, SessionConfig, default_cache_dir
+from imgtxt.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_PORTS = {"image": 50051, "text": 50052}
 
 

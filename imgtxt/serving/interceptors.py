@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from imgtxt.errors import InvalidInput, LimitExceeded, Overloaded, Unauthenticated
-from imgtxt.serving.metrics import ServiceMetrics
+from imgtxt.serving.prometheus import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from types import FrameType
 from typing import Any
 
 from imgtxt.bundle import load_bundle
+from imgtxt.encoders.tower import TowerEncoder
 from imgtxt.errors import BundleError, ConfigError
 from imgtxt.logs import setup_logging
 from imgtxt.serving.config import add_server_flags, server_config_from_args, session_config_from_args
 from imgtxt.serving.server import EncoderServer
-from imgtxt.serving.tower import TowerEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imgtxt.encoders.tower import TowerEncoder
 from imgtxt.errors import ConfigError
 from imgtxt.serving.batcher import DynamicBatcher, InlineRunner, Runner
 from imgtxt.serving.config import ServerConfig
 from imgtxt.serving.interceptors import AuthInterceptor, ErrorMappingInterceptor
-from imgtxt.serving.metrics import ServiceMetrics
+from imgtxt.serving.prometheus import ServiceMetrics
 from imgtxt.serving.servicer import EncoderServicerBase, EncodeService
-from imgtxt.serving.tower import TowerEncoder
 
 logger = logging.getLogger(__name__)
 

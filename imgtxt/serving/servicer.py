@@ -6,8 +6,6 @@ base only converts messages. The image and text servicers add nothing but "which
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -17,13 +15,14 @@ from typing import Any, Generic, TypeVar
 import grpc
 import numpy as np
 
+from imgtxt.encoders.tower import Prepared, TowerEncoder
+from imgtxt.encoders.types import EncodeResult
 from imgtxt.errors import InvalidInput
 from imgtxt.serving.batcher import Runner
-from imgtxt.serving.convert import to_info_response, to_response
-from imgtxt.serving.metrics import ServiceMetrics
-from imgtxt.serving.result import EncodeResult
-from imgtxt.serving.tower import Prepared, TowerEncoder
+from imgtxt.serving.prometheus import ServiceMetrics
+from imgtxt.stages import stage
 from imgtxt.v1 import encoder_pb2 as pb
+from imgtxt.wire import to_info_response, to_response
 
 ItemT = TypeVar("ItemT")
 
@@ -118,42 +117,17 @@ class EncoderServicerBase(Generic[ItemT]):
         pushes back on the client. Each answer goes out as soon as it is ready, so a client that waits for one
         response before sending the next chunk works as well as one that sends ahead.
         """
-        window: queue.Queue[tuple[PendingEncode, Any] | BaseException | None] = queue.Queue(self.stream_window)
 
-        def put(entry: tuple[PendingEncode, Any] | BaseException | None) -> bool:
-            while context.is_active():
-                try:
-                    window.put(entry, timeout=0.5)  # re-checks now and then whether the client went away
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def submitted() -> Iterator[tuple[PendingEncode, Any]]:
+            for request in request_iterator:
+                # A full queue makes a stream wait (backpressure through flow control) instead of failing it.
+                yield self.service.submit(self._items(request), wait=context.is_active), request
 
-        def read() -> None:
-            try:
-                for request in request_iterator:
-                    # A full queue makes a stream wait (backpressure through flow control) instead of failing it.
-                    pending = self.service.submit(self._items(request), wait=context.is_active)
-                    if not put((pending, request)):
-                        return
-            except BaseException as exc:  # handed to the rpc thread, which raises it (mapped to a status there)
-                put(exc)
-            else:
-                put(None)
-
-        threading.Thread(target=read, name="stream-reader", daemon=True).start()
-        while True:
-            try:
-                entry = window.get(timeout=0.5)
-            except queue.Empty:
-                if not context.is_active():  # cancelled: free this worker thread
-                    return
-                continue
-            if entry is None:
-                return
-            if isinstance(entry, BaseException):
-                raise entry
-            yield self._respond(*entry)
+        # The reader runs ahead by at most `stream_window` chunks; a cancelled or finished rpc cancels it.
+        window = stage("stream-reader", submitted(), self.stream_window)
+        context.add_callback(window.cancel)
+        for pending, request in window:
+            yield self._respond(pending, request)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         """Bundle, provider and limits."""

@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from image_encoder_service.encoder import ImageEncoder
 from image_encoder_service.server import create_server as create_image_server
+from imgtxt.client import ServiceEncoder
+from imgtxt.encoders.bundle import BundleEncoder
+from imgtxt.encoders.image import ImageEncoder
+from imgtxt.encoders.text import TextEncoder
+from imgtxt.encoders.types import EncodeJob
 from imgtxt.serving.config import ServerConfig
-from indexer.cli import index_main, search_main
-from indexer.encoding import EncodeJob, GrpcEncoder, InProcessEncoder, encode_jobs
+from indexer.cli import main as index_main
 from indexer.ids import point_id
-from indexer.store import open_store
-from text_encoder_service.encoder import TextEncoder
+from indexer.stores.factory import open_store
+from search.cli import main as search_main
 from text_encoder_service.server import create_server as create_text_server
 
 
@@ -38,10 +41,10 @@ def services(tiny_bundle: Path) -> Iterator[tuple[str, str]]:
         text.stop(grace=0)
 
 
-def test_streamed_jobs_are_recut_at_job_boundaries(services: tuple[str, str], encoder: InProcessEncoder) -> None:
-    grpc_encoder = GrpcEncoder(*services)
+def test_streamed_jobs_are_recut_at_job_boundaries(services: tuple[str, str], encoder: BundleEncoder) -> None:
+    grpc_encoder = ServiceEncoder(*services)
     jobs = [EncodeJob([], ["a"]), EncodeJob([b"not an image"], ["b", "c", "d", "e", "f"]), EncodeJob([], [])]
-    results = list(encode_jobs(grpc_encoder, iter(jobs)))
+    results = list(grpc_encoder.encode_jobs(iter(jobs)))
     assert [(len(i), len(t)) for i, t in results] == [(0, 1), (1, 5), (0, 0)]
     assert results[1][0].outcomes[0].code == 3  # the bad image fails alone, INVALID_ARGUMENT
     np.testing.assert_allclose(results[1][1].embeddings, encoder.encode_texts(list("bcdef")).embeddings, atol=1e-5)
@@ -49,7 +52,7 @@ def test_streamed_jobs_are_recut_at_job_boundaries(services: tuple[str, str], en
 
 
 def test_index_and_search_through_services(
-    services: tuple[str, str], dataset: Path, tmp_path: Path, tiny_bundle: Path, encoder: InProcessEncoder, capsys
+    services: tuple[str, str], dataset: Path, tmp_path: Path, tiny_bundle: Path, encoder: BundleEncoder, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     image_target, text_target = services
     store = tmp_path / "q"

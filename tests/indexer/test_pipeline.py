@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,16 @@ import numpy as np
 import pytest
 
 from imgtxt.bundle import load_bundle
+from imgtxt.encoders.bundle import BundleEncoder
+from imgtxt.encoders.types import EncodeJob, EncodeResult, ItemCode, ItemOutcome
+from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.errors import InvalidInput
-from imgtxt.serving.result import EncodeResult, ItemCode, ItemOutcome
-from indexer.cli import index_main
-from indexer.encoding import InProcessEncoder, UnitFusion
+from indexer.cli import main as index_main
 from indexer.ids import point_id, shard_of
 from indexer.pipeline import IndexConfig, run_index
 from indexer.reader import SourceRecord, read_records
-from indexer.store import CollectionConfig, DimensionMismatch, open_store
+from indexer.stores.base import CollectionConfig, DimensionMismatch
+from indexer.stores.factory import open_store
 
 DIM = 8
 
@@ -44,6 +47,10 @@ class HashEncoder:
 
     def encode_texts(self, texts: list[str]) -> EncodeResult:
         return self._encode([t.encode() for t in texts])
+
+    def encode_jobs(self, jobs: Iterable[EncodeJob]) -> Iterator[tuple[EncodeResult, EncodeResult]]:
+        for job in jobs:
+            yield self.encode_images(job.images), self.encode_texts(job.texts)
 
     def close(self) -> None:
         pass
@@ -111,10 +118,10 @@ def test_dimension_mismatch_is_raised_before_any_write(tmp_path: Path) -> None:
 
 
 def test_index_dataset_with_real_towers(
-    dataset: Path, tmp_path: Path, encoder: InProcessEncoder, tiny_bundle: Path
+    dataset: Path, tmp_path: Path, encoder: BundleEncoder, tiny_bundle: Path
 ) -> None:
     store = open_store(tmp_path / "q")
-    fusion = UnitFusion(load_bundle(tiny_bundle))
+    fusion = UnitEncoder(load_bundle(tiny_bundle))
     report = run_index(
         read_records(dataset),
         encoder,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from indexer.ids import point_id
-from indexer.retry import call_with_retry, is_retryable
-from indexer.store import CollectionConfig, DimensionMismatch, PointData, SearchOptions, VectorStore, open_store
+from indexer.stores.base import CollectionConfig, DimensionMismatch, PointData, SearchOptions, VectorStore
+from indexer.stores.factory import open_store
+from indexer.stores.retry import call_with_retry, is_retryable
 
 DIM = 16
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_encoder_service.encoder import ImageEncoder
 from image_encoder_service.server import create_server as create_image_server
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
+from imgtxt.encoders.image import ImageEncoder
+from imgtxt.encoders.text import TextEncoder
 from imgtxt.preprocess import ImageLimits
 from imgtxt.serving.config import ServerConfig
 from imgtxt.serving.server import EncoderServer
-from text_encoder_service.encoder import TextEncoder
 from text_encoder_service.server import create_server as create_text_server
 
 # Small enough that an over-limit image is cheap to build, large enough for the test images.
@@ -102,11 +102,26 @@ def self_signed_cert(directory: Path, name: str) -> tuple[Path, Path]:
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
         ],
         check=True,
         capture_output=True,
-    )  # fmt: skip
+    )
     return cert, key

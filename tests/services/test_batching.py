@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from imgtxt.client import TextEncoderClient
+from imgtxt.encoders.text import TextEncoder
 from tests.services.conftest import serving
-from text_encoder_service.encoder import TextEncoder
 from text_encoder_service.server import create_server
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from image_encoder_service.encoder import ImageEncoder
 from imgtxt.bundle import load_bundle
+from imgtxt.encoders.image import ImageEncoder
+from imgtxt.encoders.session import CUDA, DeviceUnavailable, SessionConfig, create_session
+from imgtxt.encoders.text import TextEncoder
+from imgtxt.encoders.types import ItemCode
 from imgtxt.preprocess import preprocess_image
-from imgtxt.serving.result import ItemCode
-from imgtxt.serving.session import CUDA, DeviceUnavailable, SessionConfig, create_session
 from imgtxt.text import TextTokenizer
 from tests.services.conftest import TEST_IMAGE_LIMITS, make_image
-from text_encoder_service.encoder import TextEncoder
 
 
 def test_image_encoder_matches_bare_onnx_runtime(image_encoder: ImageEncoder, tiny_bundle: Path) -> None:

@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from image_encoder_service.encoder import ImageEncoder
 from imgtxt.client import ImageEncoderClient
-from imgtxt.serving.result import ItemCode
+from imgtxt.encoders.image import ImageEncoder
+from imgtxt.encoders.types import ItemCode
 from imgtxt.serving.server import EncoderServer
 from imgtxt.v1 import encoder_pb2 as pb
 from imgtxt.v1 import encoder_pb2_grpc as pb_grpc

@@ -11,10 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from imgtxt.client import TextEncoderClient
+from imgtxt.encoders.text import TextEncoder
 from imgtxt.serving.config import ServerConfig
 from imgtxt.serving.server import EncoderServer
 from tests.services.conftest import self_signed_cert, serving
-from text_encoder_service.encoder import TextEncoder
 from text_encoder_service.server import SERVICE_NAME, create_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from image_encoder_service.encoder import ImageEncoder
 from image_encoder_service.server import create_server as create_image_server
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
+from imgtxt.encoders.image import ImageEncoder
+from imgtxt.encoders.text import TextEncoder
 from tests.services.conftest import make_image, serving
-from text_encoder_service.encoder import TextEncoder
 from text_encoder_service.server import create_server as create_text_server
 
 

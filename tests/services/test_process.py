@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from imgtxt.bundle import load_bundle
-from imgtxt.serving.session import CUDA
+from imgtxt.encoders.session import CUDA
 from imgtxt.v1 import encoder_pb2 as pb
 from imgtxt.v1 import encoder_pb2_grpc as pb_grpc
 

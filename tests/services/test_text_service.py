@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from imgtxt.client import TextEncoderClient
-from imgtxt.serving.result import ItemCode
+from imgtxt.encoders.text import TextEncoder
+from imgtxt.encoders.types import ItemCode
 from imgtxt.serving.server import EncoderServer
 from imgtxt.v1 import encoder_pb2 as pb
 from imgtxt.v1 import encoder_pb2_grpc as pb_grpc
-from text_encoder_service.encoder import TextEncoder
 
 CAPTIONS = [f"caption number {i}: a {'big ' * (i % 5)}dog runs after {i} red balls" for i in range(23)]
 

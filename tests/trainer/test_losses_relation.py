@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from trainer.losses import LossInputs, RelationLoss, RelationModule, kmeans, neighbour_batches, positive_mask
+from trainer.losses import (
+    LossInputs,
+    RelationLoss,
+    RelationModule,
+    kmeans,
+    neighbour_batches,
+    pack_batches,
+    positive_mask,
+)
 from trainer.losses.relation import _CrossAttention, similarity_kl
 
 
@@ -154,3 +162,32 @@ def test_neighbour_batches_group_neighbours() -> None:
 def test_neighbour_batches_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match=">= 1"):
         neighbour_batches(_blobs(2), num_clusters_p=0, images_per_cluster_k=4, seed=0)
+
+
+def test_pack_batches_keeps_every_unit_in_whole_batches_and_the_step_count() -> None:
+    batches = [[0, 1, 2, 3], [4], [5, 6, 7, 8], [9, 10], [11, 12, 13, 14], [15]]  # 3 full batches, 3 short tails
+    packed = pack_batches(batches, 3)
+    assert len(packed) == 3
+    assert sorted(i for step in packed for i in step) == list(range(16))  # nothing dropped, nothing twice
+    # The full batches open the steps; the tails join whole, largest first, each the smallest step so far (ties:
+    # the earliest); a step lists its batches in input order.
+    assert packed == [[0, 1, 2, 3, 9, 10], [4, 5, 6, 7, 8], [11, 12, 13, 14, 15]]
+    assert pack_batches(batches, 6) == batches
+    with pytest.raises(ValueError, match="cannot pack"):
+        pack_batches(batches, 7)
+
+
+def test_packed_neighbour_batches_cover_an_epoch_in_balanced_steps() -> None:
+    embeddings = _blobs(35)  # 105 images: 13 steps of 8 leave 1 over, and the clusters leave short tails
+    batches = neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=3)
+    assert len(batches) > 13
+    packed = pack_batches(batches, 13)
+    assert sorted(i for step in packed for i in step) == list(range(105))
+    sizes = [len(step) for step in packed]
+    assert max(sizes) - min(sizes) <= 2  # balanced (the batches themselves range from 2 to 8 images)
+    members = {tuple(b) for b in batches}
+    for step in packed:  # a union of whole neighbour batches
+        rest = list(step)
+        while rest:
+            whole = next(b for b in members if tuple(rest[: len(b)]) == b)
+            rest = rest[len(whole) :]

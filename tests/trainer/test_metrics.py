@@ -1,11 +1,11 @@
-"""`imgtxt.metrics`: R@K from image ids on hand-made similarity matrices, and Kendall τ."""
+"""`imgtxt.retrieval_metrics`: R@K from image ids on hand-made similarity matrices, and Kendall τ."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from imgtxt.metrics import graded_kendall_tau, kendall_tau, retrieval_metrics
+from imgtxt.retrieval_metrics import graded_kendall_tau, kendall_tau, retrieval_metrics
 
 
 def test_perfect_retrieval_with_shuffled_caption_order() -> None:

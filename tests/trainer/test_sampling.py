@@ -12,10 +12,11 @@ import torch
 
 from imgtxt.datasets import CaptionedImage
 from imgtxt.errors import ConfigError
+from trainer.checkpoint import load_checkpoint
 from trainer.config import load_config
 from trainer.data import CachedSource, CaptionTable, load_pixels, view_rng
 from trainer.encode import encode_images
-from trainer.losses import CombinedLoss, neighbour_batches
+from trainer.losses import CombinedLoss, neighbour_batches, pack_batches
 from trainer.model import DualEncoder, drop_features
 from trainer.train import Trainer, TrainStep
 
@@ -81,9 +82,9 @@ def test_image_sampling_visits_every_caption_with_fewer_steps(synthetic_data: Pa
     seen: list[np.ndarray] = []
     original = trainer._train_step
 
-    def spy(idx: np.ndarray, epoch: int) -> dict[str, float]:
-        seen.append(idx)
-        return original(idx, epoch)
+    def spy(shards: list[np.ndarray], epoch: int) -> dict[str, float]:
+        seen.append(np.concatenate(shards))
+        return original(shards, epoch)
 
     trainer._train_step = spy  # type: ignore[method-assign]
     trainer.fit()
@@ -96,23 +97,42 @@ def test_image_sampling_visits_every_caption_with_fewer_steps(synthetic_data: Pa
     assert [r["step"] for r in records] == [4, 8]
 
 
-def test_neighbour_batches_group_nearby_images_from_the_given_epoch(synthetic_data: Path, tmp_path: Path) -> None:
+def test_neighbour_batches_group_nearby_images_and_drop_none(synthetic_data: Path, tmp_path: Path) -> None:
+    # P=3 clusters x 1 image: neighbour batches of at most 3 images for a global batch of 4, so there are more
+    # batches than the 4 steps of the epoch (dropping the surplus would drop their images).
     overrides = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0",
                  "sampling=image", "batch_size=4", "epochs=2", "neighbour_batches_from=2",
-                 "neighbour_clusters=2"]  # fmt: skip
+                 "neighbour_clusters=3"]  # fmt: skip
     trainer = Trainer(load_config("tiny", None, overrides), tmp_path / "run").setup()
-    random_batches = trainer._epoch_batches(0)
-    neighbour = trainer._epoch_batches(1)
-    assert len(neighbour) <= trainer.steps_per_epoch == len(random_batches) == 4
-    flat = np.concatenate(neighbour)
-    assert len(set(flat.tolist())) == len(flat)  # no image twice in an epoch
-    # The epoch's batches are HREM neighbour batches (P=2 clusters x 2 images) of the current image embeddings
-    # (the grouping itself is tested in test_losses_relation).
+    assert trainer.steps_per_epoch == len(trainer._epoch_batches(0)) == 4
+    # The epoch's steps are HREM neighbour batches of the current image embeddings, packed whole into the step
+    # count (the grouping and packing themselves are tested in test_losses_relation).
     emb = encode_images(trainer.model, trainer.train_source, len(trainer.train_table.images), trainer.image_split, 8,
                         trainer.device)  # fmt: skip
-    expected = [b for b in neighbour_batches(emb, 2, 2, seed=trainer.cfg.seed + 1) if len(b) == 4]
-    assert [b.tolist() for b in neighbour] == expected[: len(neighbour)]
-    assert trainer.fit()["rsum"] >= 0
+    found = neighbour_batches(emb, 3, 1, seed=trainer.cfg.seed + 1)
+    assert len(found) > trainer.steps_per_epoch
+    assert [b.tolist() for b in trainer._epoch_batches(1)] == pack_batches(found, trainer.steps_per_epoch)
+    seen: list[np.ndarray] = []
+    original = trainer._train_step
+
+    def spy(shards: list[np.ndarray], epoch: int) -> dict[str, float]:
+        seen.append(np.concatenate(shards))
+        return original(shards, epoch)
+
+    trainer._train_step = spy  # type: ignore[method-assign]
+    trainer.fit()
+    neighbour_epoch = np.concatenate(seen[trainer.steps_per_epoch :])
+    assert len(seen) == 2 * trainer.steps_per_epoch
+    assert sorted(neighbour_epoch.tolist()) == list(range(len(trainer.train_table.captions)))  # each caption once
+
+
+def test_epoch_batches_spread_the_remainder_instead_of_dropping_it(synthetic_data: Path, tmp_path: Path) -> None:
+    overrides = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0",
+                 "sampling=image", "batch_size=3"]  # fmt: skip
+    trainer = Trainer(load_config("tiny", None, overrides), tmp_path / "run").setup()
+    batches = trainer._epoch_batches(0)  # 16 images in 16 // 3 = 5 steps
+    assert [len(b) for b in batches] == [4, 3, 3, 3, 3]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(16))
 
 
 def test_neighbour_batches_need_image_sampling() -> None:
@@ -170,7 +190,11 @@ def test_training_views_at_train_image_size_while_validation_and_serving_use_ima
         with torch.no_grad():
             expected = model.image.features(torch.from_numpy(pixels)[None], split)[0].half()
         torch.testing.assert_close(trainer.train_source.store.image[1], expected, atol=2e-3, rtol=2e-3)  # type: ignore[attr-defined]
-    assert trainer.fit()["rsum"] >= 0
+    best = trainer.fit()
+    # The figures returned are the best epoch's, as logged and as kept in best.pt (validated at image_size).
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert best["rsum"] == max(r["rsum"] for r in logged) > 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt").metrics["rsum"] == best["rsum"]
 
 
 def test_length_bucketed_text_pass_equals_the_padded_one() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -278,3 +280,35 @@ def neighbour_batches(
         batches.append(batch)
     logger.debug("neighbour_batches: %d images, %d clusters, %d batches", n, k_clusters, len(batches))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def pack_batches(batches: Sequence[Sequence[int]], num_steps: int) -> list[list[int]]:
+    """Packs whole batches into exactly ``num_steps`` steps, so an epoch keeps its step count and drops nothing.
+
+    ``neighbour_batches`` returns more batches than the epoch has steps (clusters run out unevenly, leaving short
+    tail batches), and the LR schedule counts a fixed number of steps per epoch. Dropping the surplus would drop
+    its images from the epoch; instead the ``num_steps`` largest batches each open a step and every other batch
+    joins, whole, the step that holds the fewest units so far (ties: the earliest). A step is thus a union of
+    whole neighbour batches (their neighbourhood structure survives), every unit appears exactly once, and step
+    sizes stay balanced. Steps come in the order of their opening batch in ``batches`` (which
+    ``neighbour_batches`` already shuffles), members in their input order. Deterministic.
+
+    Args:
+        batches: Disjoint batches of unit indices, at least ``num_steps`` of them.
+        num_steps: Steps of the epoch (>= 1).
+
+    Returns:
+        ``num_steps`` lists of unit indices.
+    """
+    if num_steps < 1 or len(batches) < num_steps:
+        raise ValueError(f"cannot pack {len(batches)} batches into {num_steps} steps (need 1 <= steps <= batches)")
+    by_size = sorted(range(len(batches)), key=lambda b: (-len(batches[b]), b))
+    openers = sorted(by_size[:num_steps])
+    members: list[list[int]] = [[b] for b in openers]
+    fewest = [(len(batches[b]), step) for step, b in enumerate(openers)]
+    heapq.heapify(fewest)
+    for b in by_size[num_steps:]:
+        size, step = heapq.heappop(fewest)
+        members[step].append(b)
+        heapq.heappush(fewest, (size + len(batches[b]), step))
+    return [[i for b in sorted(group) for i in batches[b]] for group in members]

@@ -1,0 +1,1 @@
+"""`imgtxt demo`: the whole system end to end on embedded defaults (the README's first command)."""
