@@ -21,8 +21,9 @@ import torch
 
 from benchmarks.report import Report, add_results_flag
 from imgtxt.encoders.session import SessionConfig, create_session
-from trainer.export import PARITY_CAPTIONS, export_model, parity_image_inputs, parity_text_inputs, tiny_model
+from trainer.export import PARITY_CAPTIONS, export_model, parity_image_inputs, parity_text_inputs
 from trainer.model import DualEncoder, ModelSpec, tokenizer_path
+from trainer.testing import tiny_model
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:

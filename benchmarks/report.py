@@ -13,6 +13,7 @@ import platform
 import shlex
 import sys
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,12 @@ def machine() -> str:
         model = platform.processor()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = []
-    for module in ("onnxruntime", "torch", "qdrant_edge"):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            versions.append(f"{module} {getattr(mod, '__version__', '?')}")
+    for module, dist in (("onnxruntime", "onnxruntime-gpu"), ("torch", "torch"), ("qdrant_edge", "qdrant-edge-py")):
+        if module in sys.modules:
+            try:
+                versions.append(f"{dist} {metadata.version(dist)}")
+            except metadata.PackageNotFoundError:  # e.g. the CPU-only onnxruntime package
+                versions.append(f"{module} {getattr(sys.modules[module], '__version__', '?')}")
     return f"{model or platform.machine()}, {cores} cores usable; Python {platform.python_version()}; " + ", ".join(
         versions
     )

@@ -7,23 +7,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from evaluation.via_index import evaluate_via_index
 from imgtxt.bundle import load_bundle
 from imgtxt.client import ServiceEncoder
-from imgtxt.config import apply_env_defaults, positive_int
+from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.datasets import default_data_root, load_captioned_images
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.errors import ImgTxtError, InvalidInput
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.retrieval_metrics import format_metrics
 from imgtxt.supervisor import REPO_ROOT, run_services
-from indexer.pipeline import IndexConfig, run_index
+from indexer.ids import KINDS
+from indexer.options import HelpFormatter, add_json_flag, emit
+from indexer.pipeline import IndexConfig, IndexReport, run_index
 from indexer.reader import read_records, source_fingerprint
 from indexer.shard_checkpoint import checkpoint_path
-from indexer.stores.base import CollectionConfig, VectorStore
+from indexer.stores.base import CollectionConfig, CollectionMismatch, VectorStore
 from indexer.stores.factory import open_store
 from search.searcher import Searcher
 
@@ -46,41 +49,62 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imgtxt demo",
         description="End to end: get a bundle (train + export once, cached), start both encoder services, index the "
         "val split into the embedded Qdrant, run example text and image queries, report R@K through the index.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", type=Path, default=default_data_root(), help="dataset directory or dataset_*.json")
     p.add_argument("--bundle", type=Path, help="use this bundle instead of training one")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="cache of the run, bundle and index")
     p.add_argument("--store", help="vector store (default: <artifacts>/qdrant, embedded)")
-    p.add_argument("--limit", type=positive_int, help="index only the first N val images")
+    p.add_argument("--limit", type=positive_int, help="only the first N records (images) of the val split")
     p.add_argument("--quick", action="store_true", help=f"same as --limit {QUICK_LIMIT}")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="records per indexing batch")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="records (images with their captions) per encoding batch"
+    )
     p.add_argument("--service-timeout", type=float, default=300.0, help="seconds to wait for the services")
+    p.add_argument(
+        "--serve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end by serving the search page over the index until Ctrl-C (--no-serve: run and exit)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address of the search page (with --serve)")
+    p.add_argument("--http-port", type=non_negative_int, default=8080, help="port of the search page (0: a free one)")
+    add_json_flag(p, "the index report, the query hits and R@K")
     add_logging_flags(p)
     apply_env_defaults(p)
     return p
 
 
-def _step(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+class _Narrator:
+    """The demo's human output: on stdout, or on stderr when stdout carries the JSON (`--json -`)."""
+
+    def __init__(self, to_stderr: bool) -> None:
+        self.out = sys.stderr if to_stderr else sys.stdout
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def step(self, text: str) -> None:
+        self.say(f"\n== {text}")
+
+    def run(self, cmd: list[str]) -> None:
+        self.say("$ imgtxt " + " ".join(cmd[3:]))
+        subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=self.out)
 
 
-def _run(cmd: list[str]) -> None:
-    print("$ imgtxt " + " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
-
-
-def ensure_bundle(data: Path, artifacts: Path) -> Path:
+def ensure_bundle(data: Path, artifacts: Path, narrator: _Narrator | None = None) -> Path:
     """The cached demo bundle, training (`imgtxt train --recipe quick`) and exporting it first when missing."""
+    n = narrator or _Narrator(False)
     bundle = artifacts / "demo" / "bundle"
     if (bundle / "manifest.json").is_file():
-        print(f"reusing the cached bundle {bundle}")
+        n.say(f"reusing the cached bundle {bundle}")
         return bundle
     run = artifacts / "demo" / "run"
     base = [sys.executable, "-m", "imgtxt.cli"]
     if not (run / "checkpoints" / "best.pt").is_file():
         resume = ["--resume"] if (run / "checkpoints" / "last.pt").is_file() else []
-        _run([*base, "train", "--recipe", "quick", "--data", str(data), "--out", str(run), *resume])
-    _run([*base, "export", "--run", str(run), "--out", str(bundle)])
+        n.run([*base, "train", "--recipe", "quick", "--data", str(data), "--out", str(run), *resume])
+    n.run([*base, "export", "--run", str(run), "--out", str(bundle)])
     return bundle
 
 
@@ -92,37 +116,64 @@ def _index(
     limit: int | None,
     args: argparse.Namespace,
     store_dir: Path,
-) -> None:
+    narrator: _Narrator,
+) -> IndexReport:
     b = load_bundle(bundle, verify=False)
     collection = b.version
     cp = checkpoint_path(store_dir / "_checkpoints", collection, 0, 1)
+    # Units only from a trained unit head: the demo does not opt in to the untrained normalize(v+t) fusion.
+    kinds = KINDS if b.manifest.serving.unit_head else ("image", "text")
+    fusion = UnitEncoder(b if b.manifest.serving.unit_head else None)
     job = {
         "source": str(data.resolve()),
         "fingerprint": source_fingerprint(data),
         "split": "val",
         "limit": limit,
         "shard": [0, 1],
+        "fusion": fusion.kind if "unit" in kinds else None,
     }
-    kwargs = {
-        "fusion": UnitEncoder(b),
-        "config": IndexConfig(batch_size=args.batch_size),
+    kwargs: dict[str, Any] = {
+        "fusion": fusion,
+        "config": IndexConfig(kinds=kinds, batch_size=args.batch_size),
         "checkpoint": cp,
         "job": job,
         "rejects": cp.with_name("rejects-0-of-1.jsonl"),
     }
-    records = read_records(data, split="val", limit=limit)
-    config = CollectionConfig(dim=encoder.dim)
+    # The collection follows the bundle's decisions (its trained quantisation).
+    config = CollectionConfig(dim=encoder.dim, quantization=b.manifest.serving.quantization)
     try:
-        report = run_index(records, encoder, store, collection, config, **kwargs)  # type: ignore[arg-type]
-    except InvalidInput:
-        # The collection holds another selection of val (e.g. an earlier --limit): rebuild it from scratch.
+        report = run_index(read_records(data, split="val", limit=limit), encoder, store, collection, config, **kwargs)
+    except (InvalidInput, CollectionMismatch):
+        # The collection holds another selection of val (e.g. an earlier --limit), or was built with other options:
+        # it is the demo's own, so rebuild it from scratch.
         store.delete_collection(collection)
         records = read_records(data, split="val", limit=limit)
-        report = run_index(records, encoder, store, collection, config, restart=True, **kwargs)  # type: ignore[arg-type]
+        report = run_index(records, encoder, store, collection, config, restart=True, **kwargs)
     per_kind = ", ".join(f"{k} {v}" for k, v in report.indexed.items())
     note = " (already indexed: resumed from the checkpoint)" if report.resumed_from and not report.elapsed_s else ""
     rate = f"{report.elapsed_s:.1f} s, {report.rate:.0f} points/s"
-    print(f"indexed {per_kind} into {collection} at {store_dir}{note}; {rate}")
+    narrator.say(f"indexed {per_kind} into {collection} at {store_dir}{note}; {rate}")
+    if "unit" not in kinds:
+        narrator.say(
+            f"bundle {b.version} has no trained unit head: no unit points (`imgtxt index --untrained-fusion` makes "
+            "them with normalize(v+t))"
+        )
+    return report
+
+
+def _serve(store: VectorStore, encoder: ServiceEncoder, args: argparse.Namespace, n: _Narrator) -> None:
+    """Serves the search page (and its HTTP/gRPC APIs) over the index just built, until Ctrl-C."""
+    from search.backend import SearchBackend
+    from search_service.server import SearchServerConfig, create_search_server, wait_for_signal
+
+    n.step("search page")
+    config = SearchServerConfig(host=args.host, port=0, http_port=args.http_port)
+    server = create_search_server(config, SearchBackend(store, encoder, encoder.bundle_version))
+    n.say(f"open {server.url} to search the index (Ctrl-C to stop)")
+    try:
+        wait_for_signal()
+    finally:
+        server.stop(grace=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,41 +187,60 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store_dir = Path(args.store) if args.store else args.artifacts / "qdrant"
     started = time.perf_counter()
+    n = _Narrator(to_stderr=args.json == "-")
+    result: dict[str, Any] = {"store": str(store_dir), "queries": {}}
     try:
-        _step("model bundle")
-        bundle = args.bundle or ensure_bundle(data, args.artifacts)
+        n.step("model bundle")
+        bundle = args.bundle or ensure_bundle(data, args.artifacts, n)
         items = load_captioned_images(data, split="val", limit=limit)
-        _step("starting the image and text encoder services")
+        n.step("starting the image and text encoder services")
         with run_services(bundle, timeout_s=args.service_timeout) as (image_svc, text_svc):
-            print(f"image service on {image_svc.target}, text service on {text_svc.target}: SERVING")
+            n.say(f"image service on {image_svc.target}, text service on {text_svc.target}: SERVING")
             encoder = ServiceEncoder(image_svc.target, text_svc.target)
             store = open_store(store_dir)
             try:
-                _step(f"indexing {len(items)} val images with their captions and image+caption units")
-                _index(store, encoder, bundle, data, limit, args, store_dir)
+                n.step(f"indexing {len(items)} val images with their captions and image+caption units")
+                report = _index(store, encoder, bundle, data, limit, args, store_dir, n)
+                result["index"] = report.to_dict()
                 searcher = Searcher(store, encoder, encoder.bundle_version)
-                _step("text -> image queries")
+                n.step("text -> image queries")
                 for query in TEXT_QUERIES:
-                    print(f'"{query}"')
-                    for h in searcher.search_text(query, target="image", limit=3):
-                        print(f"   {h.score:.3f}  {Path(h.payload['image_path']).name}")
-                _step("image -> text query")
-                print(f"{items[0].path.name} (its own captions include: {items[0].captions[0]!r})")
-                for h in searcher.search_image(items[0].path, target="text", limit=3):
-                    print(f"   {h.score:.3f}  {h.payload['text']}")
-                _step("text -> image+caption units")
-                print(f'"{TEXT_QUERIES[0]}"')
-                for h in searcher.search_text(TEXT_QUERIES[0], target="unit", limit=3):
-                    print(f"   {h.score:.3f}  {Path(h.payload['image_path']).name}: {h.payload['text']}")
-                _step(f"R@K through the index ({len(items)} images, {sum(len(i.captions) for i in items)} captions)")
+                    n.say(f'"{query}"')
+                    hits = searcher.search_text(query, target="image", limit=3)
+                    result["queries"][f"text->image: {query}"] = [h.to_dict() for h in hits]
+                    for h in hits:
+                        n.say(f"   {h.score:.3f}  {Path(h.payload['image_path']).name}")
+                n.step("image -> text query")
+                n.say(f"{items[0].path.name} (its own captions include: {items[0].captions[0]!r})")
+                hits = searcher.search_image(items[0].path, target="text", limit=3)
+                result["queries"][f"image->text: {items[0].path.name}"] = [h.to_dict() for h in hits]
+                for h in hits:
+                    n.say(f"   {h.score:.3f}  {h.payload['text']}")
+                if report.fusion is not None:
+                    n.step(f"text -> image+caption units (fusion: {report.fusion})")
+                    n.say(f'"{TEXT_QUERIES[0]}"')
+                    hits = searcher.search_text(TEXT_QUERIES[0], target="unit", limit=3)
+                    result["queries"][f"text->unit: {TEXT_QUERIES[0]}"] = [h.to_dict() for h in hits]
+                    for h in hits:
+                        n.say(f"   {h.score:.3f}  {Path(h.payload['image_path']).name}: {h.payload['text']}")
+                n.step(f"R@K through the index ({len(items)} images, {sum(len(i.captions) for i in items)} captions)")
                 metrics = evaluate_via_index(
-                    items, encoder, store, encoder.bundle_version, CollectionConfig(dim=encoder.dim), reindex=False
+                    items,
+                    encoder,
+                    store,
+                    encoder.bundle_version,
+                    CollectionConfig(dim=encoder.dim),
+                    reindex=False,
+                    batch_size=args.batch_size,
                 )
-                print(format_metrics(metrics))
+                result["metrics"] = metrics
+                n.say(format_metrics(metrics))
+                if args.serve:
+                    _serve(store, encoder, args, n)
             finally:
                 store.close()
                 encoder.close()
-            _step("stopping the services")
+            n.step("stopping the services")
     except subprocess.CalledProcessError as exc:
         print(
             f"imgtxt demo: error: `{' '.join(map(str, exc.cmd[3:]))}` failed with exit code {exc.returncode}",
@@ -180,5 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ImgTxtError, ValueError, OSError, RuntimeError, TimeoutError, grpc.RpcError) as exc:
         print(f"imgtxt demo: error: {exc}", file=sys.stderr)
         return 1
-    print(f"done in {time.perf_counter() - started:.1f} s")
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    emit(args.json, result, lambda: n.say(f"done in {result['elapsed_s']:.1f} s"))
     return 0

@@ -1,14 +1,16 @@
 """`imgtxt eval --via-index`: the standard R@K protocol run through the encoders and the vector store.
 
-The split is indexed (images and captions) into its own collection, every image and caption is encoded again as a
-query, and each query's ranking comes back from the store. Metrics come from `imgtxt.retrieval_metrics`, the same
-code as the offline evaluation, so with exact search both report identical numbers.
+The split is indexed (images and captions) into its own collection, or an existing collection an indexing job built
+is reused as it is (after checking that it holds exactly the split's points); every image and caption is encoded
+again as a query, and each query's ranking comes back from the store. Metrics come from `imgtxt.retrieval_metrics`,
+the same code as the offline evaluation, so with exact search both report identical numbers.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from evaluation.judgments import JudgedPairs
 from evaluation.offline import encode_all
 from imgtxt.datasets import CaptionedImage
 from imgtxt.encoders.types import Encoder
@@ -18,6 +20,34 @@ from indexer.ids import point_id
 from indexer.pipeline import IndexConfig, run_index
 from indexer.reader import SourceRecord
 from indexer.stores.base import DEFAULT_SEARCH, CollectionConfig, SearchOptions, VectorStore
+
+
+def check_holds_exactly(
+    store: VectorStore, collection: str, image_ids: list[str], text_ids: list[str], bundle_version: str
+) -> None:
+    """Checks that the open collection holds exactly these image and text points, written by `bundle_version`.
+
+    Raises:
+        ImgTxtError: Points of the split are missing, the collection holds other image or text points (another
+            split, another --limit), or they were indexed by another bundle; the message says which and how many.
+    """
+    n_images, n_texts = store.count({"kind": "image"}), store.count({"kind": "text"})
+    found = store.retrieve(image_ids + text_ids)
+    missing = len(image_ids) + len(text_ids) - len(found)
+    if missing or n_images != len(image_ids) or n_texts != len(text_ids):
+        raise ImgTxtError(
+            f"collection {collection!r} does not hold exactly the split's points: it has {n_images} image and "
+            f"{n_texts} text points, the split {len(image_ids)} images and {len(text_ids)} captions, of which "
+            f"{missing} are missing; index exactly this split into it (imgtxt index DATA --split SPLIT [--limit N]) "
+            "or evaluate without --reuse"
+        )
+    versions = sorted({str(p.get("bundle_version")) for p in found.values()})
+    if versions != [bundle_version]:
+        raise ImgTxtError(
+            f"collection {collection!r} was indexed with bundle(s) {', '.join(versions)}, but the queries are "
+            f"encoded by {bundle_version}"
+        )
+
 
 QUERY_BATCH = 64
 # Below any cosine: a candidate the (approximate) search did not return ranks after every returned one.
@@ -55,43 +85,55 @@ def evaluate_via_index(
     options: SearchOptions = DEFAULT_SEARCH,
     reindex: bool = True,
     depth: int | None = None,
+    batch_size: int = 32,
 ) -> dict[str, float]:
-    """Indexes `items` into a fresh `collection` and measures R@K both ways through the store.
+    """Indexes `items` into a fresh `collection` (or reuses one) and measures R@K both ways through the store.
 
     Args:
         items: The evaluation split.
         encoder: Encodes the collection and the queries.
         store: The vector store.
-        collection: Collection to (re)create, or with `reindex=False` one that already holds exactly these items.
-        config: Collection options.
+        collection: Collection to (re)create, or with `reindex=False` one that already holds exactly these items
+            (checked: `check_holds_exactly`).
+        config: Collection options (used when reindexing).
         options: Search options (`exact=True` reproduces the offline numbers).
         reindex: Delete and re-index the collection first.
         depth: Candidates asked per query. None asks for the full ranking (exact medr/meanr; but Qdrant then searches
             HNSW with ef >= collection size, i.e. exhaustively). A depth of 10 measures R@1/5/10 as a real top-10
             search would serve them; ranks past the depth are unknown, so medr/meanr are left out.
+        batch_size: Records per indexing batch, and queries per encoding call.
+
+    Raises:
+        ImgTxtError: An item could not be indexed or encoded, or a reused collection does not hold exactly `items`.
 
     Returns:
         The `imgtxt.retrieval_metrics.retrieval_metrics` keys (i2t from image queries, t2i from caption queries), plus
         `n_images` and `n_texts`.
     """
     records = [SourceRecord(it.key, it.path, it.captions) for it in items]
+    texts = [(rec.text_key(j), t, i) for i, rec in enumerate(records) for j, t in enumerate(rec.texts)]
+    image_cols = {point_id("image", rec.key): i for i, rec in enumerate(records)}
+    text_cols = {point_id("text", key): n for n, (key, _, _) in enumerate(texts)}
     if reindex:
         store.delete_collection(collection)
         report = run_index(
-            records, encoder, store, collection, config, IndexConfig(kinds=("image", "text"), progress=False)
+            records,
+            encoder,
+            store,
+            collection,
+            config,
+            IndexConfig(kinds=("image", "text"), batch_size=batch_size, progress=False),
         )
         if report.skipped or report.failed:
             raise ImgTxtError(f"{report.skipped + report.failed} evaluation items could not be indexed")
     else:
         store.open_collection(collection)
-    texts = [(rec.text_key(j), t, i) for i, rec in enumerate(records) for j, t in enumerate(rec.texts)]
-    image_cols = {point_id("image", rec.key): i for i, rec in enumerate(records)}
-    text_cols = {point_id("text", key): n for n, (key, _, _) in enumerate(texts)}
+        check_holds_exactly(store, collection, list(image_cols), list(text_cols), encoder.bundle_version)
     text_image_ids = np.array([i for _, _, i in texts])
     image_queries = encode_all(
-        lambda chunk: encoder.encode_images([p.read_bytes() for p in chunk]), [it.path for it in items]
+        lambda chunk: encoder.encode_images([p.read_bytes() for p in chunk]), [it.path for it in items], batch_size
     )
-    text_queries = encode_all(encoder.encode_texts, [t for _, t, _ in texts])
+    text_queries = encode_all(encoder.encode_texts, [t for _, t, _ in texts], batch_size)
     i2t = retrieval_metrics(_ranked_sims(store, image_queries, "text", text_cols, options, depth), text_image_ids)
     t2i = retrieval_metrics(_ranked_sims(store, text_queries, "image", image_cols, options, depth).T, text_image_ids)
     out = {k: v for k, v in i2t.items() if k.startswith("i2t")} | {k: v for k, v in t2i.items() if k.startswith("t2i")}
@@ -99,3 +141,19 @@ def evaluate_via_index(
         out = {k: v for k, v in out.items() if not k.endswith(("medr", "meanr"))}
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
     return {**out, "n_images": float(len(records)), "n_texts": float(len(texts))}
+
+
+def judged_scores_via_index(
+    pairs: JudgedPairs, items: list[CaptionedImage], encoder: Encoder, store: VectorStore, options: SearchOptions
+) -> np.ndarray:
+    """The store's score of each judged (image, caption) pair: the judged image is the query, and the search is
+    restricted to the judged caption's point (`key` filter), so the score is what the index serves for that pair."""
+    rows = sorted(set(pairs.rows.tolist()))
+    images = encode_all(lambda chunk: encoder.encode_images([items[r].path.read_bytes() for r in chunk]), rows)
+    query = dict(zip(rows, images, strict=True))
+    out = np.full(len(pairs), MISSING, np.float64)
+    for n, (row, (_, caption_image, k)) in enumerate(zip(pairs.rows.tolist(), pairs.keys, strict=True)):
+        (hits,) = store.search(query[row][None], "text", 1, {"kind": "text", "key": f"{caption_image}#{k}"}, options)
+        if hits:
+            out[n] = hits[0].score
+    return out

@@ -20,11 +20,17 @@ from imgtxt.errors import BundleError
 from imgtxt.preprocess import ImagePreprocessConfig
 from imgtxt.text import TextConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Manifests of these versions still load; version 1 had no `serving` section (it is derived from the other fields).
+READABLE_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 # One distance drives both training (cosine similarity of L2-normalised vectors) and vector-store collections.
 DISTANCE = "cosine"
 MODALITIES = ("image", "text", "unit")
+# Graph precisions a bundle may hold; fp32 always.
+PRECISIONS = ("fp32", "fp16")
+# Vector-store quantisations the towers can be trained for (the collection's default quantisation).
+QUANTIZATIONS = ("none", "int8", "binary")
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,122 @@ class TowerSpec:
 
 
 @dataclass(frozen=True)
+class GraphVariant:
+    """One tower's graph at one precision."""
+
+    file: str
+    """ONNX file name inside the bundle (inputs and outputs are float32 / int64 at every precision)."""
+    parity: Parity | None = None
+    """Agreement with the float32 PyTorch tower, measured at export."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GraphVariant:
+        """Rebuilds a variant from its manifest form."""
+        parity = d.get("parity")
+        return cls(d["file"], Parity(**parity) if parity else None)
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """What the trainer decided about serving: every consumer (services, indexer, search, eval) obeys it.
+
+    A flag may override a decision (e.g. `imgtxt index --quantization`), and says so; nothing ignores it silently.
+    """
+
+    image_size: int
+    """Side the image tower is served at (the preprocessing's `image_size`)."""
+    flip_average: bool = False
+    """The image graph averages each image's embedding with its mirror image's (test-time augmentation inside)."""
+    quantization: str = "none"
+    """Vector-store quantisation the towers were trained for (`none`, `int8`, `binary`): a new collection's default."""
+    unit_head: bool = False
+    """The bundle has a trained fusion head for image+caption `unit` vectors."""
+    precisions: dict[str, dict[str, GraphVariant]] = field(default_factory=dict)
+    """Precision (`fp32`, `fp16`) -> modality -> graph; fp32 holds every tower."""
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise BundleError(f"serving.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        unknown = sorted(set(self.precisions) - set(PRECISIONS))
+        if unknown:
+            raise BundleError(f"serving.precisions has unknown precision(s) {unknown}; known: {PRECISIONS}")
+        if "fp32" not in self.precisions:
+            raise BundleError("serving.precisions must hold the fp32 graphs")
+
+    def graph(self, modality: str, precision: str) -> GraphVariant:
+        """The graph of `modality` at `precision`.
+
+        Raises:
+            BundleError: The bundle has no such graph, naming the precisions it has for the modality.
+        """
+        variant = self.precisions.get(precision, {}).get(modality)
+        if variant is None:
+            have = [p for p in PRECISIONS if modality in self.precisions.get(p, {})]
+            raise BundleError(
+                f"the bundle has no {precision} {modality} graph (it has: {', '.join(have) or 'none'}); "
+                f"export one (`imgtxt export --{precision}`) or serve another precision"
+            )
+        return variant
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServingSpec:
+        """Rebuilds the section from its manifest form."""
+        precisions = {
+            p: {m: GraphVariant.from_dict(v) for m, v in towers.items()}
+            for p, towers in d.get("precisions", {}).items()
+        }
+        return cls(**{**d, "precisions": precisions})
+
+
+def trained_quantization(training: dict[str, Any]) -> str:
+    """The vector-store quantisation a training config optimised for: its quantisation loss's mode, or `none`.
+
+    Reads the flat layout (`losses`, `loss_kwargs`) and the grouped one (`loss.weights`, `loss.kwargs`).
+    """
+    loss: dict[str, Any] = training["loss"] if isinstance(training.get("loss"), dict) else {}
+    weights = training.get("losses") or loss.get("weights") or {}
+    kwargs = training.get("loss_kwargs") or loss.get("kwargs") or {}
+    if "quantization" not in weights:
+        return "none"
+    return str((kwargs.get("quantization") or {}).get("mode", "int8"))
+
+
+# Placeholder default of `Manifest.serving`: replaced in `__post_init__` by the section derived from the other fields.
+_DERIVE = ServingSpec(image_size=0, precisions={"fp32": {}})
+
+
+def _legacy_serving(d: dict[str, Any], image: TowerSpec, text: TowerSpec, unit: TowerSpec | None) -> ServingSpec:
+    """The serving section of a schema-1 manifest, from the fields that held those decisions then."""
+    training = d.get("training") or {}
+    exported = training.get("export") or {}
+    towers = {"image": image, "text": text, **({"unit": unit} if unit else {})}
+    precisions: dict[str, dict[str, GraphVariant]] = {
+        "fp32": {m: GraphVariant(t.file, t.parity) for m, t in towers.items()}
+    }
+    fp16_parity = (d.get("metrics") or {}).get("fp16_parity") or {}
+    fp16 = {
+        m: GraphVariant(t.fp16_file, Parity(**fp16_parity[m]) if m in fp16_parity else None)
+        for m, t in towers.items()
+        if t.fp16_file
+    }
+    if fp16:
+        precisions["fp16"] = fp16
+    return ServingSpec(
+        image_size=int(d["image_preprocess"]["image_size"]),
+        flip_average=bool(exported.get("flip_average", False)),
+        quantization=trained_quantization(training),
+        unit_head=unit is not None,
+        precisions=precisions,
+    )
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """Contents of `manifest.json` (schema version 1)."""
+    """Contents of `manifest.json` (schema version 2; version 1 manifests load with a derived `serving` section)."""
 
     bundle_version: str
     """Version string; the vector-store collection is named after it."""
@@ -93,13 +213,16 @@ class Manifest:
     """Resolved training config the towers came from."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """Evaluation figures measured before export (e.g. val R@K)."""
+    serving: ServingSpec = field(default_factory=lambda: _DERIVE)
+    """How the bundle is served and indexed (side, flip averaging, precisions, trained quantisation, unit head);
+    when not given, derived from the other fields as a schema-1 manifest's is."""
     schema_version: int = SCHEMA_VERSION
     """Manifest schema version."""
 
     def __post_init__(self) -> None:
-        if self.schema_version != SCHEMA_VERSION:
+        if self.schema_version not in READABLE_SCHEMAS:
             raise BundleError(
-                f"manifest schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})"
+                f"manifest schema_version {self.schema_version} is not supported (readable: {READABLE_SCHEMAS})"
             )
         if not self.bundle_version or any(c in self.bundle_version for c in "/\\ "):
             raise BundleError(f"bundle_version must be non-empty with no '/', '\\' or spaces: {self.bundle_version!r}")
@@ -107,6 +230,28 @@ class Manifest:
             raise BundleError(f"embedding_dim must be positive, got {self.embedding_dim}")
         if self.distance != DISTANCE:
             raise BundleError(f"distance must be {DISTANCE!r}, got {self.distance!r}")
+        if self.serving is _DERIVE:
+            legacy = {
+                "training": self.training,
+                "metrics": self.metrics,
+                "image_preprocess": {"image_size": self.image_preprocess.image_size},
+            }
+            object.__setattr__(self, "serving", _legacy_serving(legacy, self.image, self.text, self.unit))
+        sv = self.serving
+        if sv.image_size != self.image_preprocess.image_size:
+            raise BundleError(
+                f"serving.image_size {sv.image_size} differs from image_preprocess.image_size "
+                f"{self.image_preprocess.image_size}"
+            )
+        if sv.unit_head != (self.unit is not None):
+            raise BundleError(
+                f"serving.unit_head is {sv.unit_head} but the bundle {'has' if self.unit else 'has no'} unit tower"
+            )
+        for modality in ("image", "text", "unit"):
+            spec = getattr(self, modality)
+            fp32 = sv.precisions["fp32"].get(modality)
+            if spec is not None and (fp32 is None or fp32.file != spec.file):
+                raise BundleError(f"serving.precisions.fp32.{modality} must name {spec.file}")
 
     def tower(self, modality: str) -> TowerSpec:
         """The spec of `image`, `text` or `unit`.
@@ -126,6 +271,7 @@ class Manifest:
         d = asdict(self)
         d["image_preprocess"] = self.image_preprocess.to_dict()
         d["text_config"] = self.text_config.to_dict()
+        d["serving"] = self.serving.to_dict()
         return d
 
     @classmethod
@@ -137,9 +283,9 @@ class Manifest:
         """
         if not isinstance(d, dict):
             raise BundleError("manifest must be a JSON object")
-        if d.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        if d.get("schema_version", SCHEMA_VERSION) not in READABLE_SCHEMAS:
             raise BundleError(
-                f"manifest schema_version {d.get('schema_version')} is not supported (expected {SCHEMA_VERSION})"
+                f"manifest schema_version {d.get('schema_version')} is not supported (readable: {READABLE_SCHEMAS})"
             )
         required = ("bundle_version", "embedding_dim", "image", "text", "image_preprocess", "text_config", "onnx_opset")
         missing = [k for k in required if k not in d]
@@ -150,14 +296,23 @@ class Manifest:
         if unknown:
             raise BundleError(f"manifest has unknown field(s): {', '.join(unknown)}")
         try:
+            image, text = TowerSpec.from_dict(d["image"]), TowerSpec.from_dict(d["text"])
+            unit = TowerSpec.from_dict(d["unit"]) if d.get("unit") else None
+            if d.get("serving"):
+                serving = ServingSpec.from_dict(d["serving"])
+            elif d.get("schema_version", SCHEMA_VERSION) == 1:
+                serving = _legacy_serving(d, image, text, unit)
+            else:
+                raise BundleError("manifest is missing required field(s): serving")
             return cls(
                 **{
                     **d,
-                    "image": TowerSpec.from_dict(d["image"]),
-                    "text": TowerSpec.from_dict(d["text"]),
-                    "unit": TowerSpec.from_dict(d["unit"]) if d.get("unit") else None,
+                    "image": image,
+                    "text": text,
+                    "unit": unit,
                     "image_preprocess": ImagePreprocessConfig.from_dict(d["image_preprocess"]),
                     "text_config": TextConfig.from_dict(d["text_config"]),
+                    "serving": serving,
                 }
             )
         except BundleError:
@@ -223,6 +378,7 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, str |
     for spec in (manifest.image, manifest.text, manifest.unit):
         if spec and spec.fp16_file:
             named.add(spec.fp16_file)
+    named |= {v.file for towers in manifest.serving.precisions.values() for v in towers.values()}
     absent = sorted(named - set(files))
     if absent:
         raise BundleError(f"manifest names file(s) not given to write_bundle: {', '.join(absent)}")
@@ -269,6 +425,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     named = [manifest.image.file, manifest.text.file, manifest.text_config.tokenizer_file]
     if manifest.unit:
         named.append(manifest.unit.file)
+    named += [v.file for towers in manifest.serving.precisions.values() for v in towers.values()]
     for name in named:
         if name not in manifest.files:
             raise BundleError(f"manifest names {name!r} but records no hash for it")
@@ -297,13 +454,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"bundle     {m.bundle_version}  sha256 {bundle.sha256}")
     print(f"dim        {m.embedding_dim}  normalized={m.normalized}  distance={m.distance}  opset={m.onnx_opset}")
-    for modality in MODALITIES:
-        spec = getattr(m, modality)
-        if spec:
-            parity = (
-                f"max|d|={spec.parity.max_abs_diff:.2e} min cos={spec.parity.min_cosine:.6f}" if spec.parity else ""
-            )
-            print(f"{modality:<10} {spec.file}  {parity}")
+    sv = m.serving
+    for precision, towers in sv.precisions.items():
+        for modality, variant in towers.items():
+            p = variant.parity
+            parity = f"max|d|={p.max_abs_diff:.2e} min cos={p.min_cosine:.6f}" if p else ""
+            print(f"{modality:<10} {precision}  {variant.file}  {parity}")
+    print(
+        f"serving    side {sv.image_size}px  flip_average={sv.flip_average}  trained for quantization="
+        f"{sv.quantization}  unit head={'trained' if sv.unit_head else 'none'}"
+    )
     print(
         f"image      {m.image_preprocess.image_size}px {m.image_preprocess.resize} {m.image_preprocess.interpolation}"
     )

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("trainer.export:main", "export a checkpoint's towers to an ONNX model bundle", "train"),
     "serve-image": ("image_encoder_service.__main__:main", "serve a bundle's image tower over gRPC", ""),
     "serve-text": ("text_encoder_service.__main__:main", "serve a bundle's text tower over gRPC", ""),
+    "serve-search": ("search_service.__main__:main", "serve search over an index: gRPC, HTTP/JSON and a web page", ""),
     "index": ("indexer.cli:main", "encode images/captions/units and write them into Qdrant", ""),
     "search": ("search.cli:main", "search the index with a text or an image query", ""),
     "bundle-info": ("imgtxt.bundle:main", "verify a model bundle and describe it", ""),
@@ -57,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         parser.parse_args(argv[:1])  # prints the usage error with the valid choices and exits 2
     target, _, extra = COMMANDS[argv[0]]
-    if argv[0] == "eval" and "--via-index" in argv:
-        # Evaluation through the services and the vector store needs no torch: the indexer owns it.
-        target, extra = "evaluation.via_index:main", ""
     return int(_load(target, extra)(argv[1:]) or 0)
 
 

@@ -1,4 +1,4 @@
-"""Clients of the encoder services: numpy in/out, deadlines, retries on UNAVAILABLE, streaming for bulk jobs.
+"""Clients of the encoder services: numpy in/out, deadlines, gRPC retry policy, streaming for bulk jobs.
 
 `ImageEncoderClient` / `TextEncoderClient` speak to one service each; `ServiceEncoder` joins both into the
 `imgtxt.encoders.types.Encoder` of indexing, search and evaluation. Imports no ONNX Runtime and no torch.
@@ -13,15 +13,14 @@ Example:
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from functools import partial
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
 
+from imgtxt.connection import ConnectionConfig
 from imgtxt.encoders.types import EncodeJob, EncodeResult
 from imgtxt.errors import ImgTxtError
 from imgtxt.stages import Channel
@@ -46,10 +45,10 @@ class _EncoderClient(Generic[ItemT]):
 
     def __init__(
         self,
-        target: str,
+        target: str | ConnectionConfig,
         *,
         token: str | None = None,
-        tls_ca: str | Path | bytes | None = None,
+        tls_ca: str | Path | None = None,
         tls: bool = False,
         timeout: float = 30.0,
         stream_timeout: float | None = None,
@@ -60,55 +59,40 @@ class _EncoderClient(Generic[ItemT]):
         """Opens a channel (connection happens lazily, on the first call).
 
         Args:
-            target: `host:port` of the service.
+            target: A `ConnectionConfig`, or the service's `host:port` with the keyword arguments below.
             token: Bearer token sent as `authorization` metadata when the server requires one.
-            tls_ca: PEM root certificate(s) (path or bytes) to verify the server with; implies TLS.
+            tls_ca: PEM root certificate(s) (a path) to verify the server with; implies TLS.
             tls: Use TLS with the system's root certificates (when no `tls_ca` is given).
-            timeout: Deadline of each unary call, in seconds.
+            timeout: Deadline of each unary call, retries included, in seconds.
             stream_timeout: Deadline of a whole `encode_stream` call (None = none; a bulk job may run for hours).
-            max_retries: Retries of a unary call answered UNAVAILABLE (exponential backoff from 0.1 s).
+            max_retries: Retries (gRPC's retry policy) of a call answered UNAVAILABLE or RESOURCE_EXHAUSTED.
             max_message_bytes: Largest message sent or received; match the server's `--max-message-bytes`.
             channel_options: Extra gRPC channel options.
         """
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 60_000),
-            *channel_options,
-        ]
-        if tls_ca is not None or tls:
-            ca = Path(tls_ca).read_bytes() if isinstance(tls_ca, str | Path) else tls_ca
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options)
-        else:
-            self._channel = grpc.insecure_channel(target, options)
+        if isinstance(target, str):
+            target = ConnectionConfig(
+                target,
+                tls=tls,
+                tls_ca=Path(tls_ca) if tls_ca is not None else None,
+                token=token,
+                timeout_s=timeout,
+                retries=max_retries,
+                max_message_bytes=max_message_bytes,
+            )
+        self.config = target
+        self._channel = target.channel(channel_options)
         self._stub = self._stub_class(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.target = target
-        self.timeout = timeout
+        self._metadata = target.metadata
+        self.target = target.address
+        self.timeout = target.timeout_s
         self.stream_timeout = stream_timeout
-        self.max_retries = max_retries
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = target.max_message_bytes
         self._info: pb.InfoResponse | None = None
-
-    def _with_retries(self, call: Callable[[], T]) -> T:
-        """Runs a unary call, retrying only UNAVAILABLE (server restarting, connection refused) with backoff."""
-        for attempt in range(self.max_retries + 1):
-            try:
-                return call()
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
-                    raise
-                delay = min(0.1 * 2**attempt, 2.0)
-                logger.info("retrying after UNAVAILABLE", extra={"target": self.target, "attempt": attempt + 1})
-                time.sleep(delay)
-        raise AssertionError("unreachable")
 
     def info(self, refresh: bool = False) -> pb.InfoResponse:
         """The service's bundle, dimension, execution provider and limits (cached after the first call)."""
         if self._info is None or refresh:
-            self._info = self._with_retries(
-                lambda: self._stub.Info(pb.InfoRequest(), timeout=self.timeout, metadata=self._metadata)
-            )
+            self._info = self._stub.Info(pb.InfoRequest(), timeout=self.timeout, metadata=self._metadata)
         return self._info
 
     def _item(self, item: ItemT, item_id: str) -> Any:
@@ -150,8 +134,8 @@ class _EncoderClient(Generic[ItemT]):
         offset = 0
         for chunk in self._chunks(items, info.limits.max_batch):
             request = self._request(chunk)
-            call = partial(self._stub.Encode, request, timeout=self.timeout, metadata=self._metadata)
-            parts.append(from_response(self._with_retries(call), offset))
+            response = self._stub.Encode(request, timeout=self.timeout, metadata=self._metadata)
+            parts.append(from_response(response, offset))
             offset += len(chunk)
         return EncodeResult.concat(parts, info.dim)
 
@@ -245,39 +229,88 @@ def _info(client: _EncoderClient[Any], modality: str) -> pb.InfoResponse:
         raise ImgTxtError(f"cannot use the {modality} service at {client.target}: {code}: {details}") from exc
 
 
+C = TypeVar("C")
+IMAGE_LIMITS = ("max_image_bytes", "max_image_pixels")
+TEXT_LIMITS = ("max_tokens", "max_text_chars")
+
+
+def _given(client: C | None, modality: str) -> C:
+    if client is None:
+        raise ImgTxtError(
+            f"this command needs the {modality} encoder service, but none was given (--{modality}-service)"
+        )
+    return client
+
+
 class ServiceEncoder:
-    """Both encoder services as one `Encoder`: unary calls for queries, one `EncodeStream` per modality for a job.
+    """The encoder services as one `Encoder`: unary calls for queries, one `EncodeStream` per modality for a job.
+
+    Connects only to the services it is given: a text search passes only the text service, an image-only index
+    only the image service. With both, they must serve the same bundle.
 
     Args:
-        image_target: `host:port` of the image service.
-        text_target: `host:port` of the text service.
-        token: Bearer token, when the services require one.
-        timeout: Deadline of unary calls (Info, Encode), in seconds.
+        image: The image service (`ConnectionConfig`, or `host:port` with `token`/`timeout`), or None.
+        text: The text service, or None.
+        token: Bearer token, for addresses given as strings.
+        timeout: Deadline of unary calls (Info, Encode), in seconds, for addresses given as strings.
         chunk_size: Items per streamed request (capped at the services' max_batch).
 
     Raises:
-        ImgTxtError: A service cannot be reached.
-        ValueError: The two services serve different bundles.
+        ImgTxtError: A service cannot be reached (naming it and the gRPC status).
+        ValueError: No service given, or the two serve different bundles.
     """
 
     def __init__(
-        self, image_target: str, text_target: str, token: str | None = None, timeout: float = 30.0, chunk_size: int = 0
+        self,
+        image: str | ConnectionConfig | None,
+        text: str | ConnectionConfig | None,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        chunk_size: int = 0,
     ) -> None:
-        self.image = ImageEncoderClient(image_target, token=token, timeout=timeout)
-        self.text = TextEncoderClient(text_target, token=token, timeout=timeout)
-        image_info, text_info = _info(self.image, "image"), _info(self.text, "text")
-        if (image_info.bundle_version, image_info.dim) != (text_info.bundle_version, text_info.dim):
+        def config(c: str | ConnectionConfig | None) -> ConnectionConfig | None:
+            return ConnectionConfig(c, token=token, timeout_s=timeout) if isinstance(c, str) else c
+
+        image_cfg, text_cfg = config(image), config(text)
+        if image_cfg is None and text_cfg is None:
+            raise ValueError("ServiceEncoder needs the image service, the text service, or both")
+        self._image = ImageEncoderClient(image_cfg) if image_cfg else None
+        self._text = TextEncoderClient(text_cfg) if text_cfg else None
+        infos = {m: _info(c, m) for m, c in (("image", self._image), ("text", self._text)) if c is not None}
+        served = {(i.bundle_version, i.dim) for i in infos.values()}
+        if len(served) > 1:
             raise ValueError(
-                f"the services serve different bundles: image {image_info.bundle_version} (dim {image_info.dim}), "
-                f"text {text_info.bundle_version} (dim {text_info.dim})"
+                "the services serve different bundles: "
+                + ", ".join(f"{m} {i.bundle_version} (dim {i.dim})" for m, i in infos.items())
             )
-        self.dim = int(image_info.dim)
-        self.bundle_version = str(image_info.bundle_version)
+        first = next(iter(infos.values()))
+        self.dim = int(first.dim)
+        self.bundle_version = str(first.bundle_version)
         self.chunk_size = chunk_size or None
+
+    @property
+    def image(self) -> ImageEncoderClient:
+        """The image service's client (ImgTxtError when this encoder was not given the image service)."""
+        return _given(self._image, "image")
+
+    @property
+    def text(self) -> TextEncoderClient:
+        """The text service's client (ImgTxtError when this encoder was not given the text service)."""
+        return _given(self._text, "text")
 
     def encode_images(self, images: Sequence[bytes]) -> EncodeResult:
         """Encodes images with unary calls (for queries)."""
         return self.image.encode(images)
+
+    def limits(self) -> dict[str, int]:
+        """Per-item limits the connected services report (`Info`)."""
+        out: dict[str, int] = {}
+        for client, names in ((self._image, IMAGE_LIMITS), (self._text, TEXT_LIMITS)):
+            if client is not None:
+                limits = client.info().limits
+                out.update({n: int(getattr(limits, n)) for n in names})
+        return out
 
     def encode_texts(self, texts: Sequence[str]) -> EncodeResult:
         """Encodes texts with unary calls (for queries)."""
@@ -294,11 +327,15 @@ class ServiceEncoder:
         return _recut(client.encode_stream(items(), self.chunk_size), sizes, self.dim)
 
     def encode_jobs(self, jobs: Iterable[EncodeJob]) -> Iterator[tuple[EncodeResult, EncodeResult]]:
-        """Streams every job's images and texts through the two services concurrently; yields per job, in order.
+        """Streams every job's images and texts through the services concurrently; yields per job, in order.
 
         gRPC draws the image requests from `jobs` on its own thread; each job's texts are handed to the text
         stream through a channel (unbounded, but small: texts only), so neither stream waits for the other's reader.
+        With one service only, jobs must hold nothing for the other (an error names the missing service).
         """
+        if self._image is None or self._text is None:
+            yield from self._encode_jobs_one(jobs)
+            return
         text_lists: Channel[list[str]] = Channel()
 
         def image_lists() -> Iterator[list[bytes]]:
@@ -313,13 +350,42 @@ class ServiceEncoder:
                 text_lists.close()
 
         try:
-            image_results = self._stream(self.image, image_lists())
-            text_results = self._stream(self.text, text_lists)
+            image_results = self._stream(self._image, image_lists())
+            text_results = self._stream(self._text, text_lists)
             yield from zip(image_results, text_results, strict=True)
         finally:
             text_lists.cancel()  # ends the text request thread, even on error
 
+    def _encode_jobs_one(self, jobs: Iterable[EncodeJob]) -> Iterator[tuple[EncodeResult, EncodeResult]]:
+        """`encode_jobs` with one service: the other modality's items must be empty."""
+        empty = EncodeResult.concat([], self.dim)
+        images = self._text is None
+        failed: list[BaseException] = []
+
+        def lists() -> Iterator[Sequence[Any]]:
+            try:
+                for job in jobs:
+                    if job.texts if images else job.images:
+                        raise ImgTxtError(
+                            f"this job has {'texts' if images else 'images'} to encode, but only the "
+                            f"{'image' if images else 'text'} encoder service was given"
+                        )
+                    yield job.images if images else job.texts
+            except BaseException as exc:  # gRPC reports a failing request iterator as CANCELLED: keep the cause
+                failed.append(exc)
+                raise
+
+        client: _EncoderClient[Any] = self.image if images else self.text
+        try:
+            for res in self._stream(client, lists()):
+                yield (res, empty) if images else (empty, res)
+        except grpc.RpcError:
+            if failed:
+                raise failed[0] from None
+            raise
+
     def close(self) -> None:
-        """Closes both channels."""
-        self.image.close()
-        self.text.close()
+        """Closes the channels."""
+        for client in (self._image, self._text):
+            if client is not None:
+                client.close()

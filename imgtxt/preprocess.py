@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgtxt.errors import ConfigError, InvalidInput, LimitExceeded
 
@@ -21,6 +22,14 @@ INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampl
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+"""Pillow format names of the image files accepted (by the services, and by the trainer's data pipeline)."""
+BACKGROUND = (255, 255, 255)
+"""What transparent pixels are composited over: white, as a browser or viewer shows them on a page."""
+_ACCEPTED = ", ".join(ACCEPTED_FORMATS)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_FILE_OBJECT = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
+# How each accepted format's files begin (to name the format of bytes too broken for Pillow to open).
+_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a")}
 
 # Our own (configurable) pixel limit is checked from the header before any pixel is decoded; Pillow's own guard
 # (an error at 2x Image.MAX_IMAGE_PIXELS) stays on as a second line.
@@ -86,9 +95,10 @@ class ImagePreprocessConfig:
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: int | None = None) -> Image.Image:
-    """Decodes untrusted image bytes into an upright RGB image.
+    """Decodes untrusted image bytes into an upright 8-bit RGB image of the picture they show.
 
-    Accepts JPEG, PNG, WebP and GIF (first frame). EXIF orientation is applied; transparency is composited on white.
+    Accepts JPEG, PNG, WebP and GIF (first frame). EXIF orientation is applied; other modes become RGB as `to_rgb`
+    says (16-bit grey scaled to 8 bits, transparency composited over `BACKGROUND`, CMYK converted).
 
     Args:
         data: Encoded image file bytes.
@@ -97,18 +107,20 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
             (much faster for large photos; both training and serving pass the same value).
 
     Raises:
-        InvalidInput: Empty, truncated, corrupt or non-image bytes, or an unsupported format.
-        LimitExceeded: Over `max_image_bytes` or `max_image_pixels`.
+        InvalidInput: Empty, truncated, corrupt or non-image bytes, or an unaccepted format (the message says which
+            formats are accepted).
+        LimitExceeded: Over `max_image_bytes` or `max_image_pixels` (the message names the limit).
     """
     if not data:
-        raise InvalidInput("image data is empty (0 bytes)")
+        raise InvalidInput(f"image data is empty (0 bytes); send an image file ({_ACCEPTED})")
     if len(data) > limits.max_image_bytes:
         raise LimitExceeded(f"image data is {len(data)} bytes, over the limit max_image_bytes={limits.max_image_bytes}")
+    fmt: str | None = None
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
         fmt = img.format
         if fmt not in ACCEPTED_FORMATS:
-            raise InvalidInput(f"image format {fmt!r} is not accepted; use one of {ACCEPTED_FORMATS}")
+            raise InvalidInput(f"image format {fmt!r} is not accepted; accepted formats: {_ACCEPTED}")
         width, height = img.size
         if width * height > limits.max_image_pixels:
             raise LimitExceeded(
@@ -120,20 +132,87 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
             img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         img.seek(0)  # first frame of animated GIF / WebP
         img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(canvas, rgba)
-        return img.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(img))
     except (InvalidInput, LimitExceeded):
         raise
     except Image.DecompressionBombError as exc:
         raise LimitExceeded(
             f"image is over the limit max_image_pixels={limits.max_image_pixels} (decompression bomb: {exc})"
         ) from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(
+            f"image data ({len(data)} bytes, starting {data[:8]!r}) is not an image file in an accepted format "
+            f"({_ACCEPTED})"
+        ) from exc
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad bytes
-        raise InvalidInput(f"image data could not be decoded ({type(exc).__name__}: {exc})") from exc
+        detail = _FILE_OBJECT.sub("", f"{type(exc).__name__}: {exc}")
+        fmt = fmt or _sniff(data)
+        what = f"{fmt} image data" if fmt else "image data"
+        raise InvalidInput(
+            f"{what} ({len(data)} bytes) could not be decoded: it is truncated or corrupt ({detail}); "
+            f"accepted formats: {_ACCEPTED}"
+        ) from exc
+
+
+def _sniff(data: bytes) -> str | None:
+    """The accepted format whose signature `data` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for fmt, heads in _MAGIC.items() if data.startswith(heads)), None)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The picture an image of any Pillow mode shows, as 8-bit RGB.
+
+    Pillow's own `convert("RGB")` clips every mode wider than 8 bits at 255 (a 16-bit grey photo comes out almost
+    white) and drops transparency, so the wide and transparent modes are converted here:
+
+    - 16-bit grey (`I;16`, `I;16B`, ...) is scaled by its range: value / 257, so 65535 -> 255 exactly.
+    - 32-bit integer grey (`I`) is read as 16-bit when every value lies in 0..65535 (what 16-bit PNG and TIFF
+      decoders produce); otherwise its actual range, min..max, is stretched to 0..255 (there is no other scale).
+    - Float grey (`F`) is read on the smallest of the ranges 0..1, 0..255 and 0..65535 that holds its values (the
+      conventions of float image files); outside all of them its actual range is stretched. NaN reads as 0.
+    - Transparency (an alpha channel, a transparent palette entry, or a transparent colour in L, RGB or 16-bit
+      grey) is composited over `BACKGROUND`, white: the page a browser or viewer shows a transparent picture on,
+      and what logos and product shots with transparent backgrounds are made to sit on. A mean colour would
+      instead invent a grey backdrop no viewer ever showed.
+    - CMYK (JPEG from print workflows) is converted by Pillow's CMYK -> RGB (the JPEG decoder has already undone
+      Adobe's inverted CMYK); an embedded ICC profile is not applied.
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        img = _to_8bit_grey(img)
+    elif mode == "CMYK":
+        return img.convert("RGB")
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")  # applies a palette's or a colour's `transparency` as alpha
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey image as 8-bit grey (`L`, or `LA` with its transparent colour)."""
+    values = np.asarray(img)
+    if img.mode == "F":
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        values = values.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode in _SIXTEEN_BIT:
+        scale_low, scale_high = 0.0, 65535.0
+    elif img.mode == "I":
+        scale_low, scale_high = (0.0, 65535.0) if low >= 0 and high <= 65535 else (low, high)
+    else:
+        ranges = [top for top in (1.0, 255.0, 65535.0) if low >= 0 and high <= top]
+        scale_low, scale_high = (0.0, ranges[0]) if ranges else (low, high)
+    span = scale_high - scale_low or 1.0
+    grey = np.clip(np.rint((values - scale_low) * (255.0 / span)), 0, 255).astype(np.uint8)
+    out = Image.fromarray(grey)
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int | float) and not isinstance(transparent, bool):
+        alpha = np.where(np.asarray(img) == transparent, 0, 255).astype(np.uint8)
+        out = Image.merge("LA", (out, Image.fromarray(alpha)))
+    return out
 
 
 def resize_image(img: Image.Image, cfg: ImagePreprocessConfig) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Retrieval metrics in numpy (no torch): R@K both ways from image ids, rSum, ranks, Kendall τ vs graded judgments."""
+"""Retrieval metrics in numpy (no torch): R@K both ways from image ids, rSum, ranks (graded judgments: evaluation)."""
 
 from __future__ import annotations
 
@@ -52,49 +52,6 @@ def retrieval_metrics(sim: np.ndarray, text_image_ids: Sequence[int] | np.ndarra
         out[f"{name}_meanr"] = float(ranks.mean())
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS)
     return out
-
-
-def kendall_tau(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Kendall's τ-b between two score lists (handles ties in either list); NaN when either is constant.
-
-    Used to compare model similarities with graded human judgments (e.g. CxC / ECCV-caption style scores).
-    """
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of equal length; got {a.shape} and {b.shape}")
-    if a.size < 2:
-        return float("nan")
-    da = np.sign(a[:, None] - a[None, :])
-    db = np.sign(b[:, None] - b[None, :])
-    iu = np.triu_indices(a.size, k=1)
-    sa, sb = da[iu], db[iu]
-    concordant_minus_discordant = float((sa * sb).sum())
-    n_a, n_b = float((sa != 0).sum()), float((sb != 0).sum())
-    if n_a == 0 or n_b == 0:
-        return float("nan")
-    return concordant_minus_discordant / float(np.sqrt(n_a * n_b))
-
-
-def graded_kendall_tau(sim: np.ndarray, judgments: Sequence[tuple[int, int, float]]) -> dict[str, float]:
-    """Mean per-image Kendall τ between model similarities and graded judgments.
-
-    Args:
-        sim: (n_images, n_texts) similarities.
-        judgments: (image row, text column, human score) triples.
-
-    Returns:
-        `kendall_tau` (mean over images with >= 2 judged, non-constant captions) and `kendall_images` (their count).
-    """
-    by_image: dict[int, list[tuple[int, float]]] = {}
-    for img, txt, score in judgments:
-        by_image.setdefault(int(img), []).append((int(txt), float(score)))
-    taus = []
-    for img, pairs in by_image.items():
-        cols = [c for c, _ in pairs]
-        tau = kendall_tau(sim[img, cols], [s for _, s in pairs])
-        if not np.isnan(tau):
-            taus.append(tau)
-    return {"kendall_tau": float(np.mean(taus)) if taus else float("nan"), "kendall_images": float(len(taus))}
 
 
 def format_metrics(m: Mapping[str, float]) -> str:

@@ -100,7 +100,7 @@ def start_service(
         "--port-file",
         str(port_file),
         "--drain-delay-s",
-        "0",
+        "0.5",
         *extra_args,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}

@@ -90,6 +90,7 @@ def to_info_response(info: EncoderInfo, max_batch: int, max_message_bytes: int) 
         execution_provider=info.execution_provider,
         providers=info.providers,
         limits=pb.Limits(max_batch=max_batch, max_message_bytes=max_message_bytes, **info.limits),
+        precision=info.precision,
     )
 
 

@@ -1,78 +1,251 @@
-"""Flags shared by `imgtxt index`, `imgtxt search` and `imgtxt eval --via-index`, and the objects built from them."""
+"""Flags shared by `imgtxt index`, `imgtxt search`, `imgtxt eval` and `imgtxt demo`, and the objects built from them.
+
+One grammar: a flag means the same thing, with the same type and variable, in every command that has it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from imgtxt.bundle import Bundle, load_bundle
 from imgtxt.client import ServiceEncoder
 from imgtxt.config import positive_int
+from imgtxt.connection import add_connection_flags, connections_from_args
 from imgtxt.encoders.bundle import BundleEncoder
-from imgtxt.encoders.session import SessionConfig, default_cache_dir
+from imgtxt.encoders.session import DEVICES, PRECISION_CHOICES, SessionConfig, default_cache_dir
 from imgtxt.encoders.types import Encoder
-from indexer.stores.base import QUANTIZATIONS, CollectionConfig, SearchOptions
+from indexer.stores.base import FLAGS, QUANTIZATIONS, CollectionConfig, SearchOptions
 
-DEFAULT_STORE = "artifacts/qdrant"
+logger = logging.getLogger(__name__)
+
+
+def default_home(environ: dict[str, str] | None = None) -> Path:
+    """Per-user data directory: `$IMGTXT_HOME`, else `$XDG_DATA_HOME/imgtxt`, else `~/.local/share/imgtxt`.
+
+    Always absolute, so a command's default store does not depend on the directory it is started from.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("IMGTXT_HOME"):
+        return Path(env["IMGTXT_HOME"]).expanduser().absolute()
+    xdg = env.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".local" / "share"
+    return (base / "imgtxt").absolute()
+
+
+DEFAULT_STORE = str(default_home() / "qdrant")
+DEFAULT_CHECKPOINTS = default_home() / "checkpoints"
+# Collection defaults, shown in --help (the flags default to None: "not given", so a reused collection is checked
+# only against what was asked for).
+COLLECTION_DEFAULTS = CollectionConfig(dim=1)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, or off for a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default in ([], {}):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def emit(target: str | None, result: Any, human: Callable[[], None]) -> None:
+    """The one output rule of every command: `--json PATH` writes `result` as JSON to PATH (and prints the human
+    output), `--json -` prints the JSON instead of the human output, no `--json` prints the human output only."""
+    if target and target != "-":
+        out = Path(target)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if target == "-":
+        print(json.dumps(result, sort_keys=True))
+    else:
+        human()
+    sys.stdout.flush()
+
+
+def add_json_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--json PATH|-`, the same in every command."""
+    parser.add_argument(
+        "--json", metavar="PATH", help=f"write {what} as JSON to PATH ('-': print the JSON instead of the text)"
+    )
 
 
 def add_encoder_flags(parser: argparse.ArgumentParser) -> None:
-    """Where embeddings come from: the gRPC services (default) or ONNX Runtime in-process."""
+    """Where embeddings come from: the gRPC services (default; connection flags shared with every client path) or
+    ONNX Runtime in-process."""
     g = parser.add_argument_group("encoders")
     g.add_argument("--bundle", type=Path, help="model bundle (needed for --in-process and the trained unit head)")
     g.add_argument("--in-process", action="store_true", help="run the ONNX towers here instead of calling services")
-    g.add_argument("--image-service", default="localhost:50051", help="image encoder service host:port")
-    g.add_argument("--text-service", default="localhost:50052", help="text encoder service host:port")
-    g.add_argument("--token", help="bearer token of the services (prefer the env variable)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="in-process ORT device")
-    g.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of unary service calls, seconds")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="in-process ORT device")
+    g.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help="in-process graph precision")
+    add_connection_flags(parser)
 
 
-def add_store_flags(parser: argparse.ArgumentParser) -> None:
+def add_store_flags(parser: argparse.ArgumentParser, default: str | None = DEFAULT_STORE) -> None:
     """Which vector store and collection."""
     g = parser.add_argument_group("vector store")
     g.add_argument(
         "--store",
-        default=DEFAULT_STORE,
-        help="directory (embedded Qdrant), qdrant://host:port or http(s)://... (server), :memory: or local:PATH",
+        default=default,
+        help="directory (embedded Qdrant), qdrant://host:port or http(s)://... (server), :memory: or local:PATH "
+        "(default: $IMGTXT_HOME/qdrant, else $XDG_DATA_HOME/imgtxt/qdrant)",
     )
-    g.add_argument("--collection", help="collection name (default: the bundle version)")
+    g.add_argument("--collection", help="collection or alias name (default: the bundle version)")
     g.add_argument("--api-key", help="Qdrant server API key (prefer the env variable)")
     g.add_argument("--store-timeout", type=float, default=30.0, help="Qdrant server request timeout, seconds")
     g.add_argument("--retries", type=positive_int, default=5, help="attempts on retryable Qdrant errors")
 
 
 def add_collection_flags(parser: argparse.ArgumentParser) -> None:
-    """Collection creation options."""
-    g = parser.add_argument_group("collection (on creation)")
-    g.add_argument("--hnsw-m", type=positive_int, default=16, help="HNSW edges per node")
-    g.add_argument("--hnsw-ef-construct", type=positive_int, default=100, help="HNSW build candidates")
-    g.add_argument("--indexing-threshold-kb", type=positive_int, help="segment size (KB) before HNSW is built")
-    g.add_argument("--on-disk", action="store_true", help="keep original vectors on disk (mmap)")
-    g.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="int8 / binary, with rescoring")
+    """Collection options: set when a collection is created, checked against it when it exists."""
+    d = COLLECTION_DEFAULTS
+    g = parser.add_argument_group("collection (set on creation; an existing collection must match)")
+    g.add_argument("--hnsw-m", type=positive_int, help=f"HNSW edges per node (default: {d.hnsw_m})")
+    g.add_argument(
+        "--hnsw-ef-construct", type=positive_int, help=f"HNSW build candidates (default: {d.hnsw_ef_construct})"
+    )
+    g.add_argument(
+        "--full-scan-threshold-kb",
+        type=positive_int,
+        help="a search whose filter is estimated to match fewer KB of vectors than this (per segment; KB * 1024 / "
+        "(4 * dim) vectors) is answered by an exact scan, not the HNSW graph; lower it for the graph to answer "
+        f"small filtered sets (default: {d.full_scan_threshold})",
+    )
+    g.add_argument(
+        "--indexing-threshold-kb",
+        type=positive_int,
+        help="KB of vectors in a segment before its HNSW graph is built (default: the engine's)",
+    )
+    g.add_argument(
+        "--on-disk", action=argparse.BooleanOptionalAction, help="keep original vectors on disk (default: in RAM)"
+    )
+    g.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="vector quantisation, searched with rescoring (default: the bundle's serving.quantization, the mode its "
+        "towers were trained for; none without --bundle); a different value overrides the bundle, with a warning",
+    )
+    g.add_argument("--shards", type=positive_int, help="Qdrant server only: shard_number (default: the server's)")
+    g.add_argument(
+        "--replication-factor",
+        type=positive_int,
+        help="Qdrant server only: copies of each shard (default: the server's)",
+    )
+    g.add_argument(
+        "--write-consistency",
+        type=positive_int,
+        help="Qdrant server only: replicas that must confirm a write (write_consistency_factor; default: the server's)",
+    )
+    g.add_argument(
+        "--recreate",
+        action="store_true",
+        help="delete the collection, DESTROYING every point in it, and build it anew with these options",
+    )
 
 
 def add_search_flags(parser: argparse.ArgumentParser) -> None:
     """Per-query search options."""
     g = parser.add_argument_group("search")
-    g.add_argument("--hnsw-ef", type=positive_int, help="HNSW search candidates")
+    g.add_argument("--hnsw-ef", type=positive_int, help="HNSW search candidates (default: the engine's)")
     g.add_argument("--exact", action="store_true", help="exact (brute-force) search")
     g.add_argument("--no-rescore", action="store_true", help="with quantisation: skip rescoring")
     g.add_argument("--oversampling", type=float, help="with quantisation: candidates per result before rescoring")
 
 
-def collection_config(args: argparse.Namespace, dim: int) -> CollectionConfig:
-    """The collection options from parsed flags."""
-    return CollectionConfig(
+# Collection option -> its flag's dest (the fields a reused collection is checked on when the flag was given).
+_COLLECTION_DESTS = {
+    "hnsw_m": "hnsw_m",
+    "hnsw_ef_construct": "hnsw_ef_construct",
+    "full_scan_threshold": "full_scan_threshold_kb",
+    "indexing_threshold": "indexing_threshold_kb",
+    "on_disk": "on_disk",
+    "quantization": "quantization",
+    "shard_number": "shards",
+    "replication_factor": "replication_factor",
+    "write_consistency_factor": "write_consistency",
+}
+
+
+def given_collection_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The collection options given by flag or variable (a reused collection must have them as given)."""
+    return tuple(f for f, dest in _COLLECTION_DESTS.items() if getattr(args, dest, None) is not None)
+
+
+def collection_config(
+    args: argparse.Namespace, dim: int, bundle: Bundle | None = None
+) -> tuple[CollectionConfig, list[str]]:
+    """The collection options from parsed flags, with the bundle's decisions as defaults.
+
+    Returns:
+        The config, and the warnings to report: every flag that overrides what the bundle decided.
+    """
+    trained = bundle.manifest.serving.quantization if bundle is not None else "none"
+    quantization = args.quantization or trained
+    warnings = []
+    if bundle is not None and quantization != trained:
+        warnings.append(
+            f"--quantization {quantization} overrides bundle {bundle.version}'s serving.quantization {trained!r} "
+            "(the mode its towers were trained for)"
+        )
+        logger.warning(warnings[-1])
+    d = COLLECTION_DEFAULTS
+    config = CollectionConfig(
         dim=dim,
-        hnsw_m=args.hnsw_m,
-        hnsw_ef_construct=args.hnsw_ef_construct,
+        hnsw_m=args.hnsw_m or d.hnsw_m,
+        hnsw_ef_construct=args.hnsw_ef_construct or d.hnsw_ef_construct,
+        full_scan_threshold=args.full_scan_threshold_kb or d.full_scan_threshold,
         indexing_threshold=args.indexing_threshold_kb,
-        on_disk=args.on_disk,
-        quantization=args.quantization,
+        on_disk=bool(args.on_disk),
+        quantization=quantization,
+        shard_number=args.shards,
+        replication_factor=args.replication_factor,
+        write_consistency_factor=args.write_consistency,
     )
+    return config, warnings
+
+
+def refuse_server_only(args: argparse.Namespace, store: str) -> None:
+    """Refuses `--shards`, `--replication-factor`, `--write-consistency` (other than 1) for the embedded engine.
+
+    Raises:
+        ValueError: One was given, naming it.
+    """
+    given = [
+        f"{flag} {v}"
+        for flag, v in (
+            ("--shards", args.shards),
+            ("--replication-factor", args.replication_factor),
+            ("--write-consistency", args.write_consistency),
+        )
+        if v not in (None, 1)
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: the embedded engine (--store {store}) holds a collection in one shard with no "
+            "replicas; shards, replication and write consistency need a Qdrant server (--store qdrant://host:6334)"
+        )
+
+
+def check_given(name: str, existing: CollectionConfig, args: argparse.Namespace) -> None:
+    """Checks a reused collection against the collection flags that were given (each must match).
+
+    Raises:
+        CollectionMismatch: A given flag differs from the collection's option, naming both values.
+    """
+    from indexer.stores.base import CollectionMismatch
+
+    given = {f: getattr(args, _COLLECTION_DESTS[f]) for f in given_collection_options(args)}
+    diffs = [
+        f"{f} {getattr(existing, f)!r}, not {v!r} ({FLAGS[f]})" for f, v in given.items() if getattr(existing, f) != v
+    ]
+    if diffs:
+        raise CollectionMismatch(f"collection {name!r} was built with {'; '.join(diffs)}")
 
 
 def search_options(args: argparse.Namespace) -> SearchOptions:
@@ -82,20 +255,30 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
     )
 
 
-def build_encoder(args: argparse.Namespace) -> tuple[Encoder, Bundle | None]:
+def build_encoder(
+    args: argparse.Namespace, needs: tuple[str, ...] = ("image", "text")
+) -> tuple[Encoder, Bundle | None]:
     """The encoder the flags ask for, and the bundle when one was named.
+
+    Args:
+        args: Parsed `add_encoder_flags` flags.
+        needs: The towers the command will use (`image`, `text`): only their services are connected to.
 
     Raises:
         ValueError: `--in-process` without `--bundle`, or services serving another bundle than `--bundle`.
+        ConfigError: Bad connection flags (e.g. a token bound for a plaintext, non-loopback address).
+        ImgTxtError: A needed service cannot be reached.
     """
     bundle = load_bundle(args.bundle) if args.bundle else None
     if args.in_process:
         if bundle is None:
             raise ValueError("--in-process needs --bundle")
-        return BundleEncoder.from_bundle(
-            bundle, SessionConfig(device=args.device, cache_dir=default_cache_dir())
-        ), bundle
-    encoder = ServiceEncoder(args.image_service, args.text_service, token=args.token, timeout=args.rpc_timeout)
+        cfg = SessionConfig(device=args.device, cache_dir=default_cache_dir())
+        return BundleEncoder.from_bundle(bundle, cfg, precision=args.precision), bundle
+    connections = connections_from_args(args)
+    encoder = ServiceEncoder(
+        connections["image"] if "image" in needs else None, connections["text"] if "text" in needs else None
+    )
     if bundle is not None and bundle.version != encoder.bundle_version:
         encoder.close()
         raise ValueError(f"the services serve bundle {encoder.bundle_version}, not --bundle {bundle.version}")
@@ -115,3 +298,34 @@ def parse_filters(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = raw
     return out
+
+
+def filter_type(text: str) -> dict[str, Any]:
+    """argparse type of `--filter`: `key=value`, or several separated by commas (as `IMGTXT_FILTER` holds them)."""
+    try:
+        return parse_filters([part for part in text.split(",") if part])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+class FilterAction(argparse.Action):
+    """Repeatable `--filter`: the flags on the command line replace `IMGTXT_FILTER` (a flag beats the variable)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        base = {} if current is self.default else current
+        setattr(namespace, self.dest, {**base, **values})
+
+
+def add_filter_flag(parser: argparse.ArgumentParser) -> None:
+    """`--filter KEY=VALUE` (repeatable), as a dict in `args.filter`."""
+    parser.add_argument(
+        "--filter",
+        action=FilterAction,
+        type=filter_type,
+        default={},
+        metavar="KEY=VALUE",
+        help="payload filter (repeatable; JSON ints and bools match as such; the variable takes k=v,k=v)",
+    )

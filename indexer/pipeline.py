@@ -78,7 +78,17 @@ class IndexReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """Busy time per stage: read (file I/O), encode (waiting for embeddings), write (upsert, flush, checkpoint)."""
     rejects_file: str | None = None
-    """Where rejects are listed."""
+    """Where rejects are listed; set only when that file exists and lists at least one."""
+    created: bool = False
+    """This run created the collection (False: it existed and matched the requested options)."""
+    collection_config: dict[str, Any] = field(default_factory=dict)
+    """The options the collection was created with (dimension, HNSW, quantisation...)."""
+    fusion: str | None = None
+    """How unit vectors were made (`trained` or `normalize(v+t)`), when the job makes units."""
+    alias: str | None = None
+    """Alias pointed at the collection after the job (`imgtxt index --alias`)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the job was told to do differently from the bundle's decisions (e.g. another quantisation)."""
 
     @property
     def total_indexed(self) -> int:
@@ -122,6 +132,7 @@ def run_index(
 
     Raises:
         DimensionMismatch: The collection exists with another dimension (raised before any write).
+        CollectionMismatch: The collection exists with other options (quantisation, HNSW), before any write.
         ValueError: The encoder's dimension differs from the collection config's.
     """
     if encoder.dim != collection_config.dim:
@@ -129,13 +140,19 @@ def run_index(
     fusion = fusion or UnitEncoder(None)
     job_id = {"collection": collection, "kinds": list(config.kinds), **(job or {})}
     cp = None if (restart or checkpoint is None) else load_checkpoint(checkpoint, job_id)
-    store.ensure_collection(collection, collection_config)
-    report = IndexReport(collection, rejects_file=str(rejects) if rejects else None)
+    created = store.ensure_collection(collection, collection_config)
+    report = IndexReport(
+        collection,
+        created=created,
+        collection_config=store.collection_config(collection).to_dict(),
+        fusion=fusion.kind if "unit" in config.kinds else None,
+    )
     counts: dict[str, int] = dict(cp.counts) if cp else {}
     report.resumed_from = cp.committed_records if cp else 0
     if cp and cp.done:
         logger.info("shard already complete", extra={"checkpoint": str(checkpoint)})
         _fill(report, counts, cp.committed_records)
+        report.rejects_file = str(rejects) if _lists(rejects) else None
         return report
 
     start = time.perf_counter()
@@ -223,6 +240,7 @@ def run_index(
         planned.cancel()
         bar.close()
         rejects_file.close()
+    report.rejects_file = str(rejects) if _lists(rejects) else None
     done_now = sum(v for k, v in counts.items() if k in KINDS) - sum(
         v for k, v in (cp.counts if cp else {}).items() if k in KINDS
     )
@@ -231,6 +249,11 @@ def run_index(
     report.stage_seconds = {k: round(v, 3) for k, v in stage.items()}
     _fill(report, counts, committed)
     return report
+
+
+def _lists(rejects: Path | None) -> bool:
+    """Whether a rejects file exists and lists something."""
+    return rejects is not None and rejects.is_file() and rejects.stat().st_size > 0
 
 
 def _fill(report: IndexReport, counts: dict[str, int], committed: int) -> None:

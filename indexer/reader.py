@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +33,10 @@ class SourceRecord:
     """Captions / texts of the record."""
     payload: dict[str, Any] = field(default_factory=dict)
     """Extra payload stored on every point made from the record."""
+    line: int | None = None
+    """Line of the JSONL manifest the record comes from (named in its rejects)."""
+    error: str | None = None
+    """Why the source entry is unusable (e.g. a malformed manifest line): it becomes one reject, not an abort."""
 
     def text_key(self, index: int) -> str:
         """Source key of the record's `index`-th text (and of its unit with the image)."""
@@ -62,31 +67,54 @@ def _read_dataset(path: Path, split: str | None) -> Iterator[SourceRecord]:
         yield SourceRecord(item.key, item.path, item.captions, {"split": item.split})
 
 
+def _manifest_record(root: Path, raw: Any) -> SourceRecord:
+    """One parsed manifest line as a record (its line and key are set by the caller).
+
+    Raises:
+        ValueError: The line is not a valid record, saying which field is wrong.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"each line must be a JSON object, got {type(raw).__name__}")
+    captions = raw.get("captions")
+    if captions is not None and not isinstance(captions, list):
+        raise ValueError("'captions' must be a list of strings")
+    texts = captions or ([raw["text"]] if raw.get("text") is not None else [])
+    image = raw.get("image")
+    if not image and not texts:
+        raise ValueError("a record needs an 'image', a 'text' or 'captions'")
+    if image is not None and not isinstance(image, str):
+        raise ValueError("'image' must be a path string")
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("'text' and 'captions' must be strings")
+    payload = raw.get("payload") or {}
+    if not isinstance(payload, dict):
+        raise ValueError("'payload' must be a JSON object")
+    key = raw.get("id")
+    if key is not None and not isinstance(key, str | int):
+        raise ValueError("'id' must be a string or an integer")
+    if key is None:
+        key = image if image else "text:" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:20]
+    return SourceRecord(str(key), (root / image).resolve() if image else None, tuple(texts), payload)
+
+
 def _read_manifest(path: Path) -> Iterator[SourceRecord]:
+    """Records of a JSONL manifest; a malformed line becomes a record with `error` (keyed `<file>:<line>`), so it
+    is listed as one reject while the rest of the job goes on."""
     root = path.parent
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for n, raw_line in enumerate(f, 1):
+            if not raw_line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                rec = _manifest_record(root, json.loads(raw_line.decode("utf-8")))
+            except UnicodeDecodeError as exc:
+                yield SourceRecord(f"{path.name}:{n}", line=n, error=f"line {n}: not valid UTF-8 ({exc.reason})")
             except json.JSONDecodeError as exc:
-                raise InvalidInput(f"{path}:{n}: not valid JSON ({exc})") from exc
-            if not isinstance(raw, dict):
-                raise InvalidInput(f"{path}:{n}: each line must be a JSON object")
-            texts = raw.get("captions") or ([raw["text"]] if raw.get("text") is not None else [])
-            image = raw.get("image")
-            if not image and not texts:
-                raise InvalidInput(f"{path}:{n}: a record needs an 'image', a 'text' or 'captions'")
-            if not all(isinstance(t, str) for t in texts):
-                raise InvalidInput(f"{path}:{n}: texts must be strings")
-            payload = raw.get("payload") or {}
-            if not isinstance(payload, dict):
-                raise InvalidInput(f"{path}:{n}: 'payload' must be a JSON object")
-            key = raw.get("id")
-            if key is None:
-                key = image if image else "text:" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:20]
-            yield SourceRecord(str(key), (root / image).resolve() if image else None, tuple(texts), payload)
+                yield SourceRecord(f"{path.name}:{n}", line=n, error=f"line {n}: not valid JSON ({exc})")
+            except ValueError as exc:
+                yield SourceRecord(f"{path.name}:{n}", line=n, error=f"line {n}: {exc}")
+            else:
+                yield dataclasses.replace(rec, line=n)
 
 
 def _read_folder(path: Path) -> Iterator[SourceRecord]:
@@ -108,14 +136,15 @@ def read_records(
     Args:
         path: Dataset file or directory, JSONL manifest, or folder of images.
         kind: `auto`, `dataset`, `manifest` or `folder`.
-        split: Dataset split to keep (dataset sources only).
+        split: Dataset split to keep (dataset sources only; None keeps every split).
         limit: Keep at most this many records of the whole source (before sharding, so shards of a limited run
             still partition the same records).
         shard_index: Which shard to yield.
         num_shards: Number of shards; a record belongs to shard `hash(key) % num_shards`.
 
     Raises:
-        InvalidInput: Unknown kind, missing source, or malformed records.
+        InvalidInput: Unknown kind, missing source, a split for a source without splits, or a malformed dataset
+            file (a malformed manifest line is a record with `error` instead).
     """
     if kind not in SOURCE_KINDS:
         raise InvalidInput(f"source kind must be one of {SOURCE_KINDS}, got {kind!r}")
@@ -125,6 +154,8 @@ def read_records(
     if not src.exists():
         raise InvalidInput(f"source {src} does not exist")
     kind = detect_kind(src) if kind == "auto" else kind
+    if split is not None and kind != "dataset":
+        raise InvalidInput(f"--split {split} applies to dataset sources only, and {src} is a {kind}")
     if kind == "dataset":
         records = _read_dataset(src, split)
     elif kind == "manifest":

@@ -64,3 +64,13 @@ def save_checkpoint(path: Path, cp: Checkpoint) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def unfinished_shards(directory: Path, collection: str, num_shards: int) -> list[int]:
+    """The shards of a job whose checkpoint is missing or not done (empty when every shard has finished)."""
+    pending = []
+    for i in range(num_shards):
+        path = checkpoint_path(directory, collection, i, num_shards)
+        if not path.is_file() or not json.loads(path.read_text()).get("done"):
+            pending.append(i)
+    return pending

@@ -24,15 +24,19 @@ class Reject:
     key: str
     """Source key of the item."""
     kind: str
-    """`image`, `text` or `unit`."""
+    """`image`, `text` or `unit`, or `record` for a source entry that is not a record (a malformed manifest line)."""
     reason: str
-    """Why (unreadable file, undecodable image, empty text, encoder failure...)."""
+    """Why (malformed line, unreadable file, undecodable image, empty text, encoder failure...)."""
     failed: bool = False
     """An encoder failure (INTERNAL) rather than bad input; counted as `failed`, not `skipped`."""
+    line: int | None = None
+    """Line of the JSONL manifest the item comes from."""
 
 
 class RejectsFile:
-    """Appends rejects as JSONL (`{"key", "kind", "reason"}`); truncatable to a checkpointed size on resume.
+    """Appends rejects as JSONL (`{"key", "kind", "reason"}`, plus `line` for manifest items); truncatable to a
+    checkpointed size on resume. A file left empty is removed on close, so the file exists only when it lists
+    something.
 
     Args:
         path: The file (its directory is created), or None to keep no file.
@@ -60,7 +64,10 @@ class RejectsFile:
             return
         f = self._f or self._open()
         for r in rejects:
-            f.write(json.dumps({"key": r.key, "kind": r.kind, "reason": r.reason}) + "\n")
+            entry: dict[str, Any] = {"key": r.key, "kind": r.kind, "reason": r.reason}
+            if r.line is not None:
+                entry["line"] = r.line
+            f.write(json.dumps(entry) + "\n")
 
     def commit(self) -> int:
         """Makes written rejects durable and returns the file size (to record in the checkpoint)."""
@@ -71,9 +78,13 @@ class RejectsFile:
         return self._f.tell()
 
     def close(self) -> None:
-        """Closes the file."""
+        """Closes the file, removing it when it lists nothing (e.g. truncated back to empty on a restart)."""
         if self._f is not None:
+            empty = self._f.tell() == 0
             self._f.close()
+            self._f = None
+            if empty and self.path is not None:
+                self.path.unlink(missing_ok=True)
 
 
 def _reason(result: EncodeResult, index: int) -> tuple[str, bool]:
@@ -117,6 +128,9 @@ def build_points(
     unit_rows: list[tuple[str, dict[str, Any], np.ndarray, np.ndarray]] = []
     for r, loaded in enumerate(plan.records):
         rec = loaded.record
+        if rec.error is not None:
+            rejects.append(Reject(rec.key, "record", rec.error, line=rec.line))
+            continue
         base = {**rec.payload, **extra_payload}
         image_vec: np.ndarray | None = None
         image_reason, image_failed = "", False
@@ -132,9 +146,12 @@ def build_points(
                     payload = {**base, "kind": "image", "key": rec.key, "image_path": str(rec.image)}
                     points.append(PointData(point_id("image", rec.key), {"image": image_vec}, payload))
                 else:
-                    rejects.append(Reject(rec.key, "image", image_reason, image_failed))
+                    rejects.append(Reject(rec.key, "image", image_reason, image_failed, rec.line))
         if not need_texts:
             continue
+        # A caption belongs to its image: when the job reads the image and it is missing or undecodable, the
+        # caption is rejected with it, so no text point names an image that has no point.
+        image_rejected = need_images and rec.image is not None and image_vec is None
         for i, text in enumerate(rec.texts):
             key = rec.text_key(i)
             row = text_row[(r, i)]
@@ -142,20 +159,25 @@ def build_points(
             text_vec = texts.embeddings[row] if ok else None
             text_reason, text_failed = ("", False) if ok else _reason(texts, row)
             payload = {**base, "key": key, "text": text, "caption_index": i}
-            if rec.image is not None:
+            if rec.image is not None and "image" in kinds:
                 payload["image_key"] = rec.key
             if "text" in kinds:
-                if text_vec is not None:
+                if image_rejected:
+                    rejects.append(
+                        Reject(key, "text", f"its image was rejected: {image_reason}", image_failed, rec.line)
+                    )
+                elif text_vec is not None:
                     points.append(PointData(point_id("text", key), {"text": text_vec}, {**payload, "kind": "text"}))
                 else:
-                    rejects.append(Reject(key, "text", text_reason, text_failed))
+                    rejects.append(Reject(key, "text", text_reason, text_failed, rec.line))
             if "unit" in kinds and rec.image is not None:
                 if image_vec is not None and text_vec is not None:
-                    unit_payload = {**payload, "kind": "unit", "image_path": str(rec.image)}
+                    unit_payload = {**payload, "kind": "unit", "image_path": str(rec.image), "fusion": fusion.kind}
                     unit_rows.append((key, unit_payload, image_vec, text_vec))
                 else:
                     reason = image_reason if image_vec is None else text_reason
-                    rejects.append(Reject(key, "unit", reason, image_failed if image_vec is None else text_failed))
+                    failed = image_failed if image_vec is None else text_failed
+                    rejects.append(Reject(key, "unit", reason, failed, rec.line))
     if unit_rows:
         fused = fusion.fuse(np.stack([u[2] for u in unit_rows]), np.stack([u[3] for u in unit_rows]))
         for (key, payload, v, t), u in zip(unit_rows, fused, strict=True):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -14,29 +13,37 @@ from imgtxt.errors import ImgTxtError
 from imgtxt.logs import add_logging_flags, setup_logging
 from indexer.ids import KINDS
 from indexer.options import (
+    HelpFormatter,
     add_encoder_flags,
+    add_filter_flag,
+    add_json_flag,
     add_search_flags,
     add_store_flags,
     build_encoder,
-    parse_filters,
+    emit,
     search_options,
 )
+from indexer.stores.base import Hit
 from indexer.stores.factory import open_store
 from search.searcher import Searcher
 
 
 def search_parser() -> argparse.ArgumentParser:
     """Flags of `imgtxt search`."""
-    p = argparse.ArgumentParser(prog="imgtxt search", description="Search the index with a text or an image query.")
-    q = p.add_mutually_exclusive_group(required=True)
+    p = argparse.ArgumentParser(
+        prog="imgtxt search",
+        description="Search the index with a text or an image query.",
+        formatter_class=HelpFormatter,
+    )
+    q = p.add_argument_group("query (one of)")
     q.add_argument("--text", help="text query")
     q.add_argument("--image", type=Path, help="image file query")
     p.add_argument(
         "--target", choices=KINDS, help="points to search (default: image for text queries, text for images)"
     )
-    p.add_argument("--limit", type=positive_int, default=10, help="results")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="payload filter (repeatable)")
-    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--top-k", type=positive_int, default=10, help="results to return")
+    add_filter_flag(p)
+    add_json_flag(p, "the hits")
     add_encoder_flags(p)
     add_store_flags(p)
     add_search_flags(p)
@@ -45,35 +52,39 @@ def search_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_hits(hits: list[Hit]) -> None:
+    for rank, h in enumerate(hits, 1):
+        label = h.payload.get("text") or h.payload.get("image_path") or h.payload.get("key")
+        print(f"{rank:3d}  {h.score:.4f}  {h.payload.get('kind', '?'):5s}  {label}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`imgtxt search`: prints the hits; 0 on success, 1 on errors."""
-    args = search_parser().parse_args(argv)
+    """`imgtxt search`: prints the hits; 0 on success, 1 on errors, 2 on bad usage."""
+    parser = search_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.verbose, args.log_json)
+    # Not an argparse mutually exclusive group: that would refuse a query given by IMGTXT_TEXT / IMGTXT_IMAGE.
+    if (args.text is None) == (args.image is None):
+        parser.error("give exactly one query: --text TEXT or --image PATH")
     target = args.target or ("image" if args.text is not None else "text")
     try:
-        filters = parse_filters(args.filter)
-        encoder, _ = build_encoder(args)
+        encoder, _ = build_encoder(args, needs=("text",) if args.text is not None else ("image",))
     except (ValueError, ImgTxtError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt search: error: {exc}", file=sys.stderr)
         return 2
     store = open_store(str(args.store), api_key=args.api_key, timeout=args.store_timeout, retries=args.retries)
     try:
         searcher = Searcher(store, encoder, args.collection or encoder.bundle_version)
-        kw = {"filters": filters, "options": search_options(args)}
+        kw = {"filters": args.filter, "options": search_options(args)}
         if args.text is not None:
-            hits = searcher.search_text(args.text, target, args.limit, **kw)
+            hits = searcher.search_text(args.text, target, args.top_k, **kw)
         else:
-            hits = searcher.search_image(args.image, target, args.limit, **kw)
+            hits = searcher.search_image(args.image, target, args.top_k, **kw)
     except (KeyError, ImgTxtError, ValueError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt search: error: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
         encoder.close()
-    if args.json:
-        print(json.dumps([h.to_dict() for h in hits]))
-    else:
-        for rank, h in enumerate(hits, 1):
-            label = h.payload.get("text") or h.payload.get("image_path") or h.payload.get("key")
-            print(f"{rank:3d}  {h.score:.4f}  {h.payload.get('kind', '?'):5s}  {label}")
+    emit(args.json, [h.to_dict() for h in hits], lambda: _print_hits(hits))
     return 0

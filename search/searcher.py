@@ -17,22 +17,37 @@ class Searcher:
     """Text or image queries against one collection.
 
     Example:
-        >>> searcher = Searcher(open_store("artifacts/qdrant"), BundleEncoder.from_bundle("bundle"), "my-bundle-v1")
+        >>> searcher = Searcher(open_store(DEFAULT_STORE), BundleEncoder.from_bundle("bundle"), "my-bundle-v1")
         >>> [h.payload["image_path"] for h in searcher.search_text("a dog on a beach", target="image", limit=3)]
 
     Args:
         store: The vector store (its collection is opened here).
         encoder: Encodes queries; must be the bundle the collection was indexed with.
-        collection: Collection name (the bundle version).
+        collection: Collection name (the bundle version) or an alias of it (see `imgtxt index --alias`).
     """
 
     def __init__(self, store: VectorStore, encoder: Encoder, collection: str) -> None:
         dim = store.open_collection(collection)
+        self.collection = store.resolve(collection)
+        """The collection searched (the target of `collection` when that is an alias)."""
         if dim != encoder.dim:
-            raise InvalidInput(f"collection {collection!r} has dimension {dim}, the encoder produces {encoder.dim}")
+            raise InvalidInput(
+                f"collection {self.collection!r} has dimension {dim}, the encoder produces {encoder.dim}"
+            )
         self.store = store
         self.encoder = encoder
-        self.collection = collection
+
+    def _checked(self, results: list[list[Hit]]) -> list[list[Hit]]:
+        """Refuses results indexed by another bundle than the one encoding the queries (their spaces differ)."""
+        for hits in results:
+            for h in hits[:1]:
+                indexed = h.payload.get("bundle_version")
+                if indexed is not None and indexed != self.encoder.bundle_version:
+                    raise InvalidInput(
+                        f"collection {self.collection!r} was indexed with bundle {indexed}, but the queries are "
+                        f"encoded by {self.encoder.bundle_version}: serve that bundle, or search another collection"
+                    )
+        return results
 
     def search_vectors(
         self,
@@ -54,7 +69,7 @@ class Searcher:
         bad = [o.message for o in result.outcomes if not o.ok]
         if bad:
             raise InvalidInput(f"query text rejected: {bad[0]}")
-        return self.search_vectors(result.embeddings, target, limit, **kw)
+        return self._checked(self.search_vectors(result.embeddings, target, limit, **kw))
 
     def search_text(self, text: str, target: str = "image", limit: int = 10, **kw: Any) -> list[Hit]:
         """Neighbours of one text query."""
@@ -66,4 +81,4 @@ class Searcher:
         result = self.encoder.encode_images([data])
         if not result.outcomes[0].ok:
             raise InvalidInput(f"query image rejected: {result.outcomes[0].message}")
-        return self.search_vectors(result.embeddings, target, limit, **kw)[0]
+        return self._checked(self.search_vectors(result.embeddings, target, limit, **kw))[0]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgtxt.bundle import load_bundle
 from imgtxt.datasets import default_data_root
 from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.encoders.session import SessionConfig
@@ -18,7 +19,7 @@ from imgtxt.encoders.session import SessionConfig
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete model bundle (image, text and unit ONNX graphs) of tiny random-weight towers, exported once."""
-    from trainer.export import export_tiny_bundle
+    from trainer.testing import export_tiny_bundle
 
     return export_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny", dim=32, seed=0)
 
@@ -63,3 +64,29 @@ def encoder(tiny_bundle: Path) -> Iterator[BundleEncoder]:
 def dataset(tmp_path: Path) -> Path:
     """12 images x 2 captions, plus one record whose image is missing."""
     return make_dataset(tmp_path / "data", 12, captions=2, missing=1)
+
+
+@pytest.fixture(scope="session")
+def encoder_services(tiny_bundle: Path) -> Iterator[tuple[str, str]]:
+    """Both encoder services of the tiny bundle on free loopback ports (real gRPC servers, small max_batch)."""
+    from image_encoder_service.server import create_server as create_image_server
+    from imgtxt.encoders.image import ImageEncoder
+    from imgtxt.encoders.text import TextEncoder
+    from imgtxt.serving.config import ServerConfig
+    from text_encoder_service.server import create_server as create_text_server
+
+    cfg = SessionConfig(device="cpu", intra_op_threads=1)
+    bundle = load_bundle(tiny_bundle)
+    image = create_image_server(
+        ServerConfig(host="127.0.0.1", port=0, max_batch=4), ImageEncoder.from_session_config(bundle, cfg)
+    )
+    text = create_text_server(
+        ServerConfig(host="127.0.0.1", port=0, max_batch=4), TextEncoder.from_session_config(bundle, cfg)
+    )
+    try:
+        image.warm_up()
+        text.warm_up()
+        yield f"127.0.0.1:{image.port}", f"127.0.0.1:{text.port}"
+    finally:
+        image.stop(grace=0)
+        text.stop(grace=0)

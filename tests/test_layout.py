@@ -15,6 +15,7 @@ PACKAGES = (
     "text_encoder_service",
     "indexer",
     "search",
+    "search_service",
     "evaluation",
     "demo",
     "trainer",

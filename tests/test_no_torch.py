@@ -32,7 +32,8 @@ PARTS = {
         ["torch"],
     ),
     "stores": (["indexer.stores.edge", "indexer.stores.client"], ["torch"]),
-    "search": (["search.cli", "search.searcher"], ["torch"]),
+    "search": (["search.cli", "search.searcher", "search.backend"], ["torch"]),
+    "search service": (["search_service.__main__", "search_service.server", "search_service.web"], ["torch"]),
     "evaluation": (["evaluation.cli", "evaluation.via_index", "evaluation.offline"], ["torch"]),
     "demo": (["demo.cli"], ["torch"]),
 }

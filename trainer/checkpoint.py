@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from imgtxt.errors import ConfigError
 from trainer.config import TrainConfig
 from trainer.model import DualEncoder
 
@@ -20,7 +22,7 @@ class LoadedCheckpoint:
     model: DualEncoder
     """The model, weights loaded, in eval mode on CPU."""
     config: dict[str, Any]
-    """The resolved training config (plain data)."""
+    """The resolved training config (plain data, grouped as `TrainConfig.to_dict`, whatever layout it was saved in)."""
     metrics: dict[str, Any]
     """Validation metrics at save time."""
     state: dict[str, Any]
@@ -37,11 +39,22 @@ def save_checkpoint(path: Path, model: DualEncoder, cfg: TrainConfig, metrics: d
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Reads a checkpoint and rebuilds its model from the saved config (no pretrained download: weights are inside)."""
+    """Reads a checkpoint and rebuilds its model from the saved config (no pretrained download: weights are inside).
+
+    Configs saved grouped and the flat configs of older checkpoints both load (`TrainConfig.from_dict`).
+
+    Raises:
+        ConfigError: The saved config cannot be read (it names the reason).
+    """
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig.from_dict(payload["config"])
-    spec = cfg.model_spec()
+    saved = payload.get("config") if isinstance(payload, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a training checkpoint (no config mapping inside)")
+    try:
+        cfg = TrainConfig.from_dict(saved)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{path}: the training config saved in this checkpoint cannot be read: {exc}") from exc
     # The checkpoint holds every weight, so skip loading the pretrained backbone files a second time.
-    model = DualEncoder(type(spec)(**{**spec.__dict__, "pretrained": False}))
+    model = DualEncoder(dataclasses.replace(cfg.model, pretrained=False))
     model.load_state_dict(payload["model"])
-    return LoadedCheckpoint(model.eval(), payload["config"], payload.get("metrics", {}), payload)
+    return LoadedCheckpoint(model.eval(), cfg.to_dict(), payload.get("metrics", {}), payload)

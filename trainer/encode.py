@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.data import CaptionTable, TowerInputs
+from trainer.data.captions import CaptionTable
+from trainer.data.sources import Source
 from trainer.model import DualEncoder, mirror_mean
-
-
-class Source(Protocol):
-    """Anything that yields the trainable towers' inputs for image and caption indices."""
-
-    def images(self, image_idx: np.ndarray, augment: bool = False, mirror: bool = False) -> Tensor: ...
-
-    def texts(self, caption_idx: np.ndarray) -> tuple[Tensor, Tensor]: ...
-
-    def batch(self, image_idx: np.ndarray, caption_idx: np.ndarray, augment: bool = False) -> TowerInputs: ...
 
 
 def _chunks(n: int, batch_size: int) -> list[np.ndarray]:
@@ -70,8 +59,7 @@ def encode_split(
     the model is: `ModelSpec.flip_average`), in eval mode."""
     was_training = model.training
     model.eval()
-    images = encode_images(model, source, len(table.images), image_split, batch_size, device,
-                           model.spec.flip_average)  # fmt: skip
+    images = encode_images(model, source, len(table.images), image_split, batch_size, device, model.spec.flip_average)
     txt_out = []
     for idx in _chunks(len(table.captions), batch_size):
         hidden, mask = source.texts(idx)

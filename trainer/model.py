@@ -7,6 +7,7 @@ cache their output (`features(x, stop)`), and train only the stages above plus t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imgtxt.errors import ConfigError
 from imgtxt.preprocess import ImagePreprocessConfig
 from imgtxt.text import TextConfig
 from trainer.fusion import GatedFusion
@@ -331,9 +333,15 @@ class TextTower(nn.Module):
     """
 
     def __init__(
-        self, embedding: nn.Module, layers: list[nn.Module], width: int, dim: int, pooling: str = "mean",
-        local_dim: int = 0, dropout: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        embedding: nn.Module,
+        layers: list[nn.Module],
+        width: int,
+        dim: int,
+        pooling: str = "mean",
+        local_dim: int = 0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.embedding = embedding
         self.layers = nn.ModuleList(layers)
@@ -415,45 +423,57 @@ class UnitHead(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a dual encoder is built from (a projection of the training config; saved in checkpoints)."""
+    """What a dual encoder is built from: the `model` group of the training config, saved in every checkpoint."""
 
     image_backbone: str = "efficientnet-lite0"
-    """Image backbone: `tiny` (random weights, tests) or `efficientnet-lite0|1|2` (ImageNet weights)."""
+    """Image backbone: tiny (random weights, tests) | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2."""
     text_backbone: str = "minilm"
-    """Text backbone: `tiny` (random weights, tests) or `minilm` (all-MiniLM-L6-v2)."""
+    """Text backbone: tiny (random weights, tests) | minilm (all-MiniLM-L6-v2)."""
     dim: int = 512
     """Dimension of the shared embedding space."""
     pooling: str = "mean"
-    """Pooling of local features: `mean` or `gpo`."""
-    image_size: int = 224
-    """Side of the square image input."""
+    """Pooling of local features: mean | gpo."""
+    image_size: int = 0
+    """Image input side served (bundle contract, validation, evaluation); 0: the backbone's native size (224/240/260;
+    32 for tiny). `DualEncoder.spec` always holds the resolved side."""
     max_tokens: int = 64
     """Tokens per caption, special tokens included."""
     with_unit: bool = True
-    """Build the (image, caption) fusion head as well."""
+    """Also build, train and export the (image, caption) fusion head."""
     pretrained: bool = True
-    """Load pretrained backbone weights (False: random init of the real architectures, for tests)."""
+    """Load pretrained backbone weights (ImageNet / MiniLM; False: random init of the real architectures)."""
     local_dim: int = 0
-    """Hierarchical option: dimension of the local embedding concatenated to the served vector (0: off)."""
+    """Hierarchical option: local embedding size (trained with the `local_similarity` loss on lexical labels),
+    concatenated to the global one in the served vector. Needs with_unit=false. 0: off."""
     head_dropout: float = 0.0
-    """Dropout on pooled features before the projection heads (training only)."""
+    """Dropout on pooled backbone features before the projection heads (regularises heads on frozen features)."""
     flip_average: bool = False
-    """Serve the image embedding as the normalised mean of the image's and its mirror image's (`mirror_mean`):
-    validation, `imgtxt eval --checkpoint` and the exported image graph all do it (~2x image encode cost)."""
+    """Serve image embeddings flip-averaged: the normalised mean of the image's and its mirror image's (`mirror_mean`;
+    test-time augmentation, ~2x image encode cost, text side unchanged). Validation, `imgtxt eval --checkpoint` and
+    the exported image graph all do it, unless `imgtxt export --no-flip-average`."""
 
     def __post_init__(self) -> None:
         if self.image_backbone not in IMAGE_BACKBONES:
-            raise ValueError(f"image_backbone must be one of {IMAGE_BACKBONES}, got {self.image_backbone!r}")
+            raise ConfigError(f"image_backbone must be one of {IMAGE_BACKBONES}, got {self.image_backbone!r}")
         if self.text_backbone not in TEXT_BACKBONES:
-            raise ValueError(f"text_backbone must be one of {TEXT_BACKBONES}, got {self.text_backbone!r}")
+            raise ConfigError(f"text_backbone must be one of {TEXT_BACKBONES}, got {self.text_backbone!r}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.dim < 2 or self.image_size < 8 or self.max_tokens < 3 or self.local_dim < 0:
-            raise ValueError(f"dim >= 2, image_size >= 8, max_tokens >= 3, local_dim >= 0 required, got {self}")
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.dim < 2 or self.max_tokens < 3 or self.local_dim < 0:
+            raise ConfigError(f"dim >= 2, max_tokens >= 3 and local_dim >= 0 required, got {self}")
+        if self.image_size != 0 and self.image_size < 8:
+            raise ConfigError(f"image_size must be 0 (native) or >= 8, got {self.image_size}")
         if self.local_dim and self.with_unit:
-            raise ValueError(
-                "the hierarchical option (local_dim > 0) does not support the unit head: set with_unit=False"
+            raise ConfigError(
+                "the hierarchical option (local_dim > 0) does not support the unit head: set with_unit=false"
             )
+
+    def resolved(self) -> ModelSpec:
+        """This spec with `image_size` 0 replaced by the backbone's native side."""
+        if self.image_size:
+            return self
+        native = 32 if self.image_backbone == "tiny" else efficientnet_image_size(self.image_backbone)
+        return dataclasses.replace(self, image_size=native)
 
     @property
     def embedding_dim(self) -> int:
@@ -466,7 +486,7 @@ class DualEncoder(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec = spec = spec.resolved()
         if spec.image_backbone == "tiny":
             stages, channels = _tiny_image_stages()
         else:

@@ -1,14 +1,16 @@
-"""AdamW parameter groups (no weight decay on scalars, biases and norm gains) and resuming older optimizer states."""
+"""AdamW parameter groups (no weight decay on scalars), the LR schedule, weight averaging, resuming older states."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +102,12 @@ def upgrade_optimizer_state(
         raise ValueError(f"checkpoint optimizer has groups for {legacy}, the optimizer for {sorted(parts)}")
     source = [legacy_index[g["part"]] for g in current]
     groups = [
-        {**{k: v for k, v in saved_groups[k_old].items() if k not in ("params", "weight_decay")},
-         "params": g["params"], "weight_decay": g["weight_decay"], "name": g["name"], "part": g["part"]}
+        {
+            **{k: v for k, v in saved_groups[k_old].items() if k not in ("params", "weight_decay")},
+            **{k: g[k] for k in ("params", "weight_decay", "name", "part")},
+        }
         for g, k_old in zip(current, source, strict=True)
-    ]  # fmt: skip
+    ]
     scheduler = copy.copy(scheduler_state)
     for key in _PER_GROUP_SCHEDULER_KEYS:
         values = scheduler_state.get(key)
@@ -111,3 +115,54 @@ def upgrade_optimizer_state(
             scheduler[key] = [values[k] for k in source]
     logger.info("optimizer state upgraded", extra={"from_groups": len(saved_groups), "to_groups": len(groups)})
     return {"state": state, "param_groups": groups}, scheduler
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The LR schedule's factor at `step`: linear warm-up, then cosine decay to 0 at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WeightAverage:
+    """Exponential moving average of trained parameters (Polyak averaging, as timm's ModelEmaV2).
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (TensorFlow's
+    ExponentialMovingAverage with num_updates), so the early average is not dominated by the initial weights.
+    """
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params, self.decay, self.updates = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Moves the average towards the current weights; call after each optimizer step."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, p in zip(self.shadow, self.params, strict=True):
+            shadow.lerp_(p.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily puts the averaged weights into the parameters (restores the raw ones on exit)."""
+        raw = [p.detach().clone() for p in self.params]
+        _copy_into(self.params, self.shadow)
+        try:
+            yield
+        finally:
+            _copy_into(self.params, raw)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _copy_into(self.shadow, state["shadow"])
+        self.updates = int(state["updates"])
+
+
+@torch.no_grad()
+def _copy_into(targets: list[Tensor] | list[nn.Parameter], sources: list[Tensor]) -> None:
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)

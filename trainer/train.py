@@ -1,7 +1,8 @@
 """`imgtxt train`: staged dual-encoder training (heads on cached frozen features, then top backbone stages).
 
 `imgtxt train [--recipe tiny|quick|default] [--config FILE.yaml] [--data PATH] [--out RUN_DIR] [--resume]
-[--set key=value ...]` writes RUN_DIR/{config.yaml, checkpoints/last.pt, checkpoints/best.pt, metrics.jsonl}.
+[--set key=value ...]` writes RUN_DIR/{config.yaml, checkpoints/last.pt, checkpoints/best.pt, metrics.jsonl,
+curves.png (loss terms and val R@K per epoch)}.
 Data parallel under `torchrun` (gloo on CPU, nccl on CUDA): N ranks x `batch_size` train as one process on the
 global batch, since the losses see every rank's rows (`trainer.distributed`).
 """
@@ -17,7 +18,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,31 @@ from imgtxt.config import apply_env_defaults
 from imgtxt.datasets import default_data_root, load_captioned_images
 from imgtxt.errors import ConfigError
 from imgtxt.logs import add_logging_flags, setup_logging
+from imgtxt.preprocess import ImagePreprocessConfig
 from imgtxt.retrieval_metrics import retrieval_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_config, save_config
-from trainer.data import CachedSource, CaptionTable, PixelSource, TowerInputs, cached_features, default_cache_dir
+from trainer.curves import plot_curves
+from trainer.data import (
+    CachedSource,
+    CaptionTable,
+    FeatureStore,
+    PixelSource,
+    Source,
+    TowerInputs,
+    cached_features,
+    default_cache_dir,
+    neighbour_batches,
+    pack_batches,
+)
 from trainer.distributed import gather_rows, shard_batch
-from trainer.encode import Source, encode_images, encode_split
-from trainer.losses import CombinedLoss, LossInputs, lexical_similarity, neighbour_batches, pack_batches
+from trainer.encode import encode_images, encode_split
+from trainer.labels import PairLabels, check_model_provides
+from trainer.losses import CombinedLoss, LossInputs
 from trainer.model import DualEncoder
-from trainer.optim import build_param_groups, upgrade_optimizer_state
+from trainer.optim import WeightAverage, build_param_groups, lr_factor, upgrade_optimizer_state
 
 logger = logging.getLogger(__name__)
-
-# Losses that need caption–caption similarity pseudo-labels (LossInputs.text_sim).
-_NEEDS_TEXT_SIM = {"soft_negative_triplet", "kendall_rank", "bcls", "adaptive_margin_triplet"}
 
 
 class TrainStep(nn.Module):
@@ -58,17 +70,16 @@ class TrainStep(nn.Module):
         self.image_split, self.text_split, self.feature_drop = image_split, text_split, feature_drop
 
     def forward(
-        self, inputs: TowerInputs, pair_image: Tensor, image_ids: Tensor, epoch: int, text_sim: Tensor | None,
-        local_sim: Tensor | None,
-    ) -> dict[str, Tensor]:  # fmt: skip
+        self, inputs: TowerInputs, pair_image: Tensor, image_ids: Tensor, epoch: int, labels: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Embeds this rank's rows, gathers every rank's rows, and returns the loss terms of the gathered batch.
 
         `inputs.image` holds each distinct image of this rank's rows once; `pair_image` maps every caption (row) to
         its image row; `image_ids` are the rows' global image ids. Under `torchrun` the per-row tensors (embeddings
         with their gradients, image ids) are gathered across ranks in rank order before the loss, so every in-batch
         loss sees the global batch exactly as one process would (`trainer.distributed` explains the gradients).
-        The pairwise labels `text_sim` and `local_sim` are not per row: the caller builds them for the gathered
-        batch (rows in rank order), which every rank knows.
+        The pairwise `labels` (LossInputs field -> (B, B) tensor: `text_sim`, `local_sim`) are not per row: the
+        caller builds them for the gathered batch (rows in rank order), which every rank knows.
         """
         pooled_image = self.model.image.pooled_from(inputs.image, self.image_split, self.feature_drop)
         image, image_local = self.model.image.head.parts(pooled_image)
@@ -83,52 +94,17 @@ class TrainStep(nn.Module):
             image, text, image_ids, unit, image_local, text_local
         )
         assert every_image is not None and every_text is not None and every_id is not None
-        batch = LossInputs(every_image, every_text, every_id, epoch=epoch, text_sim=text_sim, unit=unit,
-                           image_local=image_local, text_local=text_local, local_sim=local_sim)  # fmt: skip
+        batch = LossInputs(
+            every_image,
+            every_text,
+            every_id,
+            epoch=epoch,
+            unit=unit,
+            image_local=image_local,
+            text_local=text_local,
+            **labels,
+        )
         return self.loss(batch)
-
-
-class WeightAverage:
-    """Exponential moving average of trained parameters (Polyak averaging, as timm's ModelEmaV2).
-
-    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (TensorFlow's
-    ExponentialMovingAverage with num_updates), so the early average is not dominated by the initial weights.
-    """
-
-    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
-        self.params, self.decay, self.updates = params, decay, 0
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """Moves the average towards the current weights; call after each optimizer step."""
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for shadow, p in zip(self.shadow, self.params, strict=True):
-            shadow.lerp_(p.detach(), 1.0 - decay)
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """Temporarily puts the averaged weights into the parameters (restores the raw ones on exit)."""
-        raw = [p.detach().clone() for p in self.params]
-        _copy_into(self.params, self.shadow)
-        try:
-            yield
-        finally:
-            _copy_into(self.params, raw)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"shadow": self.shadow, "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _copy_into(self.shadow, state["shadow"])
-        self.updates = int(state["updates"])
-
-
-@torch.no_grad()
-def _copy_into(targets: list[Tensor] | list[nn.Parameter], sources: list[Tensor]) -> None:
-    for target, source in zip(targets, sources, strict=True):
-        target.copy_(source)
 
 
 class Trainer:
@@ -149,52 +125,44 @@ class Trainer:
         if dist.is_initialized():
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = self._device()
-        _seed_everything(cfg.seed)
-        data = Path(cfg.data) if cfg.data else default_data_root()
+        _seed_everything(cfg.run.seed)
+        data = cfg.data
+        root = Path(data.path) if data.path else default_data_root()
         self.train_table = CaptionTable.from_images(
-            load_captioned_images(data, cfg.train_split, cfg.train_limit or None)
+            load_captioned_images(root, data.train_split, data.train_limit or None)
         )
-        self.val_table = CaptionTable.from_images(load_captioned_images(data, cfg.val_split, cfg.val_limit or None))
+        self.val_table = CaptionTable.from_images(load_captioned_images(root, data.val_split, data.val_limit or None))
         if not self.train_table.images or not self.val_table.images:
-            raise ConfigError(f"{data}: splits {cfg.train_split!r} and {cfg.val_split!r} must both be non-empty")
+            raise ConfigError(f"{root}: splits {data.train_split!r} and {data.val_split!r} must both be non-empty")
 
-        self.model = DualEncoder(cfg.model_spec()).to(self.device)
-        self.image_split = self.model.image.num_stages - min(cfg.image_trainable_stages, self.model.image.num_stages)
-        self.text_split = max(1, self.model.text.num_stages - cfg.text_trainable_layers)
+        self.model = DualEncoder(cfg.model).to(self.device)
+        optim = cfg.optim
+        self.image_split = self.model.image.num_stages - min(optim.image_trainable_stages, self.model.image.num_stages)
+        self.text_split = max(1, self.model.text.num_stages - optim.text_trainable_layers)
+        self.train_sentence: Tensor | None = None
         self.train_source, self.val_source = self._sources()
-        weights = dict(cfg.losses)
-        if self.model.unit is not None and cfg.unit_loss_weight > 0:
-            weights.setdefault("unit_hinge", cfg.unit_loss_weight)
-        kwargs = {k: dict(v) for k, v in cfg.loss_kwargs.items()}
-        if cfg.local_dim:
-            weights.setdefault("local_similarity", 1.0)
-        if "relation" in weights:
-            kwargs.setdefault("relation", {}).setdefault("dim", cfg.dim)
-        self.loss = CombinedLoss(weights, kwargs)
-        self.needs_text_sim = bool(_NEEDS_TEXT_SIM & set(weights))
-        if self.needs_text_sim and not cfg.cache_features:
-            raise ConfigError(
-                f"losses {sorted(_NEEDS_TEXT_SIM & set(weights))} need the caption pseudo-labels stored in the feature "
-                "cache: set cache_features=true"
-            )
+        self.loss = CombinedLoss(cfg.loss.weights_for(cfg.model), cfg.loss.kwargs, model=cfg.model)
+        # The losses say which optional inputs they read: the model must produce them, the data provide the labels.
+        check_model_provides(self.loss, cfg.model)
+        self.labels = PairLabels(self.loss, self.train_table.captions, self.train_sentence)
 
         backbone, heads = self._freeze()
         self.step_module: nn.Module = TrainStep(
-            self.model, self.loss, self.image_split, self.text_split, cfg.feature_drop
+            self.model, self.loss, self.image_split, self.text_split, cfg.data.feature_drop
         ).to(self.device)
         if self.world > 1:
             # DDP averages the gradients; with the loss on the gathered batch that is the single-process gradient.
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
         # Parts in the order the optimizer groups were made before the no-decay split (old checkpoints rely on it).
-        self.parts: dict[str, tuple[list[nn.Parameter], float]] = {"heads": (heads, cfg.lr)}
+        self.parts: dict[str, tuple[list[nn.Parameter], float]] = {"heads": (heads, optim.lr)}
         if backbone:
-            self.parts["backbone"] = (backbone, cfg.backbone_lr)
-        self.optimizer = torch.optim.AdamW(build_param_groups(self.parts, cfg.weight_decay))
-        self.average = WeightAverage([*heads, *backbone], cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.steps_per_epoch = max(1, self._sampling_units() // (cfg.batch_size * self.world))
-        total = self.steps_per_epoch * cfg.epochs
+            self.parts["backbone"] = (backbone, optim.backbone_lr)
+        self.optimizer = torch.optim.AdamW(build_param_groups(self.parts, optim.weight_decay))
+        self.average = WeightAverage([*heads, *backbone], optim.ema_decay) if optim.ema_decay > 0 else None
+        self.steps_per_epoch = max(1, self._sampling_units() // (cfg.data.batch_size * self.world))
+        total = self.steps_per_epoch * optim.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total)
+            self.optimizer, lambda s: lr_factor(s, optim.warmup_steps, total)
         )
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -203,40 +171,61 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        logger.info("setup done", extra={"config": cfg.to_dict(), "device": str(self.device), "world": self.world,
-                                         "image_split": self.image_split, "text_split": self.text_split})  # fmt: skip
+        splits_at = {"image_split": self.image_split, "text_split": self.text_split}
+        logger.info(
+            "setup done", extra={"config": cfg.to_dict(), "device": str(self.device), "world": self.world, **splits_at}
+        )
         return self
 
     def _sources(self) -> tuple[Source, Source]:
         cfg = self.cfg
         served = self.model.image_preprocess
         train_pre = dataclasses.replace(served, image_size=cfg.resolved_train_image_size)
-        if not cfg.cache_features:
-            return (
-                PixelSource(self.model, self.train_table, self.image_split, self.text_split, seed=cfg.seed + self.rank,
-                            preprocess=train_pre),
-                PixelSource(self.model, self.val_table, self.image_split, self.text_split),
-            )  # fmt: skip
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        stores = []
-        splits = (
-            (self.train_table, "train", cfg.cache_views, train_pre, False),
-            (self.val_table, "val", 1, served, cfg.flip_average),  # flip-averaged validation needs the mirrored view
-        )
-        for table, name, views, pre, mirror in splits:
-            # Rank 0 computes a missing cache; the others wait at the barrier, then read the file it wrote.
-            store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir,
-                                    cfg.encode_batch_size, desc=name, build=self.rank == 0, views=views,
-                                    preprocess=pre, mirror=mirror)  # fmt: skip
-            if self.world > 1:
-                dist.barrier()
-            if store is None:
-                store = cached_features(self.model, table, self.image_split, self.text_split, cache_dir, 1,
-                                        build=False, views=views, preprocess=pre, mirror=mirror)  # fmt: skip
-            assert store is not None
-            stores.append(store)
-        self.train_sentence = stores[0].sentence
-        return CachedSource(stores[0], seed=cfg.seed + self.rank), CachedSource(stores[1])
+        seed = cfg.run.seed + self.rank
+        if not cfg.cache.features:
+            pixels = PixelSource(self.model, self.train_table, self.image_split, self.text_split, seed, train_pre)
+            return pixels, PixelSource(self.model, self.val_table, self.image_split, self.text_split)
+        cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else default_cache_dir()
+        train = self._cached(self.train_table, "train", cfg.cache.views, train_pre, False, cache_dir)
+        # Flip-averaged validation needs the mirrored view.
+        val = self._cached(self.val_table, "val", 1, served, cfg.model.flip_average, cache_dir)
+        self.train_sentence = train.sentence
+        return CachedSource(train, seed=seed), CachedSource(val)
+
+    def _cached(
+        self,
+        table: CaptionTable,
+        desc: str,
+        views: int,
+        preprocess: ImagePreprocessConfig,
+        mirror: bool,
+        cache_dir: Path,
+    ) -> FeatureStore:
+        """A split's cached activations: rank 0 computes a missing cache, the others wait at the barrier and then
+        read the file it wrote."""
+
+        def load(build: bool) -> FeatureStore | None:
+            return cached_features(
+                self.model,
+                table,
+                self.image_split,
+                self.text_split,
+                cache_dir,
+                self.cfg.run.encode_batch_size,
+                desc=desc,
+                build=build,
+                views=views,
+                preprocess=preprocess,
+                mirror=mirror,
+            )
+
+        store = load(build=self.rank == 0)
+        if self.world > 1:
+            dist.barrier()
+        if store is None:
+            store = load(build=False)
+        assert store is not None
+        return store
 
     def _freeze(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Freezes the backbone below the split points; returns (fine-tuned backbone params, head/loss params)."""
@@ -261,26 +250,29 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
         """Trains for the configured epochs; validates, logs and checkpoints after each. Returns the best metrics."""
-        cfg = self.cfg
+        epochs = self.cfg.optim.epochs
         best: dict[str, float] = {}
-        for epoch in range(self.start_epoch, cfg.epochs):
+        for epoch in range(self.start_epoch, epochs):
             self._train_mode()
             batches = self._epoch_batches(epoch)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=self.rank != 0)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=self.rank != 0)
             t0, seen, terms = time.perf_counter(), 0, {}
             for batch in bar:
                 # Every rank sees the same global batches and knows every rank's shard of each (it encodes its own;
                 # the losses see them all, gathered). The strided split loses no remainder.
                 shards = shard_batch(batch, self.world)
-                if cfg.sampling == "image":
+                if self.cfg.data.sampling == "image":
                     shards = [self.train_table.captions_of(s) for s in shards]
                 terms = self._train_step(shards, epoch)
                 seen += sum(len(s) for s in shards)
                 rate = seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", pairs_s=f"{rate:.0f}")
-                if self.step % cfg.log_every == 0:
-                    logger.info("train", extra={"epoch": epoch, "step": self.step, "pairs_per_s": round(rate, 1),
-                                                "lr": self.scheduler.get_last_lr()[0], **terms})  # fmt: skip
+                if self.step % self.cfg.run.log_every == 0:
+                    lr = self.scheduler.get_last_lr()[0]
+                    logger.info(
+                        "train",
+                        extra={"epoch": epoch, "step": self.step, "pairs_per_s": round(rate, 1), "lr": lr, **terms},
+                    )
             if self.rank == 0:
                 train_s = round(time.perf_counter() - t0, 2)
                 with self._averaged():  # validate (and keep as best.pt) the averaged weights when ema_decay > 0
@@ -289,10 +281,11 @@ class Trainer:
                     if improved:  # select the checkpoint by validation rSum
                         self.best_rsum, best = metrics["rsum"], metrics
                         self._save("best.pt", epoch, metrics)
-                record = {"epoch": epoch + 1, "step": self.step, "train_s": train_s,
-                          **{f"train_{k}": v for k, v in terms.items()}, **metrics}  # fmt: skip
+                trained = {f"train_{k}": v for k, v in terms.items()}
+                record = {"epoch": epoch + 1, "step": self.step, "train_s": train_s, **trained, **metrics}
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")  # redrawn every epoch
                 logger.info("epoch done", extra=record)
                 self._save("last.pt", epoch, metrics)
             if self.world > 1:
@@ -306,25 +299,25 @@ class Trainer:
         batches (a few batches are one or a few units larger) instead of being dropped, so no image or caption is
         skipped, and the step count the LR schedule was built with stays fixed.
         """
-        cfg = self.cfg
-        global_batch = cfg.batch_size * self.world
-        if cfg.neighbour_batches_from and epoch + 1 >= cfg.neighbour_batches_from:
+        data, seed = self.cfg.data, self.cfg.run.seed
+        global_batch = data.batch_size * self.world
+        if data.neighbour_batches_from and epoch + 1 >= data.neighbour_batches_from:
+            n_images, batch_size = len(self.train_table.images), self.cfg.run.encode_batch_size
             with self._autocast():
-                emb = encode_images(self.model, self.train_source, len(self.train_table.images), self.image_split,
-                                    cfg.encode_batch_size, self.device)  # fmt: skip
-            per_cluster = max(1, global_batch // cfg.neighbour_clusters)
-            found = neighbour_batches(emb, cfg.neighbour_clusters, per_cluster, seed=cfg.seed + epoch)
+                emb = encode_images(self.model, self.train_source, n_images, self.image_split, batch_size, self.device)
+            per_cluster = max(1, global_batch // data.neighbour_clusters)
+            found = neighbour_batches(emb, data.neighbour_clusters, per_cluster, seed=seed + epoch)
             # More batches than steps (short tails where clusters run out): the tails are packed, whole, into the
             # steps instead of being dropped with their images.
             packed = pack_batches(found, self.steps_per_epoch)
             logger.info("neighbour batches", extra={"epoch": epoch, "batches": len(found), "steps": len(packed)})
             return [np.asarray(b, dtype=np.int64) for b in packed]
-        perm = np.random.default_rng(cfg.seed + epoch).permutation(self._sampling_units())
+        perm = np.random.default_rng(seed + epoch).permutation(self._sampling_units())
         return np.array_split(perm, self.steps_per_epoch)
 
     def _sampling_units(self) -> int:
         """How many units an epoch draws batches from: training images (sampling=image) or captions."""
-        return len(self.train_table.images) if self.cfg.sampling == "image" else len(self.train_table.captions)
+        return len(self.train_table.images) if self.cfg.data.sampling == "image" else len(self.train_table.captions)
 
     def _check_ranks_agree(self) -> None:
         """Data parallel sanity check: every rank must hold the same trained weights after each epoch."""
@@ -341,37 +334,27 @@ class Trainer:
     def _train_step(self, shards: Sequence[np.ndarray], epoch: int) -> dict[str, float]:
         """One optimizer step on a global batch given as every rank's caption indices (`shards[rank]` are this
         rank's, each of their images run through the image tower once); the losses see all shards' rows."""
-        cfg = self.cfg
         idx = shards[self.rank]
         every = np.concatenate(list(shards))  # the gathered batch's rows, in rank order (as `gather_rows` makes)
         image_ids = self.train_table.caption_image[idx]
         distinct, pair_image = np.unique(image_ids, return_inverse=True)
-        inputs = self.train_source.batch(distinct, idx, augment=cfg.augment).to(self.device)
-        text_sim = None
-        if self.needs_text_sim:
-            s = self.train_sentence[every].float()
-            text_sim = (s @ s.T).clamp(0, 1).to(self.device)
-        local_sim = None
-        if self.cfg.local_dim:
-            captions = [self.train_table.captions[i] for i in every]
-            local_sim = torch.from_numpy(lexical_similarity(captions, captions)).to(self.device)
+        inputs = self.train_source.batch(distinct, idx, augment=self.cfg.data.augment).to(self.device)
+        labels = self.labels(every, self.device)  # the pairwise labels the losses require, for the gathered rows
         ids, rows = torch.from_numpy(image_ids).to(self.device), torch.from_numpy(pair_image).to(self.device)
         with self._autocast():
-            out = self.step_module(inputs, rows, ids, epoch, text_sim, local_sim)
+            out = self.step_module(inputs, rows, ids, epoch, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
-        if cfg.grad_clip > 0:
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.average is not None:
             self.average.update()
-        for module in self.loss.modules():
-            clamp = getattr(module, "clamp_", None)
-            if callable(clamp):  # InfoNCE keeps its logit scale within [0, ln 100] (open_clip's bound)
-                clamp()
+        self.loss.after_step()  # e.g. InfoNCE clamps its logit scale back into [0, ln 100]
         self.step += 1
         return {k: float(v.detach()) for k, v in out.items()}
 
@@ -379,28 +362,37 @@ class Trainer:
         # Backbone stages stay in eval mode even when fine-tuned: frozen BatchNorm statistics and no dropout are
         # more stable with the small per-process batches a CPU can afford.
         self.model.eval()
-        for module in (self.model.image.pool, self.model.image.head, self.model.text.pool, self.model.text.head,
-                       self.model.unit, self.loss):  # fmt: skip
+        model = self.model
+        for module in (model.image.pool, model.image.head, model.text.pool, model.text.head, model.unit, self.loss):
             if module is not None:
                 module.train()
 
     # ------------------------------------------------------------------------------------------------ evaluate
     def evaluate(self) -> dict[str, float]:
         """Validation R@1/5/10 both ways, rSum and ranks, with positives found by image id."""
+        splits, batch_size = (self.image_split, self.text_split), self.cfg.run.encode_batch_size
         with self._autocast():
-            img, txt = encode_split(self.model, self.val_source, self.val_table, self.image_split, self.text_split,
-                                    self.cfg.encode_batch_size, self.device)  # fmt: skip
+            img, txt = encode_split(self.model, self.val_source, self.val_table, *splits, batch_size, self.device)
         return retrieval_metrics(img @ txt.T, self.val_table.caption_image)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _save(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         save_checkpoint(
-            self.run_dir / "checkpoints" / name, self.model, self.cfg, metrics, epoch=epoch + 1, step=self.step,
-            best_rsum=self.best_rsum, loss=self.loss.state_dict(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
-            rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            self.run_dir / "checkpoints" / name,
+            self.model,
+            self.cfg,
+            metrics,
+            epoch=epoch + 1,
+            step=self.step,
+            best_rsum=self.best_rsum,
+            loss=self.loss.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=rng,
             average=self.average.state_dict() if self.average is not None else None,
-        )  # fmt: skip
+        )
 
     def _restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path).state
@@ -425,7 +417,8 @@ class Trainer:
         return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def _want_cuda(self) -> bool:
-        return self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available())
+        device = self.cfg.run.device
+        return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
     def _device(self) -> torch.device:
         if self._want_cuda():
@@ -437,7 +430,7 @@ class Trainer:
         return torch.device("cpu")
 
     def _amp_dtype(self) -> torch.dtype | None:
-        p = self.cfg.precision
+        p = self.cfg.run.precision
         if self.device.type != "cuda":
             if p in ("bf16", "fp16"):
                 logger.warning("precision %s ignored on CPU: training in fp32", p)
@@ -457,14 +450,6 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 0 at `total`."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -479,8 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=str, default=None, help="dataset file or directory (sets config key `data`)")
     parser.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (repeatable), e.g. --set epochs=3")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable; flat or GROUP.FIELD), e.g. --set epochs=3, --set optim.lr=1e-3",
+    )
     add_logging_flags(parser)
     apply_env_defaults(parser)
     return parser

@@ -45,6 +45,7 @@ class BundleEncoder:
         *,
         verify: bool = True,
         limits: ImageLimits | None = None,
+        precision: str = "fp32",
     ) -> Self:
         """Loads (and verifies) a bundle and opens a session on each tower.
 
@@ -54,6 +55,7 @@ class BundleEncoder:
                 loads, else CPU; optimised graphs cached in the user cache directory).
             verify: Check the bundle's file hashes (when `bundle` is a path).
             limits: Image byte and pixel limits.
+            precision: Graphs to run (`fp32`, `fp16`, `auto`; see `TowerEncoder.from_session_config`).
 
         Raises:
             BundleError: Bad bundle.
@@ -61,8 +63,8 @@ class BundleEncoder:
         """
         loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         cfg = session_config or SessionConfig(cache_dir=default_cache_dir())
-        image = ImageEncoder.from_session_config(loaded, cfg, limits=limits)
-        text = TextEncoder.from_session_config(loaded, cfg)
+        image = ImageEncoder.from_session_config(loaded, cfg, precision, limits=limits)
+        text = TextEncoder.from_session_config(loaded, cfg, precision)
         return cls(image, text)
 
     def encode_images(self, images: Sequence[bytes]) -> EncodeResult:
@@ -80,6 +82,10 @@ class BundleEncoder:
                 texts = pool.submit(self.encode_texts, job.texts) if job.texts else None
                 images = self.encode_images(job.images) if job.images else _empty(self.dim)
                 yield images, texts.result() if texts else _empty(self.dim)
+
+    def limits(self) -> dict[str, int]:
+        """Per-item limits of both towers."""
+        return {**self.image.limits(), **self.text.limits()}
 
     def close(self) -> None:
         """Stops the image preprocessing threads."""

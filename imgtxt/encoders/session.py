@@ -15,6 +15,8 @@ from imgtxt.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+# `auto`: fp16 where the session runs on CUDA and the bundle has fp16 graphs, else fp32.
+PRECISION_CHOICES = ("auto", "fp32", "fp16")
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -75,6 +77,11 @@ class SessionConfig:
     def resolved_intra_op_threads(self) -> int:
         """The intra-op thread count actually used."""
         return self.intra_op_threads or max(1, available_cores() - 1)
+
+
+def cuda_available() -> bool:
+    """Whether this ONNX Runtime build offers the CUDA provider (it may still fail to load its libraries)."""
+    return CUDA in ort.get_available_providers()
 
 
 def _requested_providers(device: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,8 @@ from imgtxt.encoders.tower import Prepared, TowerEncoder
 from imgtxt.encoders.types import ItemOutcome
 from imgtxt.errors import InvalidInput, LimitExceeded
 from imgtxt.text import TextTokenizer
+
+_GROUP_INDEX = re.compile(r"^text \d+ ")
 
 
 class TextEncoder(TowerEncoder[str, np.ndarray]):
@@ -65,7 +68,9 @@ class TextEncoder(TowerEncoder[str, np.ndarray]):
                 batch = self.tokenizer.encode([items[i] for i in group])
             except InvalidInput as exc:
                 if len(group) == 1:
-                    reason = InvalidInput(f"text has no tokens besides the special ones ({exc})")
+                    # The tokenizer numbers texts within this retry group (always "text 0"): the outcome names the
+                    # caller's item instead.
+                    reason = InvalidInput(_GROUP_INDEX.sub("text ", str(exc), count=1))
                     outcomes[group[0]] = ItemOutcome.from_error(group[0], reason)
                     continue
                 groups.extend([[i] for i in group])

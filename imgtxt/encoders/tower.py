@@ -17,9 +17,17 @@ import numpy as np
 import onnxruntime as ort
 
 from imgtxt.bundle import Bundle, TowerSpec, load_bundle
-from imgtxt.encoders.session import SessionConfig, active_provider, create_session, default_cache_dir
+from imgtxt.encoders.session import (
+    CUDA,
+    PRECISION_CHOICES,
+    SessionConfig,
+    active_provider,
+    create_session,
+    cuda_available,
+    default_cache_dir,
+)
 from imgtxt.encoders.types import EncodeResult, EncoderInfo, ItemOutcome
-from imgtxt.errors import ImgTxtError
+from imgtxt.errors import ConfigError, ImgTxtError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
 
     modality: ClassVar[str]
     """`image` or `text`: which tower of the bundle this class serves."""
+    precision: str = "fp32"
+    """Precision of the graph the session runs (`fp32`, `fp16`), set by `from_session_config`."""
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession) -> None:
         self.bundle = bundle
@@ -108,17 +118,47 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
         return cls.from_session_config(bundle, cfg, **options)
 
     @classmethod
-    def from_session_config(cls, bundle: Bundle, cfg: SessionConfig, **options: Any) -> Self:
-        """Opens a session on this modality's tower of an already loaded bundle."""
-        spec = bundle.manifest.tower(cls.modality)
-        session = create_session(bundle.file(spec.file), cfg, cache_key=bundle.sha256[:32])
+    def from_session_config(cls, bundle: Bundle, cfg: SessionConfig, precision: str = "fp32", **options: Any) -> Self:
+        """Opens a session on this modality's tower of an already loaded bundle, at a precision the bundle holds.
+
+        Args:
+            bundle: The loaded bundle.
+            cfg: Device, threads, optimisation and cache of the session.
+            precision: `fp32`, `fp16`, or `auto` (fp16 when the session runs on CUDA and the bundle has an fp16
+                graph, fp32 otherwise: half precision is a GPU format, slower than fp32 on most CPUs).
+            **options: Modality-specific options of the subclass constructor (e.g. `limits` for images).
+
+        Raises:
+            BundleError: The bundle has no graph of this modality at `precision`, naming the ones it has.
+            ConfigError: Unknown precision.
+            DeviceUnavailable: `device="cuda"` and CUDA is not usable.
+        """
+        if precision not in PRECISION_CHOICES:
+            raise ConfigError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
+        serving = bundle.manifest.serving
+        chosen = precision
+        if precision == "auto":
+            has_fp16 = cls.modality in serving.precisions.get("fp16", {})
+            chosen = "fp16" if has_fp16 and cfg.device != "cpu" and cuda_available() else "fp32"
+        variant = serving.graph(cls.modality, chosen)
+        session = create_session(bundle.file(variant.file), cfg, cache_key=bundle.sha256[:32])
+        if precision == "auto" and chosen == "fp16" and active_provider(session) != CUDA:
+            logger.warning(
+                "CUDA did not load: serving the fp32 graph instead of fp16", extra={"modality": cls.modality}
+            )
+            chosen = "fp32"
+            session = create_session(
+                bundle.file(serving.graph(cls.modality, chosen).file), cfg, cache_key=bundle.sha256[:32]
+            )
         encoder = cls(bundle, session, **options)
+        encoder.precision = chosen
         logger.info(
             "encoder loaded",
             extra={
                 "modality": cls.modality,
                 "bundle": bundle.version,
                 "provider": encoder.provider,
+                "precision": chosen,
                 "intra_op_threads": cfg.resolved_intra_op_threads,
             },
         )
@@ -142,6 +182,7 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
             distance=m.distance,
             execution_provider=self.provider,
             providers=list(self.session.get_providers()),
+            precision=self.precision,
             limits=self.limits(),
         )
 

@@ -112,6 +112,8 @@ class EncoderInfo:
     """The session's provider list, in priority order."""
     limits: dict[str, int] = field(default_factory=dict)
     """Per-item limits of this modality (image bytes/pixels, text tokens/characters)."""
+    precision: str = "fp32"
+    """Precision of the served graph (`fp32`, `fp16`)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,11 @@ class Encoder(Protocol):
 
     def encode_jobs(self, jobs: Iterable[EncodeJob]) -> Iterator[tuple[EncodeResult, EncodeResult]]:
         """(images, texts) results of each job, in order; jobs are drawn lazily, so long inputs stream."""
+        ...
+
+    def limits(self) -> dict[str, int]:
+        """Per-item limits of the towers it reaches (`max_image_bytes`, `max_image_pixels`, `max_tokens`,
+        `max_text_chars`), named as in the wire contract's `Limits` message."""
         ...
 
     def close(self) -> None:

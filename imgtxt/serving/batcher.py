@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from imgtxt.errors import Overloaded
+from imgtxt.serving.interceptors import ServerStopping
 from imgtxt.serving.prometheus import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -122,8 +123,8 @@ class DynamicBatcher:
                 whenever a batch leaves the queue) instead of raising Overloaded at once.
 
         Raises:
-            Overloaded: The queue holds `max_queue` items already (and `wait` is None or returned False), or the
-                batcher is closed.
+            Overloaded: The queue holds `max_queue` items already (and `wait` is None or returned False).
+            ServerStopping: The batcher is closed (the server is stopping).
         """
         item = _Pending(features)
         with self._cond:
@@ -132,7 +133,7 @@ class DynamicBatcher:
                 self._cond.wait(0.5)
                 self._waiting -= 1
             if self._closed:
-                raise Overloaded("server is shutting down; retry on another replica")
+                raise ServerStopping("server is shutting down; retry (another replica, or this one once restarted)")
             if self._depth + len(features) > self.max_queue:
                 raise Overloaded(
                     f"queue is full: {self._depth} items waiting, limit max_queue={self.max_queue}; retry later"

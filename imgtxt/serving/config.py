@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
-from imgtxt.encoders.session import DEVICES, OPTIMIZATION_LEVELS, SessionConfig, default_cache_dir
+from imgtxt.encoders.session import DEVICES, OPTIMIZATION_LEVELS, PRECISION_CHOICES, SessionConfig, default_cache_dir
 from imgtxt.errors import ConfigError
 from imgtxt.logs import add_logging_flags
 from imgtxt.preprocess import ImageLimits
@@ -42,7 +42,7 @@ class ServerConfig:
     """Chunks of one EncodeStream in flight at once (preprocessing of the next overlaps inference of the last)."""
     grace_s: float = 30.0
     """On SIGTERM/SIGINT, how long in-flight rpcs may take to finish."""
-    drain_delay_s: float = 0.0
+    drain_delay_s: float = 5.0
     """On SIGTERM/SIGINT, how long health reports NOT_SERVING (so load balancers move away) before the port closes."""
     tls_cert: Path | None = None
     """PEM certificate chain; with `tls_key`, serve TLS only."""
@@ -83,6 +83,13 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--bundle", type=Path, required=True, help="model bundle directory")
     g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA if it loads, else CPU; cuda: or fail")
+    g.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="graph to serve: auto = fp16 on CUDA when the bundle has it, else fp32; a precision the bundle lacks is "
+        "a start-up error",
+    )
     g.add_argument("--intra-op-threads", type=non_negative_int, default=0, help="ORT intra-op threads (0: cores - 1)")
     g.add_argument("--inter-op-threads", type=positive_int, default=1, help="ORT inter-op threads")
     g.add_argument("--optimization", choices=tuple(OPTIMIZATION_LEVELS), default="all", help="ORT graph optimisation")
@@ -106,7 +113,13 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
     s.add_argument("--max-message-bytes", type=positive_int, default=d.max_message_bytes, help="gRPC message limit")
     s.add_argument("--stream-window", type=positive_int, default=d.stream_window, help="stream chunks in flight")
     s.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period, seconds")
-    s.add_argument("--drain-delay-s", type=float, default=d.drain_delay_s, help="NOT_SERVING before closing, seconds")
+    s.add_argument(
+        "--drain-delay-s",
+        type=float,
+        default=d.drain_delay_s,
+        help="on SIGTERM, seconds health reports NOT_SERVING while rpcs are still answered (load balancers and "
+        "health-checking clients move away first), before new rpcs are refused with UNAVAILABLE",
+    )
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS on when given with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key")
     s.add_argument("--auth-token", help="required bearer token (prefer the env variable: flags show in `ps`)")

@@ -64,7 +64,7 @@ def run_service(
             },
         )
         bundle = load_bundle(args.bundle, verify=not args.no_verify)
-        encoder = encoder_class.from_session_config(bundle, session_config, **encoder_options(args))
+        encoder = encoder_class.from_session_config(bundle, session_config, args.precision, **encoder_options(args))
         server = create_server(config, encoder)
     except (BundleError, ConfigError) as exc:
         print(f"imgtxt serve-{modality}: error: {exc}", file=sys.stderr)

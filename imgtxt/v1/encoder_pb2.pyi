@@ -81,7 +81,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("modality", "bundle_version", "bundle_sha256", "dim", "normalized", "distance", "execution_provider", "providers", "limits")
+    __slots__ = ("modality", "bundle_version", "bundle_sha256", "dim", "normalized", "distance", "execution_provider", "providers", "limits", "precision")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class InfoResponse(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     modality: str
     bundle_version: str
     bundle_sha256: str
@@ -100,4 +101,5 @@ class InfoResponse(_message.Message):
     execution_provider: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
-    def __init__(self, modality: _Optional[str] = ..., bundle_version: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., dim: _Optional[int] = ..., normalized: _Optional[bool] = ..., distance: _Optional[str] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    precision: str
+    def __init__(self, modality: _Optional[str] = ..., bundle_version: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., dim: _Optional[int] = ..., normalized: _Optional[bool] = ..., distance: _Optional[str] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., precision: _Optional[str] = ...) -> None: ...

@@ -3,23 +3,45 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-QUANTIZATIONS = ("none", "int8", "binary")
+from imgtxt.bundle import QUANTIZATIONS
+
 VECTOR_NAMES = ("image", "text", "unit")
+# Options a reopened collection must have as requested: anything else would silently serve another index.
+CHECKED = ("dim", "quantization", "hnsw_m", "hnsw_ef_construct", "full_scan_threshold", "on_disk")
+# The flag that sets each option, for messages.
+FLAGS = {
+    "dim": "the bundle's embedding_dim",
+    "quantization": "--quantization",
+    "hnsw_m": "--hnsw-m",
+    "hnsw_ef_construct": "--hnsw-ef-construct",
+    "full_scan_threshold": "--full-scan-threshold-kb",
+    "indexing_threshold": "--indexing-threshold-kb",
+    "on_disk": "--on-disk",
+    "shard_number": "--shards",
+    "replication_factor": "--replication-factor",
+    "write_consistency_factor": "--write-consistency",
+}
+SERVER_ONLY = ("shard_number", "replication_factor", "write_consistency_factor")
 
 
-class DimensionMismatch(ValueError):
+class CollectionMismatch(ValueError):
+    """A collection exists with other options than the ones asked for (raised before anything is written)."""
+
+
+class DimensionMismatch(CollectionMismatch):
     """A collection exists with a different vector dimension than the bundle's."""
 
 
 @dataclass(frozen=True)
 class CollectionConfig:
-    """How a collection is created (HNSW graph, storage placement, quantisation)."""
+    """How a collection is created (HNSW graph, storage placement, quantisation, server-side distribution)."""
 
     dim: int
     """Vector dimension (the bundle's embedding_dim)."""
@@ -28,13 +50,20 @@ class CollectionConfig:
     hnsw_ef_construct: int = 100
     """HNSW candidates while building the graph."""
     full_scan_threshold: int = 10_000
-    """Below this many KB of vectors a segment is scanned instead of using the graph."""
+    """KB of vectors: a search whose filter (or segment) is estimated to match fewer is answered by an exact scan
+    instead of the HNSW graph. Counted per segment, in vectors of this collection's size (KB * 1024 / (4 * dim))."""
     indexing_threshold: int | None = None
-    """KB of vectors in a segment before its HNSW graph is built (None = Qdrant's default, 10 MB)."""
+    """KB of vectors in a segment before its HNSW graph is built (None = the engine's default)."""
     on_disk: bool = False
     """Keep original vectors on disk (mmap) instead of in RAM."""
     quantization: str = "none"
     """`none`, `int8` (scalar) or `binary`; searches rescore with the original vectors."""
+    shard_number: int | None = None
+    """Server only: shards of the collection (None = the server's default; the embedded engine has one)."""
+    replication_factor: int | None = None
+    """Server only: copies of each shard (None = the server's default; the embedded engine has no replicas)."""
+    write_consistency_factor: int | None = None
+    """Server only: replicas that must confirm a write (None = the server's default)."""
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -43,8 +72,56 @@ class CollectionConfig:
             raise ValueError(
                 f"hnsw_m must be >= 2 and hnsw_ef_construct >= 4, got {self.hnsw_m}, {self.hnsw_ef_construct}"
             )
+        if self.full_scan_threshold <= 0:
+            raise ValueError(f"full_scan_threshold must be a positive number of KB, got {self.full_scan_threshold}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        for name in SERVER_ONLY:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (also what a collection's metadata records)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CollectionConfig:
+        """Rebuilds a config from `to_dict`'s form; unknown keys are ignored (metadata of newer versions)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_congruent(
+    name: str, existing: CollectionConfig, requested: CollectionConfig, only: tuple[str, ...] = CHECKED
+) -> None:
+    """Raises when an existing collection's options differ from the requested ones, naming both values of each.
+
+    Args:
+        name: Collection name (for the message).
+        existing: What the collection was created with.
+        requested: What the caller asks for.
+        only: The options to compare (default: every option a search depends on).
+
+    Raises:
+        DimensionMismatch: The dimensions differ.
+        CollectionMismatch: Any other compared option differs.
+    """
+    if "dim" in only and existing.dim != requested.dim:
+        raise DimensionMismatch(
+            f"collection {name!r} has dimension {existing.dim} but the bundle produces {requested.dim}: "
+            "index into a new collection (one per bundle version), or pass --recreate to delete it and its points"
+        )
+    diffs = [
+        f"{f} {getattr(existing, f)!r}, not the requested {getattr(requested, f)!r} ({FLAGS[f]})"
+        for f in only
+        if f != "dim" and getattr(existing, f) != getattr(requested, f)
+    ]
+    if diffs:
+        raise CollectionMismatch(
+            f"collection {name!r} exists with {'; '.join(diffs)}: index into another --collection, give the "
+            "collection's own values, or pass --recreate to delete it (and every point in it) and rebuild it"
+        )
 
 
 @dataclass(frozen=True)
@@ -101,16 +178,34 @@ class Hit:
 class VectorStore(Protocol):
     """What the indexer and search need from a vector store; `EdgeStore` and `ClientStore` implement it."""
 
-    def ensure_collection(self, name: str, config: CollectionConfig) -> None:
-        """Creates the collection, or checks that an existing one has the same dimension (DimensionMismatch)."""
+    def ensure_collection(self, name: str, config: CollectionConfig) -> bool:
+        """Creates the collection (True), or opens an existing one (False) after checking it has the requested
+        options (`check_congruent`: DimensionMismatch, CollectionMismatch). `name` may be an alias."""
+        ...
+
+    def collection_config(self, name: str) -> CollectionConfig:
+        """The options an existing collection (or alias) was created with (KeyError when absent)."""
         ...
 
     def delete_collection(self, name: str) -> None:
-        """Deletes a collection and its points (nothing when absent)."""
+        """Deletes a collection (an alias: the collection it points at), its points and the aliases pointing at it
+        (nothing when absent)."""
         ...
 
     def open_collection(self, name: str) -> int:
-        """Opens an existing collection for reading and returns its dimension (KeyError when absent)."""
+        """Opens an existing collection (or alias) for reading and returns its dimension (KeyError when absent)."""
+        ...
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Points `alias` at `collection` in one atomic step (creating or moving the alias)."""
+        ...
+
+    def resolve(self, name: str) -> str:
+        """The collection an alias points at, or `name` itself when it is no alias."""
+        ...
+
+    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Payloads of those `ids` that exist in the open collection."""
         ...
 
     def upsert(self, points: list[PointData]) -> None:
@@ -153,3 +248,13 @@ class VectorStore(Protocol):
 def read_metadata(path: Path) -> dict[str, Any]:
     """Reads a small JSON metadata file, `{}` when absent."""
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_metadata(path: Path, data: dict[str, Any]) -> None:
+    """Writes a small JSON file atomically (temp file, fsync, rename): a reader sees the old or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -14,16 +14,18 @@ from indexer.stores.base import (
     DEFAULT_SEARCH,
     VECTOR_NAMES,
     CollectionConfig,
-    DimensionMismatch,
     Hit,
     PointData,
     SearchOptions,
+    check_congruent,
 )
 from indexer.stores.retry import call_with_retry
 
 logger = logging.getLogger(__name__)
 
 DISTANCES = {"cosine": models.Distance.COSINE}
+# Key of the collection metadata holding the config the collection was created with.
+METADATA_KEY = "imgtxt"
 
 
 def _client(location: str, api_key: str | None, timeout: float) -> QdrantClient:
@@ -63,6 +65,33 @@ def _quantization(config: CollectionConfig) -> Any:
     return None
 
 
+def config_from_info(info: models.CollectionInfo) -> CollectionConfig:
+    """A collection's options from a server's `get_collection` answer (its live configuration)."""
+    vectors = info.config.params.vectors
+    params = next(iter(vectors.values())) if isinstance(vectors, dict) else vectors
+    if params is None:
+        raise ValueError("the collection has no dense vectors")
+    quant = info.config.quantization_config
+    hnsw = info.config.hnsw_config
+    p = info.config.params
+    return CollectionConfig(
+        dim=params.size,
+        hnsw_m=hnsw.m,
+        hnsw_ef_construct=hnsw.ef_construct,
+        full_scan_threshold=hnsw.full_scan_threshold,
+        indexing_threshold=info.config.optimizer_config.indexing_threshold,
+        on_disk=bool(params.on_disk),
+        quantization="int8"
+        if isinstance(quant, models.ScalarQuantization)
+        else "binary"
+        if isinstance(quant, models.BinaryQuantization)
+        else "none",
+        shard_number=p.shard_number,
+        replication_factor=p.replication_factor,
+        write_consistency_factor=p.write_consistency_factor,
+    )
+
+
 class ClientStore:
     """A collection on a Qdrant server (or in qdrant-client's local mode), with retries on transient errors.
 
@@ -83,15 +112,20 @@ class ClientStore:
     def _call(self, fn: Any) -> Any:
         return call_with_retry(fn, attempts=self.retries)
 
-    def ensure_collection(self, name: str, config: CollectionConfig) -> None:
-        """Creates the collection, or checks an existing one's dimension.
+    def ensure_collection(self, name: str, config: CollectionConfig) -> bool:
+        """Creates the collection (True), or opens an existing one (False) after checking its options.
+
+        The requested config is also recorded in the collection's metadata (`imgtxt`), which is where local mode,
+        which keeps no HNSW or quantisation settings, reads it back from.
 
         Raises:
             DimensionMismatch: The existing collection has another dimension.
+            CollectionMismatch: It has another quantisation or HNSW configuration.
         """
         if self._call(lambda: self.client.collection_exists(name)):
-            self.open_collection(name, expect_dim=config.dim)
-            return
+            check_congruent(name, self.collection_config(name), config)
+            self.open_collection(name)
+            return False
         vectors = {
             v: models.VectorParams(size=config.dim, distance=DISTANCES[DISTANCE], on_disk=config.on_disk)
             for v in VECTOR_NAMES
@@ -107,6 +141,10 @@ class ClientStore:
                 ),
                 optimizers_config=models.OptimizersConfigDiff(indexing_threshold=config.indexing_threshold),
                 quantization_config=_quantization(config),
+                shard_number=config.shard_number,
+                replication_factor=config.replication_factor,
+                write_consistency_factor=config.write_consistency_factor,
+                metadata={METADATA_KEY: config.to_dict()},
             )
         )
         if not self.local:
@@ -114,32 +152,75 @@ class ClientStore:
                 lambda: self.client.create_payload_index(name, "kind", models.PayloadSchemaType.KEYWORD, wait=True)
             )
         self.name = name
+        logger.info("collection created", extra={"collection": name, **config.to_dict()})
+        return True
 
-    def delete_collection(self, name: str) -> None:
-        """Deletes the collection on the server (nothing when absent)."""
-        if self._call(lambda: self.client.collection_exists(name)):
-            self._call(lambda: self.client.delete_collection(name))
-
-    def open_collection(self, name: str, expect_dim: int | None = None) -> int:
-        """Checks the collection exists and returns its dimension.
+    def collection_config(self, name: str) -> CollectionConfig:
+        """The collection's options: on a server from its live configuration, in local mode (which keeps no HNSW or
+        quantisation settings) from the metadata recorded at creation.
 
         Raises:
-            KeyError: No such collection.
-            DimensionMismatch: `expect_dim` given and different.
+            KeyError: No such collection (or alias).
         """
         if not self._call(lambda: self.client.collection_exists(name)):
             raise KeyError(f"collection {name!r} not found")
         info = self._call(lambda: self.client.get_collection(name))
-        vectors = info.config.params.vectors
-        sizes = {p.size for p in vectors.values()} if isinstance(vectors, dict) else {vectors.size}
-        dim = sizes.pop() if len(sizes) == 1 else 0
-        if expect_dim is not None and dim != expect_dim:
-            raise DimensionMismatch(
-                f"collection {name!r} has dimension {dim} but the bundle produces {expect_dim}: "
-                "index into a new collection (one per bundle version) or delete the old one"
-            )
+        recorded = (info.config.metadata or {}).get(METADATA_KEY)
+        if self.local and isinstance(recorded, dict):
+            return CollectionConfig.from_dict(recorded)
+        return config_from_info(info)
+
+    def delete_collection(self, name: str) -> None:
+        """Deletes the collection on the server, with its aliases (nothing when absent)."""
+        if self._call(lambda: self.client.collection_exists(name)):
+            target = self.resolve(name)
+            self._call(lambda: self.client.delete_collection(target))
+
+    def open_collection(self, name: str) -> int:
+        """Checks the collection (or alias) exists and returns its dimension.
+
+        Raises:
+            KeyError: No such collection.
+        """
+        dim = self.collection_config(name).dim
         self.name = name
-        return int(dim)
+        return dim
+
+    def resolve(self, name: str) -> str:
+        """The collection an alias points at, or `name`."""
+        aliases = self._call(lambda: self.client.get_aliases()).aliases
+        return next((a.collection_name for a in aliases if a.alias_name == name), name)
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Points `alias` at `collection` with one `update_collection_aliases` call (delete + create, atomic on the
+        server).
+
+        Raises:
+            KeyError: No such collection.
+            ValueError: `alias` names a collection.
+        """
+        target = self.resolve(collection)
+        if not self._call(lambda: self.client.collection_exists(target)):
+            raise KeyError(f"collection {collection!r} not found")
+        existing = {a.alias_name for a in self._call(lambda: self.client.get_aliases()).aliases}
+        if alias not in existing and self._call(lambda: self.client.collection_exists(alias)):
+            raise ValueError(f"{alias!r} is a collection; an alias cannot have a collection's name")
+        ops: list[Any] = [models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))]
+        ops = ops if alias in existing else []
+        ops.append(
+            models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=target, alias_name=alias))
+        )
+        self._call(lambda: self.client.update_collection_aliases(change_aliases_operations=ops))
+        logger.info("alias switched", extra={"alias": alias, "collection": target})
+
+    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Payloads of the existing points among `ids`."""
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            records = self._call(lambda c=chunk: self.client.retrieve(self.name, c, with_payload=True))
+            out.update({str(r.id): dict(r.payload or {}) for r in records})
+        return out
 
     def upsert(self, points: list[PointData]) -> None:
         """Writes points with their deterministic ids (never letting the client assign uuid4) and waits."""

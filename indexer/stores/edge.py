@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,23 @@ import qdrant_edge as qe
 from imgtxt.bundle import DISTANCE
 from indexer.stores.base import (
     DEFAULT_SEARCH,
+    FLAGS,
+    SERVER_ONLY,
     VECTOR_NAMES,
     CollectionConfig,
-    DimensionMismatch,
     Hit,
     PointData,
     SearchOptions,
+    check_congruent,
     read_metadata,
+    write_metadata,
 )
 
 logger = logging.getLogger(__name__)
 
 METADATA = "imgtxt_collection.json"
+# The store's aliases (alias -> collection), beside the collections: the engine itself has none.
+ALIASES = "imgtxt_aliases.json"
 # The one distance constant of the project drives collection creation (a KeyError here means a new distance was
 # introduced without teaching the store about it).
 DISTANCES = {"cosine": qe.Distance.Cosine}
@@ -50,6 +54,9 @@ def edge_filter(filters: dict[str, Any] | None) -> qe.Filter | None:
 class EdgeStore:
     """Collections are shard directories under `root` (`root/<collection>/`), persistent and HNSW-indexed.
 
+    The engine has no aliases, so this store keeps them in `root/imgtxt_aliases.json` (alias -> collection),
+    replaced atomically; every method that takes a collection name resolves an alias first.
+
     Args:
         root: Directory holding the collections (created when missing).
     """
@@ -59,21 +66,85 @@ class EdgeStore:
         self.shard: qe.EdgeShard | None = None
         self.name = ""
 
-    def _path(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"invalid collection name {name!r}")
-        return self.root / name
+    @staticmethod
+    def _check_name(name: str) -> str:
+        if not name or "/" in name or name.startswith(".") or name.startswith("_") or name == ALIASES:
+            raise ValueError(f"invalid collection name {name!r} (no '/', no leading '.' or '_')")
+        return name
 
-    def ensure_collection(self, name: str, config: CollectionConfig) -> None:
-        """Creates the shard, or opens it after checking its dimension.
+    def _path(self, name: str) -> Path:
+        return self.root / self.resolve(self._check_name(name))
+
+    def _aliases(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in read_metadata(self.root / ALIASES).items()}
+
+    def resolve(self, name: str) -> str:
+        """The collection `name` points at when it is an alias, else `name`."""
+        return self._aliases().get(name, name)
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Points `alias` at `collection`: one atomic replace of the alias file, so a reader sees the old target or
+        the new one.
 
         Raises:
-            DimensionMismatch: The existing collection has another dimension.
+            KeyError: No such collection.
+            ValueError: `alias` names a collection (an alias cannot shadow one).
+        """
+        self._check_name(alias)
+        target = self.resolve(self._check_name(collection))
+        if not (self.root / target / "edge_config.json").is_file():
+            raise KeyError(f"collection {collection!r} not found under {self.root}")
+        if (self.root / alias / "edge_config.json").is_file():
+            raise ValueError(f"{alias!r} is a collection under {self.root}; an alias cannot have a collection's name")
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_metadata(self.root / ALIASES, {**self._aliases(), alias: target})
+        logger.info("alias switched", extra={"alias": alias, "collection": target})
+
+    def collection_config(self, name: str) -> CollectionConfig:
+        """The options the collection was created with, read from the engine's own `edge_config.json`.
+
+        Raises:
+            KeyError: No such collection.
         """
         path = self._path(name)
+        cfg = read_metadata(path / "edge_config.json")
+        if not cfg:
+            raise KeyError(f"collection {name!r} not found under {self.root}")
+        vectors = list(cfg.get("vectors", {}).values())
+        first = vectors[0] if vectors else {}
+        quant = first.get("quantization_config") or {}
+        hnsw = cfg.get("hnsw_config") or {}
+        defaults = CollectionConfig(dim=1)
+        return CollectionConfig(
+            dim=int(first["size"]),
+            hnsw_m=int(hnsw.get("m", defaults.hnsw_m)),
+            hnsw_ef_construct=int(hnsw.get("ef_construct", defaults.hnsw_ef_construct)),
+            full_scan_threshold=int(hnsw.get("full_scan_threshold", defaults.full_scan_threshold)),
+            indexing_threshold=(cfg.get("optimizers") or {}).get("indexing_threshold"),
+            on_disk=bool(first.get("on_disk", False)),
+            quantization="int8" if "scalar" in quant else "binary" if "binary" in quant else "none",
+        )
+
+    def ensure_collection(self, name: str, config: CollectionConfig) -> bool:
+        """Creates the shard (True), or opens it (False) after checking that it has the requested options.
+
+        Raises:
+            ValueError: A server-only option (shards, replicas, write consistency) was asked for.
+            DimensionMismatch: The existing collection has another dimension.
+            CollectionMismatch: It has another quantisation or HNSW configuration.
+        """
+        server_only = {f: getattr(config, f) for f in SERVER_ONLY if getattr(config, f) not in (None, 1)}
+        if server_only:
+            given = ", ".join(f"{FLAGS[f]} {v}" for f, v in server_only.items())
+            raise ValueError(
+                f"the embedded engine holds a collection in one shard with no replicas, so {given} cannot apply: "
+                "shards, replication and write consistency need a Qdrant server (--store qdrant://host:6334)"
+            )
+        path = self._path(name)
         if (path / "edge_config.json").is_file():
-            self.open_collection(name, expect_dim=config.dim)
-            return
+            check_congruent(name, self.collection_config(name), config)
+            self.open_collection(name)
+            return False
         path.mkdir(parents=True, exist_ok=True)
         params = {
             v: qe.EdgeVectorParams(
@@ -91,47 +162,50 @@ class EdgeStore:
             ),
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=config.indexing_threshold),
         )
+        self.close()
         self.shard = qe.EdgeShard.create(str(path), edge_config)
         self.shard.update(qe.UpdateOperation.create_field_index("kind", qe.PayloadSchemaType.Keyword))
         self.shard.flush()
-        tmp = path / (METADATA + ".tmp")
-        tmp.write_text(json.dumps({"name": name, "dim": config.dim, "distance": DISTANCE}) + "\n")
-        os.replace(tmp, path / METADATA)
-        self.name = name
-        logger.info("collection created", extra={"collection": name, "path": str(path), "dim": config.dim})
+        write_metadata(path / METADATA, {"name": path.name, "distance": DISTANCE, **config.to_dict()})
+        self.name = path.name
+        logger.info("collection created", extra={"collection": path.name, "path": str(path), **config.to_dict()})
+        return True
 
     def delete_collection(self, name: str) -> None:
-        """Closes and removes the collection's shard directory."""
+        """Closes and removes the collection's shard directory, and the aliases pointing at it."""
         path = self._path(name)
-        if self.name == name:
+        if self.name == path.name:
             self.close()
             self.name = ""
+        aliases = self._aliases()
+        kept = {a: c for a, c in aliases.items() if c != path.name}
+        if kept != aliases:
+            write_metadata(self.root / ALIASES, kept)
         if path.exists():
             shutil.rmtree(path)
 
-    def open_collection(self, name: str, expect_dim: int | None = None) -> int:
-        """Opens an existing shard and returns its dimension.
+    def open_collection(self, name: str) -> int:
+        """Opens an existing shard (`name` may be an alias) and returns its dimension.
 
         Raises:
             KeyError: No such collection.
-            DimensionMismatch: `expect_dim` given and different.
         """
         path = self._path(name)
-        edge_cfg = read_metadata(path / "edge_config.json")
-        if not edge_cfg:
-            raise KeyError(f"collection {name!r} not found under {self.root}")
-        dims = {v["size"] for v in edge_cfg.get("vectors", {}).values()}
-        dim = read_metadata(path / METADATA).get("dim") or (dims.pop() if len(dims) == 1 else 0)
-        if expect_dim is not None and dim != expect_dim:
-            raise DimensionMismatch(
-                f"collection {name!r} at {path} has dimension {dim} but the bundle produces {expect_dim}: "
-                "index into a new collection (one per bundle version) or delete the old one"
-            )
-        if self.shard is None or self.name != name:
+        dim = self.collection_config(name).dim
+        if self.shard is None or self.name != path.name:
             self.close()
             self.shard = qe.EdgeShard.load(str(path))
-            self.name = name
-        return int(dim)
+            self.name = path.name
+        return dim
+
+    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Payloads of the existing points among `ids`."""
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), 1000):
+            chunk: list[int | uuid.UUID | str] = list(ids[start : start + 1000])
+            for r in self._shard().retrieve(chunk, True, False):
+                out[str(r.id)] = dict(r.payload or {})
+        return out
 
     def _shard(self) -> qe.EdgeShard:
         if self.shard is None:

@@ -71,3 +71,60 @@ def test_eval_command_prints_json(tmp_path: Path, tiny_bundle: Path, capsys) -> 
     assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) >= {"i2t_r1", "t2i_r10", "rsum", "i2t_medr"} and np.isfinite(metrics["rsum"])
+
+
+def _in_process(bundle: Path) -> list[str]:
+    return ["--bundle", str(bundle), "--in-process", "--device", "cpu"]
+
+
+def test_eval_reuses_a_collection_an_indexing_job_built(tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from indexer.cli import main as index_main
+
+    data = make_dataset(tmp_path / "data", 6, captions=2)
+    store = tmp_path / "q"
+    # The job's default split is val, the one eval measures by default; units in the collection do not count.
+    assert index_main([str(data), *_in_process(tiny_bundle), "--store", str(store), "--alias", "live"]) == 0
+    capsys.readouterr()
+    own = ["--via-index", "--data", str(data), *_in_process(tiny_bundle), "--exact", "--json", "-"]
+    assert main(own) == 0
+    fresh = json.loads(capsys.readouterr().out)
+    assert main([*own, "--store", str(store), "--reuse", "--collection", "live"]) == 0
+    reused = json.loads(capsys.readouterr().out)
+    assert reused["reused"] and reused["source"] == "index:tiny-d32-s0" and not fresh["reused"]
+    for key in ("rsum", "i2t_r1", "t2i_r5", "i2t_medr"):
+        assert reused[key] == pytest.approx(fresh[key], abs=1e-9), key
+    # It must hold exactly the split's points: here 6 images, not the first 4 the evaluation asks for.
+    assert main([*own, "--store", str(store), "--reuse", "--limit", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "does not hold exactly the split's points: it has 6 image and 12 text points, the split 4 images" in err
+    # Given collection flags must match the collection as built.
+    assert main([*own, "--store", str(store), "--reuse", "--quantization", "int8"]) == 1
+    assert "was built with quantization 'none', not 'int8' (--quantization)" in capsys.readouterr().err
+    # Without --reuse, a named existing collection is not silently deleted.
+    assert main([*own, "--store", str(store), "--collection", "tiny-d32-s0"]) == 1
+    assert "pass --reuse to evaluate it as it was built, or --recreate" in capsys.readouterr().err
+
+
+def test_via_index_is_selected_by_flag_or_variable(tmp_path: Path, tiny_bundle: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from imgtxt.cli import main as imgtxt_main
+
+    data = make_dataset(tmp_path / "data", 3, captions=1)
+    argv = ["--data", str(data), *_in_process(tiny_bundle), "--exact", "--json", "-", "--full-scan-threshold-kb", "1"]
+    assert main(["--via-index", *argv]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["source"] == "index:tiny-d32-s0-eval-val"
+    assert result["collection_config"]["full_scan_threshold"] == 1  # the flag reaches the collection
+    monkeypatch.setenv("IMGTXT_VIA_INDEX", "1")  # advertised by --help: selects the mode as the flag does
+    assert imgtxt_main(["eval", *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "index:tiny-d32-s0-eval-val"
+    with pytest.raises(SystemExit):
+        main([*argv, "--split", "all"])
+    assert "an evaluation measures one split" in capsys.readouterr().err
+
+
+def test_the_dispatcher_runs_eval_via_index(tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from imgtxt.cli import main as imgtxt_main
+
+    data = make_dataset(tmp_path / "data", 2, captions=1)
+    argv = ["eval", "--via-index", "--data", str(data), *_in_process(tiny_bundle), "--exact", "--json", "-"]
+    assert imgtxt_main(argv) == 0

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from imgtxt.bundle import MANIFEST, Manifest, Parity, TowerSpec, bundle_digest, load_bundle, sha256_file, write_bundle
+from imgtxt.bundle import (
+    MANIFEST,
+    GraphVariant,
+    Manifest,
+    Parity,
+    TowerSpec,
+    bundle_digest,
+    load_bundle,
+    sha256_file,
+    write_bundle,
+)
 from imgtxt.errors import BundleError
 from imgtxt.preprocess import ImagePreprocessConfig
 from imgtxt.text import TextConfig
 
 
-def _manifest(version: str = "test-1", unit: bool = False) -> Manifest:
+def _manifest(version: str = "test-1", unit: bool = False, training: dict | None = None) -> Manifest:
     return Manifest(
         bundle_version=version,
         embedding_dim=8,
@@ -23,7 +34,7 @@ def _manifest(version: str = "test-1", unit: bool = False) -> Manifest:
         image_preprocess=ImagePreprocessConfig(image_size=64, resize="squash"),
         text_config=TextConfig(max_tokens=16),
         onnx_opset=17,
-        training={"lr": 0.001, "losses": {"infonce": 1.0}},
+        training=training or {"lr": 0.001, "losses": {"infonce": 1.0}},
     )
 
 
@@ -50,7 +61,44 @@ def test_round_trip_gives_identical_manifest(tmp_path: Path) -> None:
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
     # The manifest on disk is plain JSON a non-Python server can read.
     raw = json.loads((tmp_path / "b" / MANIFEST).read_text())
-    assert raw["schema_version"] == 1 and raw["distance"] == "cosine"
+    assert raw["schema_version"] == 2 and raw["distance"] == "cosine"
+    assert raw["serving"]["precisions"]["fp32"]["unit"]["file"] == "unit_head.onnx"
+
+
+def test_serving_section_states_what_the_trainer_decided(tmp_path: Path) -> None:
+    training = {
+        "losses": {"infonce": 1.0, "quantization": 1.0},
+        "loss_kwargs": {"quantization": {"mode": "binary"}},
+        "export": {"flip_average": True},
+    }
+    written = write_bundle(tmp_path / "b", _manifest(unit=True, training=training), _sources(tmp_path, unit=True))
+    sv = load_bundle(tmp_path / "b").manifest.serving
+    assert sv == written.manifest.serving
+    assert (sv.image_size, sv.flip_average, sv.quantization, sv.unit_head) == (64, True, "binary", True)
+    assert sv.graph("text", "fp32").file == "text_tower.onnx"
+    with pytest.raises(BundleError, match=r"no fp16 image graph \(it has: fp32\).*--fp16"):
+        sv.graph("image", "fp16")
+    with pytest.raises(BundleError, match=r"serving\.image_size 32 differs"):
+        replace(written.manifest, serving=replace(sv, image_size=32))
+
+
+def test_schema_1_manifests_still_load_with_a_derived_serving_section(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b", _manifest(unit=False), _sources(tmp_path))
+    path = tmp_path / "b" / MANIFEST
+    raw = json.loads(path.read_text())
+    del raw["serving"]
+    raw["schema_version"] = 1
+    raw["image"]["fp16_file"] = "image_tower.onnx"  # a v1 fp16 variant (any hashed file will do here)
+    raw["metrics"] = {"fp16_parity": {"image": {"max_abs_diff": 0.01, "min_cosine": 0.999, "num_inputs": 2}}}
+    path.write_text(json.dumps(raw))
+    m = load_bundle(tmp_path / "b").manifest
+    assert m.serving.quantization == "none" and not m.serving.unit_head and not m.serving.flip_average
+    assert m.serving.image_size == m.image_preprocess.image_size
+    assert m.serving.graph("image", "fp16") == GraphVariant("image_tower.onnx", Parity(0.01, 0.999, 2))
+    raw["schema_version"] = 2  # a version-2 manifest must carry its serving section
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="serving"):
+        load_bundle(tmp_path / "b")
 
 
 def test_tampered_file_fails_hash_check(tmp_path: Path) -> None:
@@ -124,3 +172,14 @@ def test_bundle_info_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exc:
         main(["bundle-info", str(tmp_path / "b")])
     assert exc.value.code == 1
+
+
+def test_trained_quantization_reads_the_flat_and_the_grouped_training_layout() -> None:
+    from imgtxt.bundle import trained_quantization
+
+    flat = {"losses": {"infonce": 1.0, "quantization": 0.5}, "loss_kwargs": {"quantization": {"mode": "binary"}}}
+    grouped = {"loss": {"weights": {"quantization": 1.0}, "kwargs": {"quantization": {"mode": "int8"}}}}
+    assert trained_quantization(flat) == "binary" and trained_quantization(grouped) == "int8"
+    assert (
+        trained_quantization({"loss": {"weights": {"infonce": 1.0}}}) == "none" and trained_quantization({}) == "none"
+    )

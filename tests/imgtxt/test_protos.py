@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from imgtxt import protogen
-from imgtxt.v1 import encoder_pb2, encoder_pb2_grpc
+from imgtxt.v1 import encoder_pb2, encoder_pb2_grpc, search_pb2
+
+COMPILED = {"encoder": encoder_pb2, "search": search_pb2}
 
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
@@ -20,22 +22,26 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
         assert fresh.read_text() == committed.read_text(), f"{committed} is stale: run `python -m imgtxt.protogen`"
 
 
-def test_descriptors_match_the_proto_sources(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", sorted(COMPILED))
+def test_descriptors_match_the_proto_sources(tmp_path: Path, name: str) -> None:
     pytest.importorskip("grpc_tools", reason="needs the [dev] extra")
     from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
 
     out = tmp_path / "set.pb"
     assert (
-        protoc.main(["protoc", f"-I{protogen.PROTO_ROOT}", f"--descriptor_set_out={out}", "imgtxt/v1/encoder.proto"])
+        protoc.main(["protoc", f"-I{protogen.PROTO_ROOT}", f"--descriptor_set_out={out}", f"imgtxt/v1/{name}.proto"])
         == 0
     )
     fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     compiled = fds.file[0]
-    for message in compiled.message_type:  # protoc fills json_name; the runtime descriptor omits the defaults
+    messages = list(compiled.message_type)
+    while messages:  # protoc fills json_name; the runtime descriptor omits the defaults (map entries are nested)
+        message = messages.pop()
+        messages.extend(message.nested_type)
         for f in message.field:
             f.ClearField("json_name")
-    ours = descriptor_pb2.FileDescriptorProto.FromString(encoder_pb2.DESCRIPTOR.serialized_pb)
+    ours = descriptor_pb2.FileDescriptorProto.FromString(COMPILED[name].DESCRIPTOR.serialized_pb)
     assert compiled == ours
     assert compiled.package == "imgtxt.v1"
 
@@ -49,11 +55,12 @@ def test_both_services_expose_encode_stream_and_info() -> None:
         assert hasattr(encoder_pb2_grpc, f"{name}Stub") and hasattr(encoder_pb2_grpc, f"add_{name}Servicer_to_server")
 
 
-def test_every_message_and_rpc_is_commented() -> None:
-    source = (protogen.PROTO_ROOT / "imgtxt" / "v1" / "encoder.proto").read_text().splitlines()
+@pytest.mark.parametrize("name", sorted(COMPILED))
+def test_every_message_and_rpc_is_commented(name: str) -> None:
+    source = (protogen.PROTO_ROOT / "imgtxt" / "v1" / f"{name}.proto").read_text().splitlines()
     for i, line in enumerate(source):
         stripped = line.strip()
         if stripped.startswith(("message ", "service ", "rpc ")) or (
             stripped and not stripped.startswith(("//", "}", "syntax", "package")) and stripped.endswith(";")
         ):
-            assert source[i - 1].strip().startswith("//"), f"encoder.proto line {i + 1} has no comment: {stripped}"
+            assert source[i - 1].strip().startswith("//"), f"{name}.proto line {i + 1} has no comment: {stripped}"

@@ -3,42 +3,24 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from image_encoder_service.server import create_server as create_image_server
 from imgtxt.client import ServiceEncoder
 from imgtxt.encoders.bundle import BundleEncoder
-from imgtxt.encoders.image import ImageEncoder
-from imgtxt.encoders.text import TextEncoder
 from imgtxt.encoders.types import EncodeJob
-from imgtxt.serving.config import ServerConfig
 from indexer.cli import main as index_main
 from indexer.ids import point_id
 from indexer.stores.factory import open_store
 from search.cli import main as search_main
-from text_encoder_service.server import create_server as create_text_server
 
 
 @pytest.fixture(scope="module")
-def services(tiny_bundle: Path) -> Iterator[tuple[str, str]]:
+def services(encoder_services: tuple[str, str]) -> tuple[str, str]:
     """Both services on free loopback ports, small max_batch so streams span several chunks."""
-    image = create_image_server(
-        ServerConfig(host="127.0.0.1", port=0, max_batch=4), ImageEncoder.from_bundle(tiny_bundle, device="cpu")
-    )
-    text = create_text_server(
-        ServerConfig(host="127.0.0.1", port=0, max_batch=4), TextEncoder.from_bundle(tiny_bundle, device="cpu")
-    )
-    try:
-        image.warm_up()
-        text.warm_up()
-        yield f"127.0.0.1:{image.port}", f"127.0.0.1:{text.port}"
-    finally:
-        image.stop(grace=0)
-        text.stop(grace=0)
+    return encoder_services
 
 
 def test_streamed_jobs_are_recut_at_job_boundaries(services: tuple[str, str], encoder: BundleEncoder) -> None:
@@ -57,10 +39,11 @@ def test_index_and_search_through_services(
     image_target, text_target = services
     store = tmp_path / "q"
     common = ["--image-service", image_target, "--text-service", text_target, "--store", str(store)]
-    argv = [str(dataset), *common, "--bundle", str(tiny_bundle), "--batch-size", "5", "--json", "--no-progress"]
+    argv = [str(dataset), *common, "--bundle", str(tiny_bundle), "--batch-size", "5", "--json", "-", "--no-progress"]
     assert index_main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["indexed"] == {"image": 12, "text": 26, "unit": 24} and report["skipped"] == 3
+    assert report["indexed"] == {"image": 12, "text": 24, "unit": 24} and report["skipped"] == 5
+    assert report["fusion"] == "trained"
     s = open_store(store)
     s.open_collection("tiny-d32-s0")
     points = s.dump()
@@ -71,7 +54,17 @@ def test_index_and_search_through_services(
 
     assert (
         search_main(
-            ["--image", str(dataset / "images" / "img0005.jpg"), "--target", "image", "--limit", "3", "--json", *common]
+            [
+                "--image",
+                str(dataset / "images" / "img0005.jpg"),
+                "--target",
+                "image",
+                "--top-k",
+                "3",
+                "--json",
+                "-",
+                *common,
+            ]
         )
         == 0
     )
@@ -79,9 +72,38 @@ def test_index_and_search_through_services(
     assert hits[0]["payload"]["key"] == "img0005.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert (
         search_main(
-            ["--text", "photo 5 shows thing 1", "--target", "unit", "--filter", "caption_index=1", "--json", *common]
+            [
+                "--text",
+                "photo 5 shows thing 1",
+                "--target",
+                "unit",
+                "--filter",
+                "caption_index=1",
+                "--json",
+                "-",
+                *common,
+            ]
         )
         == 0
     )
     hits = json.loads(capsys.readouterr().out)
     assert hits and all(h["payload"]["kind"] == "unit" and h["payload"]["caption_index"] == 1 for h in hits)
+
+
+def test_services_only_units_need_the_explicit_opt_in(
+    services: tuple[str, str], dataset: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    image_target, text_target = services
+    common = [str(dataset), "--image-service", image_target, "--text-service", text_target, "--no-progress"]
+    common += ["--store", str(tmp_path / "q")]
+    # Without --bundle the services cannot make trained units: the default kinds (with unit) are refused.
+    assert index_main(common) == 2
+    err = capsys.readouterr().err
+    assert "the services do not serve one" in err and "--untrained-fusion" in err and "--kinds image,text" in err
+    assert index_main([*common, "--untrained-fusion", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fusion"] == "normalize(v+t)" and report["indexed"]["unit"] == 24
+    s = open_store(tmp_path / "q")
+    s.open_collection("tiny-d32-s0")
+    assert {p["fusion"] for p, _ in s.dump().values() if p["kind"] == "unit"} == {"normalize(v+t)"}
+    s.close()

@@ -22,6 +22,7 @@ from indexer.pipeline import IndexConfig, run_index
 from indexer.reader import SourceRecord, read_records
 from indexer.stores.base import CollectionConfig, DimensionMismatch
 from indexer.stores.factory import open_store
+from tests.conftest import make_dataset
 
 DIM = 8
 
@@ -132,17 +133,20 @@ def test_index_dataset_with_real_towers(
         fusion=fusion,
         rejects=tmp_path / "rejects.jsonl",
     )
-    # 12 good images x 2 captions, plus a record whose image file is missing (its image and 2 units rejected).
-    assert report.indexed == {"image": 12, "text": 26, "unit": 24}
-    assert report.skipped == 3 and report.failed == 0
+    # 12 good images x 2 captions, plus a record whose image file is missing: its image, its 2 captions (a caption
+    # belongs to its image) and its 2 units are rejected.
+    assert report.indexed == {"image": 12, "text": 24, "unit": 24}
+    assert report.skipped == 5 and report.failed == 0
+    assert report.fusion == "trained" and report.created and report.collection_config["quantization"] == "none"
     points = store.dump()
-    assert len(points) == 62
+    assert len(points) == 60
     image = (dataset / "images" / "img0003.jpg").read_bytes()
     v = encoder.encode_images([image]).embeddings[0]
     t = encoder.encode_texts(["photo 3 shows thing 1 in colour 10"]).embeddings[0]
     np.testing.assert_allclose(points[point_id("image", "img0003.jpg")][1]["image"], v, atol=1e-5)
     unit_payload, unit = points[point_id("unit", "img0003.jpg#1")]
     assert unit_payload["image_key"] == "img0003.jpg" and unit_payload["caption_index"] == 1
+    assert unit_payload["fusion"] == "trained"  # each unit says which fusion made it
     np.testing.assert_allclose(unit["unit"], fusion.fuse(v[None], t[None])[0], atol=1e-5)
     assert fusion.kind == "trained"
     store.close()
@@ -162,22 +166,24 @@ def test_cli_index_is_idempotent_and_strict(dataset: Path, tmp_path: Path, tiny_
         "--batch-size",
         "4",
         "--json",
+        "-",
         "--no-progress",
     ]
     assert index_main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert index_main([*argv, "--restart", "--strict"]) == 1  # the missing image counts against --strict
     second = json.loads(capsys.readouterr().out)
-    assert first["indexed"] == second["indexed"] == {"image": 12, "text": 26, "unit": 24}
+    assert first["indexed"] == second["indexed"] == {"image": 12, "text": 24, "unit": 24}
     s = open_store(store)
     s.open_collection("tiny-d32-s0")
-    assert s.count() == 62  # re-running overwrote: no duplicates
+    assert s.count() == 60  # re-running overwrote: no duplicates
     assert s.count({"kind": "unit"}) == 24
     s.close()
 
 
 def test_two_shard_jobs_together_equal_one_job(dataset: Path, tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    base = [str(dataset), "--bundle", str(tiny_bundle), "--in-process", "--device", "cpu", "--no-progress", "--json"]
+    base = [str(dataset), "--bundle", str(tiny_bundle), "--in-process", "--device", "cpu", "--no-progress"]
+    base += ["--json", "-"]
     assert index_main([*base, "--store", str(tmp_path / "one")]) == 0
     for shard in ("0", "1"):
         assert index_main([*base, "--store", str(tmp_path / "two"), "--shard-index", shard, "--num-shards", "2"]) == 0
@@ -186,6 +192,77 @@ def test_two_shard_jobs_together_equal_one_job(dataset: Path, tmp_path: Path, ti
     one, two = open_store(tmp_path / "one"), open_store(tmp_path / "two")
     one.open_collection("tiny-d32-s0")
     two.open_collection("tiny-d32-s0")
-    assert one.dump().keys() == two.dump().keys() and one.count() == 62
+    assert one.dump().keys() == two.dump().keys() and one.count() == 60
     one.close()
     two.close()
+
+
+def _in_process(bundle: Path, store: Path) -> list[str]:
+    return ["--bundle", str(bundle), "--in-process", "--device", "cpu", "--store", str(store), "--no-progress"]
+
+
+def test_bad_manifest_lines_and_bad_images_are_rejects_not_aborts(tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = make_dataset(tmp_path / "data", 2, captions=1)
+    (data / "images" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    lines = [
+        json.dumps({"id": "a", "image": "images/img0000.jpg", "captions": ["first"]}),
+        "{this line is not JSON",
+        json.dumps({"id": "broken", "image": "images/broken.jpg", "captions": ["of a corrupt image"]}),
+        json.dumps({"id": "gone", "image": "images/missing.jpg", "captions": ["of a missing image"]}),
+        json.dumps({"payload": {"no": "content"}}),
+        json.dumps({"id": "b", "image": "images/img0001.jpg", "captions": ["second", "third"]}),
+    ]
+    (data / "m.jsonl").write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+    argv = [str(data / "m.jsonl"), *_in_process(tiny_bundle, tmp_path / "q"), "--rejects", str(rejects)]
+    assert index_main([*argv, "--json", "-", "--batch-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["indexed"] == {"image": 2, "text": 3, "unit": 3} and report["records"] == 6
+    listed = [json.loads(line) for line in rejects.read_text().splitlines()]
+    by_key = {(r["key"], r["kind"]): r for r in listed}
+    assert (
+        by_key[("m.jsonl:2", "record")]["line"] == 2 and "not valid JSON" in by_key[("m.jsonl:2", "record")]["reason"]
+    )
+    assert by_key[("m.jsonl:5", "record")]["reason"] == "line 5: a record needs an 'image', a 'text' or 'captions'"
+    # The captions of the corrupt and the missing image are rejected with them, naming why and the line.
+    assert by_key[("broken#0", "text")]["reason"].startswith("its image was rejected:")
+    assert by_key[("broken#0", "text")]["line"] == 3
+    assert (
+        by_key[("gone#0", "text")]["reason"] == "its image was rejected: cannot read image: No such file or directory"
+    )
+    assert {k for k in by_key} >= {("broken", "image"), ("broken#0", "unit"), ("gone", "image"), ("gone#0", "unit")}
+    assert report["skipped"] == len(listed) == 8 and report["rejects_file"] == str(rejects)
+    # So every caption's image_key names an image point that exists.
+    s = open_store(tmp_path / "q")
+    s.open_collection("tiny-d32-s0")
+    points = s.dump()
+    s.close()
+    image_keys = {p["key"] for p, _ in points.values() if p["kind"] == "image"}
+    assert image_keys == {"a", "b"}
+    assert {p["image_key"] for p, _ in points.values() if p["kind"] in ("text", "unit")} == image_keys
+
+
+def test_text_only_jobs_do_not_read_images_and_name_none(tmp_path: Path, tiny_bundle: Path, dataset: Path) -> None:
+    assert index_main([str(dataset), *_in_process(tiny_bundle, tmp_path / "q"), "--kinds", "text"]) == 0
+    s = open_store(tmp_path / "q")
+    s.open_collection("tiny-d32-s0")
+    payloads = [p for p, _ in s.dump().values()]
+    s.close()
+    # 13 records x 2 captions, the missing image's too: no image is read, and no payload names an image point.
+    assert len(payloads) == 26 and not any("image_key" in p for p in payloads)
+
+
+def test_report_names_a_rejects_file_only_when_one_was_written(tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    clean = make_dataset(tmp_path / "clean", 3, captions=1)
+    argv = [str(clean), *_in_process(tiny_bundle, tmp_path / "q"), "--kinds", "image,text"]
+    assert index_main(argv) == 0
+    out = capsys.readouterr().out
+    cp_dir = tmp_path / "q" / "_checkpoints" / "tiny-d32-s0"
+    assert "rejects listed" not in out and not list(cp_dir.glob("rejects-*"))
+    assert index_main([*argv, "--json", str(tmp_path / "report.json")]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["rejects_file"] is None
+    assert "indexed" in capsys.readouterr().out  # --json PATH writes the file and still prints the summary
+    bad = make_dataset(tmp_path / "bad", 3, captions=1, missing=1)
+    assert index_main([str(bad), *_in_process(tiny_bundle, tmp_path / "q2"), "--kinds", "image,text"]) == 0
+    listed = tmp_path / "q2" / "_checkpoints" / "tiny-d32-s0" / "rejects-0-of-1.jsonl"
+    assert f"rejects listed in {listed}" in capsys.readouterr().out and listed.is_file()

@@ -14,6 +14,8 @@ from imgtxt.client import TextEncoderClient
 from imgtxt.encoders.text import TextEncoder
 from imgtxt.serving.config import ServerConfig
 from imgtxt.serving.server import EncoderServer
+from imgtxt.v1 import encoder_pb2 as pb
+from imgtxt.v1 import encoder_pb2_grpc as pb_grpc
 from tests.services.conftest import self_signed_cert, serving
 from text_encoder_service.server import SERVICE_NAME, create_server
 
@@ -37,8 +39,15 @@ def test_health_not_serving_until_warm_then_serving_then_draining(text_encoder: 
         assert _health(server.port, SERVICE_NAME) == SERVING
         server.drain()
         assert _health(server.port, SERVICE_NAME) == NOT_SERVING
-        with TextEncoderClient(f"127.0.0.1:{server.port}") as client:
-            assert client.encode(["still answered while draining"]).ok.all()
+        # While draining, rpcs are still answered (a caller that ignores health still gets through) ...
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            request = pb.EncodeTextsRequest(items=[pb.TextItem(text="still answered while draining")])
+            assert pb_grpc.TextEncoderStub(channel).Encode(request, timeout=10).results[0].code == 0
+        # ... but the project's clients check health and move away: nothing of theirs meets the stop.
+        with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0, timeout=5) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.encode(["sent to a draining server"])
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "unhealthy" in err.value.details()
     finally:
         server.stop(grace=0)
 

@@ -33,8 +33,16 @@ _TOKENS = 6
 # (model overrides, loss weights, loss kwargs): InfoNCE, the VSE++ hinge, every in-batch loss at once (labels,
 # relation module and unit head included), and the hierarchical local loss. A unit head only where a loss trains it:
 # DDP requires every trained parameter to get a gradient (the trainer adds unit_hinge whenever there is one).
-_EVERY_IN_BATCH_LOSS = ("infonce", "vsepp_triplet", "adaptive_margin_triplet", "bcls", "center", "relation",
-                        "unit_hinge", "quantization")  # fmt: skip
+_EVERY_IN_BATCH_LOSS = (
+    "infonce",
+    "vsepp_triplet",
+    "adaptive_margin_triplet",
+    "bcls",
+    "center",
+    "relation",
+    "unit_hinge",
+    "quantization",
+)
 _CASES: dict[str, tuple[list[str], dict[str, float], dict[str, dict[str, Any]]]] = {
     "infonce": (["with_unit=false"], {"infonce": 1.0}, {}),
     "vsepp_triplet": (["with_unit=false"], {"vsepp_triplet": 1.0}, {}),
@@ -48,11 +56,11 @@ def _step(case: str) -> TrainStep:
     top image stage, the text layer, pools, heads, unit head and loss parameters train."""
     overrides, weights, kwargs = _CASES[case]
     torch.manual_seed(0)
-    model = DualEncoder(load_config("tiny", None, overrides).model_spec())
+    model = DualEncoder(load_config("tiny", None, overrides).model)
     step = TrainStep(model, CombinedLoss(weights, kwargs), model.image.num_stages - 1, 1).double()
     model.requires_grad_(False)
-    for module in (model.image.stages[-1], model.text.layers, model.image.pool, model.image.head, model.text.pool,
-                   model.text.head, model.unit):  # fmt: skip
+    trained = (model.image.stages[-1], model.text.layers, model.image.pool, model.image.head, model.text.pool)
+    for module in (*trained, model.text.head, model.unit):
         if module is not None:
             module.requires_grad_(True)
     model.eval()  # frozen BatchNorm statistics, as in training; no dropout in the tiny recipe anyway
@@ -82,7 +90,8 @@ def _run(step: torch.nn.Module, model: DualEncoder, rows: slice, batch: dict[str
     with torch.no_grad():
         images = model.image.features(batch["pixels"][distinct], model.image.num_stages - 1)
     inputs = TowerInputs(images, batch["hidden"][rows], batch["mask"][rows])
-    out = step(inputs, torch.from_numpy(pair), torch.from_numpy(ids), 1, batch["text_sim"], batch["local_sim"])
+    labels = {"text_sim": batch["text_sim"], "local_sim": batch["local_sim"]}
+    out = step(inputs, torch.from_numpy(pair), torch.from_numpy(ids), 1, labels)
     out["loss"].backward()
     inner = step.module if isinstance(step, torch.nn.parallel.DistributedDataParallel) else step
     grads = {n: p.grad.clone() for n, p in inner.named_parameters() if p.requires_grad and p.grad is not None}
@@ -155,24 +164,30 @@ def test_gather_rows_is_the_identity_in_one_process() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("extra", "steps_per_epoch"),
+    ("sets", "steps_per_epoch"),
     [
         ([], 4),  # 16 train images x 2 captions, global batch 2 x 4 captions = 8 -> 4 steps per epoch
-        (["--set", "sampling=image", "--set", "batch_size=2", "--set", "cache_views=2"], 4),  # 16 images / (2 x 2)
+        (["sampling=image", "batch_size=2", "cache_views=2"], 4),  # 16 images / (2 x 2)
         # Neighbour batches of <= 3 images packed into the 4 steps, and pairwise labels for the gathered batch.
-        (["--set", "sampling=image", "--set", "batch_size=2", "--set", "neighbour_batches_from=2",
-          "--set", "neighbour_clusters=3", "--set", "losses={infonce: 1.0, bcls: 1.0}"], 4),
+        (
+            [
+                "sampling=image",
+                "batch_size=2",
+                "neighbour_batches_from=2",
+                "neighbour_clusters=3",
+                "losses={infonce: 1.0, bcls: 1.0}",
+            ],
+            4,
+        ),
     ],
     ids=["caption-major", "image-major-with-views", "neighbour-batches-with-labels"],
-)  # fmt: skip
-def test_two_gloo_ranks_agree(synthetic_data: Path, tmp_path: Path, extra: list[str], steps_per_epoch: int) -> None:
+)
+def test_two_gloo_ranks_agree(synthetic_data: Path, tmp_path: Path, sets: list[str], steps_per_epoch: int) -> None:
     run = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "imgtxt.cli",
-        "train", "--recipe", "tiny", "--data", str(synthetic_data), "--out", str(run), "-v",
-        "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train_limit=0", "--set", "val_limit=0",
-        "--set", "epochs=2", "--set", "batch_size=4", *extra,
-    ]  # fmt: skip
+    sets = [f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0", "epochs=2", "batch_size=4", *sets]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    train = ["-m", "imgtxt.cli", "train", "--recipe", "tiny", "--data", str(synthetic_data), "--out", str(run), "-v"]
+    cmd = [*torchrun, *train, *(f"--set={s}" for s in sets)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2], env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,9 @@ from imgtxt.bundle import load_bundle
 from imgtxt.errors import BundleError
 from imgtxt.preprocess import ImagePreprocessConfig
 from imgtxt.text import TextTokenizer
-from trainer.export import MIN_COSINE, export_model, export_onnx, parity_image_inputs, tiny_model
+from trainer.export import export_model, parity_image_inputs
+from trainer.onnx_export import MIN_COSINE, export_onnx
+from trainer.testing import tiny_model
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -106,16 +108,17 @@ def test_existing_bundle_dir_is_not_overwritten(tiny_bundle: Path) -> None:
 def test_fp16_variant_keeps_float32_interface(tmp_path: Path) -> None:
     bundle = export_model(tiny_model(seed=1), tmp_path / "b16", version="fp16", fp16=True)
     m = bundle.manifest
+    assert sorted(m.serving.precisions) == ["fp16", "fp32"]
     for name in ("image", "text", "unit"):
-        spec = m.tower(name)
-        assert spec.fp16_file is not None
-        sess = _session(bundle.file(spec.fp16_file))
+        variant = m.serving.graph(name, "fp16")
+        sess = _session(bundle.file(variant.file))
         assert [o.type for o in sess.get_outputs()] == ["tensor(float)"]
         assert all(i.type in ("tensor(float)", "tensor(int64)") for i in sess.get_inputs())
-        assert m.metrics["fp16_parity"][name]["min_cosine"] >= 0.99
+        assert variant.parity is not None and variant.parity.min_cosine >= 0.99
+        assert m.serving.graph(name, "fp32").file == m.tower(name).file
     pixels = parity_image_inputs(m.image_preprocess, count=3)
     (full,) = _session(bundle.file(m.image.file)).run(["embedding"], {"pixel_values": pixels})
-    (half,) = _session(bundle.file(m.image.fp16_file or "")).run(["embedding"], {"pixel_values": pixels})
+    (half,) = _session(bundle.file(m.serving.graph("image", "fp16").file)).run(["embedding"], {"pixel_values": pixels})
     assert (full * half).sum(1).min() > 0.99
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import pytest
@@ -9,7 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.losses import LOSSES, CombinedLoss, InfoNCELoss, KendallRankLoss, LossInputs, build_loss, positive_mask
+from trainer.losses import (
+    LOSSES,
+    CombinedLoss,
+    EmbeddingLoss,
+    InfoNCELoss,
+    KendallRankLoss,
+    LossInputs,
+    RelationLoss,
+    build_loss,
+    positive_mask,
+    register_loss,
+)
+from trainer.model import ModelSpec
 
 
 def _full_inputs(requires_grad: bool = True) -> LossInputs:
@@ -150,3 +164,57 @@ def test_combined_loss_config_errors(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         CombinedLoss(weights, kwargs)
+
+
+_OPTIONAL = ("text_sim", "image_local", "text_local", "local_sim", "unit")
+
+
+def _without(inputs: LossInputs, keep: frozenset[str]) -> LossInputs:
+    return dataclasses.replace(inputs, **{name: None for name in _OPTIONAL if name not in keep})
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_each_loss_declares_exactly_the_optional_inputs_it_reads(name: str) -> None:
+    """With only its declared fields a loss runs; without any one of them it refuses, naming the field."""
+    kwargs, _ = _CASES[name]
+    loss = build_loss(name, **kwargs)
+    inputs = _full_inputs(requires_grad=False)
+    assert set(loss(_without(inputs, loss.requires))) == set(loss.term_names)
+    for field in loss.requires:
+        with pytest.raises(ValueError, match=rf"LossInputs\.{field}"):
+            loss(_without(inputs, loss.requires - {field}))
+
+
+def test_combined_loss_collects_what_its_losses_require() -> None:
+    combined = CombinedLoss({"infonce": 1.0, "bcls": 1.0, "adaptive_margin_triplet": 1.0, "unit_hinge": 0.0})
+    assert combined.requires == {"text_sim", "unit"}
+    assert combined.needing("text_sim") == ["bcls", "adaptive_margin_triplet"]
+    assert CombinedLoss({"infonce": 1.0}).requires == frozenset()
+
+
+def test_constructor_arguments_from_the_model_yield_to_configured_ones() -> None:
+    spec = ModelSpec(image_backbone="tiny", text_backbone="tiny", dim=16, pretrained=False)
+    from_model = CombinedLoss({"relation": 1.0}, model=spec).losses["relation"]
+    configured = CombinedLoss({"relation": 1.0}, {"relation": {"dim": 8, "num_heads": 2}}, model=spec)
+    assert isinstance(from_model, RelationLoss) and from_model.relation.image_intra.linear1.in_features == 16
+    assert configured.losses["relation"].relation.image_intra.linear1.in_features == 8  # type: ignore[union-attr]
+
+
+def test_after_step_clamps_the_logit_scale() -> None:
+    combined = CombinedLoss({"infonce": 1.0, "bcls": 1.0})
+    infonce = combined.losses["infonce"]
+    assert isinstance(infonce, InfoNCELoss)
+    with torch.no_grad():
+        infonce.logit_scale.fill_(10.0)
+    combined.after_step()
+    assert_close(infonce.logit_scale.detach(), torch.tensor(math.log(100.0)))
+
+
+def test_a_loss_cannot_require_an_input_that_does_not_exist() -> None:
+    with pytest.raises(ValueError, match="names no optional LossInputs field: labels"):
+
+        @register_loss("needs_labels")
+        class _NeedsLabels(EmbeddingLoss):
+            requires = frozenset({"labels"})
+
+    assert "needs_labels" not in LOSSES

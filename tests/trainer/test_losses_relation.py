@@ -1,25 +1,16 @@
-"""Tests of HREM's relation module and loss, and of the neighbour batch sampler."""
+"""Tests of HREM's relation module and loss (its neighbour batch sampler: test_sampling)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from trainer.losses import (
-    LossInputs,
-    RelationLoss,
-    RelationModule,
-    kmeans,
-    neighbour_batches,
-    pack_batches,
-    positive_mask,
-)
+from trainer.losses import LossInputs, RelationLoss, RelationModule, positive_mask
 from trainer.losses.relation import _CrossAttention, similarity_kl
 
 
@@ -123,71 +114,3 @@ def test_consistency_does_not_train_the_relation_module() -> None:
     assert image.grad is not None and image.grad.abs().sum() > 0  # the initial embeddings learn from it
     for param in loss.relation.parameters():  # the enhanced side is the (stop-grad) teacher
         assert param.grad is None or param.grad.abs().sum() == 0
-
-
-def _blobs(n_per: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = np.eye(4, 16)[:3] * 5.0
-    return np.concatenate([c + 0.1 * rng.standard_normal((n_per, 16)) for c in centres]).astype(np.float32)
-
-
-def test_kmeans_recovers_separated_blobs() -> None:
-    points = torch.from_numpy(_blobs(20))
-    _, assignment = kmeans(points, 3, seed=0)
-    for block in range(3):
-        assert len(set(assignment[block * 20 : (block + 1) * 20].tolist())) == 1
-    assert len(set(assignment.tolist())) == 3
-
-
-def test_neighbour_batches_disjoint_covering_deterministic() -> None:
-    embeddings = _blobs(35)  # 105 images
-    batches = neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=3)
-    flat = [i for batch in batches for i in batch]
-    assert sorted(flat) == list(range(105))  # every image exactly once: disjoint and covering
-    assert all(1 <= len(batch) <= 8 for batch in batches)
-    again = neighbour_batches(torch.from_numpy(embeddings), num_clusters_p=2, images_per_cluster_k=4, seed=3)
-    assert again == batches
-    assert neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=4) != batches
-
-
-def test_neighbour_batches_group_neighbours() -> None:
-    # 3 tight blobs, clusters of ~P*K = 8 images: each batch's images come from nearby clusters, so most batches
-    # stay within one blob (random batches of 8 from 3 blobs almost never would).
-    embeddings = _blobs(40)
-    batches = neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=0)
-    single_blob = sum(len({i // 40 for i in batch}) == 1 for batch in batches)
-    assert single_blob >= 0.8 * len(batches)
-
-
-def test_neighbour_batches_rejects_bad_sizes() -> None:
-    with pytest.raises(ValueError, match=">= 1"):
-        neighbour_batches(_blobs(2), num_clusters_p=0, images_per_cluster_k=4, seed=0)
-
-
-def test_pack_batches_keeps_every_unit_in_whole_batches_and_the_step_count() -> None:
-    batches = [[0, 1, 2, 3], [4], [5, 6, 7, 8], [9, 10], [11, 12, 13, 14], [15]]  # 3 full batches, 3 short tails
-    packed = pack_batches(batches, 3)
-    assert len(packed) == 3
-    assert sorted(i for step in packed for i in step) == list(range(16))  # nothing dropped, nothing twice
-    # The full batches open the steps; the tails join whole, largest first, each the smallest step so far (ties:
-    # the earliest); a step lists its batches in input order.
-    assert packed == [[0, 1, 2, 3, 9, 10], [4, 5, 6, 7, 8], [11, 12, 13, 14, 15]]
-    assert pack_batches(batches, 6) == batches
-    with pytest.raises(ValueError, match="cannot pack"):
-        pack_batches(batches, 7)
-
-
-def test_packed_neighbour_batches_cover_an_epoch_in_balanced_steps() -> None:
-    embeddings = _blobs(35)  # 105 images: 13 steps of 8 leave 1 over, and the clusters leave short tails
-    batches = neighbour_batches(embeddings, num_clusters_p=2, images_per_cluster_k=4, seed=3)
-    assert len(batches) > 13
-    packed = pack_batches(batches, 13)
-    assert sorted(i for step in packed for i in step) == list(range(105))
-    sizes = [len(step) for step in packed]
-    assert max(sizes) - min(sizes) <= 2  # balanced (the batches themselves range from 2 to 8 images)
-    members = {tuple(b) for b in batches}
-    for step in packed:  # a union of whole neighbour batches
-        rest = list(step)
-        while rest:
-            whole = next(b for b in members if tuple(rest[: len(b)]) == b)
-            rest = rest[len(whole) :]

@@ -10,8 +10,8 @@ from torch import nn
 
 from trainer.config import load_config
 from trainer.losses import InfoNCELoss
-from trainer.optim import build_param_groups, upgrade_optimizer_state
-from trainer.train import Trainer, _lr_factor
+from trainer.optim import build_param_groups, lr_factor, upgrade_optimizer_state
+from trainer.train import Trainer
 
 
 def test_tensors_decay_while_scalars_do_not() -> None:
@@ -30,8 +30,8 @@ def test_tensors_decay_while_scalars_do_not() -> None:
 
 
 def _overrides(data: Path, cache: Path) -> list[str]:
-    return [f"data={data}", f"cache_dir={cache}", "train_limit=0", "val_limit=0", "weight_decay=0.05",
-            "image_trainable_stages=1"]  # fmt: skip
+    run = [f"data={data}", f"cache_dir={cache}", "train_limit=0", "val_limit=0"]
+    return [*run, "weight_decay=0.05", "image_trainable_stages=1"]
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict:
@@ -46,7 +46,7 @@ def test_trainer_does_not_decay_the_logit_scale(synthetic_data: Path, tmp_path: 
     assert _group_of(trainer.optimizer, infonce.logit_scale)["weight_decay"] == 0.0
     assert _group_of(trainer.optimizer, trainer.model.image.head.linear.weight)["weight_decay"] == 0.05
     top_stage_conv = trainer.model.image.stages[-1][0]
-    assert _group_of(trainer.optimizer, top_stage_conv.weight)["lr"] == trainer.cfg.backbone_lr
+    assert _group_of(trainer.optimizer, top_stage_conv.weight)["lr"] == trainer.cfg.optim.backbone_lr
     assert _group_of(trainer.optimizer, top_stage_conv.bias)["weight_decay"] == 0.05  # biases keep theirs
     grouped = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     trained = [p for params, _ in trainer.parts.values() for p in params]
@@ -60,17 +60,19 @@ def test_resumes_a_checkpoint_saved_with_the_older_one_group_per_part_layout(
     old = Trainer(cfg, tmp_path / "r").setup()
     # The optimizer and schedule exactly as they were built before the no-decay groups.
     heads, backbone = old.parts["heads"][0], old.parts["backbone"][0]
+    optim = cfg.optim
     old.optimizer = torch.optim.AdamW(
-        [{"params": heads, "lr": cfg.lr}, {"params": backbone, "lr": cfg.backbone_lr}], weight_decay=cfg.weight_decay
+        [{"params": heads, "lr": optim.lr}, {"params": backbone, "lr": optim.backbone_lr}],
+        weight_decay=optim.weight_decay,
     )
-    total = old.steps_per_epoch * cfg.epochs
-    old.scheduler = torch.optim.lr_scheduler.LambdaLR(old.optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total))
+    total = old.steps_per_epoch * optim.epochs
+    old.scheduler = torch.optim.lr_scheduler.LambdaLR(old.optimizer, lambda s: lr_factor(s, optim.warmup_steps, total))
     old.fit()  # writes last.pt with the old optimizer state
     saved = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
     assert len(saved["optimizer"]["param_groups"]) == 2
 
-    resumed = Trainer(load_config("tiny", None, [*_overrides(synthetic_data, tmp_path / "c"), "epochs=2"]),
-                      tmp_path / "r", resume=True).setup()  # fmt: skip
+    two_epochs = load_config("tiny", None, [*_overrides(synthetic_data, tmp_path / "c"), "epochs=2"])
+    resumed = Trainer(two_epochs, tmp_path / "r", resume=True).setup()
     assert resumed.start_epoch == 1 and resumed.step == old.step > 0
     for part in ("heads", "backbone"):
         for before, after in zip(old.parts[part][0], resumed.parts[part][0], strict=True):
@@ -79,7 +81,7 @@ def test_resumes_a_checkpoint_saved_with_the_older_one_group_per_part_layout(
             assert torch.equal(saved["exp_avg_sq"], loaded["exp_avg_sq"])
             group = _group_of(resumed.optimizer, after)
             assert group["lr"] == _group_of(old.optimizer, before)["lr"]
-            assert group["weight_decay"] == (cfg.weight_decay if after.ndim > 0 else 0.0)
+            assert group["weight_decay"] == (optim.weight_decay if after.ndim > 0 else 0.0)
     assert (
         len(resumed.scheduler.base_lrs) == len(resumed.optimizer.param_groups) == 3
     )  # heads, heads_no_decay, backbone

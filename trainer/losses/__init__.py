@@ -13,7 +13,7 @@ from trainer.losses.center import CenterLoss
 from trainer.losses.hierarchical import LocalSimilarityLoss, lexical_similarity
 from trainer.losses.info_nce import InfoNCELoss, multi_positive_cross_entropy
 from trainer.losses.quantization import QuantizationLoss, binarize, binarize_st, int8_bounds, quantize_int8
-from trainer.losses.relation import RelationLoss, RelationModule, kmeans, neighbour_batches, pack_batches
+from trainer.losses.relation import RelationLoss, RelationModule
 from trainer.losses.soft_negative import BCLSLoss, KendallRankLoss, SoftNegativeTripletLoss
 from trainer.losses.triplet import AdaptiveMarginTripletLoss, VSEPPTripletLoss, anchor_hinge, vsepp_hinge
 from trainer.losses.unit import UnitHingeLoss
@@ -40,11 +40,8 @@ __all__ = [
     "binarize_st",
     "build_loss",
     "int8_bounds",
-    "kmeans",
     "lexical_similarity",
     "multi_positive_cross_entropy",
-    "neighbour_batches",
-    "pack_batches",
     "positive_mask",
     "quantize_int8",
     "register_loss",

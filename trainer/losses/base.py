@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from imgtxt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.model import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +111,31 @@ class EmbeddingLoss(nn.Module):
     Subclasses list their term names in ``term_names`` (used to detect clashes when losses are combined) and may
     set ``term_weights`` (term name -> weight, default 1.0) for the relative weight of their terms inside
     ``total``; the returned terms themselves are always unweighted, so logs show raw values.
+
+    A loss also declares what it needs from the training loop, so the loop asks instead of knowing loss names:
+    the optional ``LossInputs`` fields it reads (``requires``), constructor arguments that come from the model
+    (``model_kwargs``), and what it does after each optimizer step (``after_step``).
     """
 
     term_names: ClassVar[tuple[str, ...]] = ()
+    """Names of the terms ``forward`` returns."""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    """Optional ``LossInputs`` fields ``forward`` reads (``text_sim``, ``local_sim``, ``unit``, ...); the trainer
+    builds the labels among them and checks that the model provides the embeddings."""
     registry_name: ClassVar[str] = ""
+    """The name the loss is registered under (``register_loss``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.term_weights: dict[str, float] = {}
+
+    @classmethod
+    def model_kwargs(cls, model: ModelSpec) -> dict[str, Any]:
+        """Constructor arguments taken from the model being trained (configured ``loss_kwargs`` win); none here."""
+        return {}
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. to clamp a parameter back into its range); nothing here."""
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -137,6 +157,9 @@ def register_loss(name: str) -> Callable[[_L], _L]:
     def decorate(cls: _L) -> _L:
         if name in LOSSES and LOSSES[name] is not cls:
             raise ValueError(f"loss name {name!r} is already registered to {LOSSES[name].__name__}")
+        stray = sorted(cls.requires - set(_OPTIONAL_FIELDS))
+        if stray:
+            raise ValueError(f"{cls.__name__}.requires names no optional LossInputs field: {', '.join(stray)}")
         LOSSES[name] = cls
         cls.registry_name = name
         return cls
@@ -167,10 +190,14 @@ class CombinedLoss(nn.Module):
     Args:
         weights: Loss name -> weight of that loss in the total (>= 0).
         loss_kwargs: Loss name -> constructor keyword arguments; every key must also be in ``weights``.
+        model: The model being trained; each loss's ``model_kwargs(model)`` are its default constructor arguments.
     """
 
     def __init__(
-        self, weights: Mapping[str, float], loss_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+        self,
+        weights: Mapping[str, float],
+        loss_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        model: ModelSpec | None = None,
     ) -> None:
         super().__init__()
         if not weights:
@@ -185,13 +212,29 @@ class CombinedLoss(nn.Module):
         for name, weight in weights.items():
             if weight < 0:
                 raise ConfigError(f"loss weight for {name!r} must be >= 0, got {weight}")
-            loss = build_loss(name, **dict(loss_kwargs.get(name, {})))
+            defaults = LOSSES[name].model_kwargs(model) if name in LOSSES and model is not None else {}
+            loss = build_loss(name, **{**defaults, **loss_kwargs.get(name, {})})
             for term in loss.term_names:
                 if term == "loss" or term in owner:
                     raise ConfigError(f"term {term!r} of {name!r} clashes with {owner.get(term, 'the total')!r}")
                 owner[term] = name
             self.losses[name] = loss
             self.weights[name] = float(weight)
+
+    def needing(self, name: str) -> list[str]:
+        """Names of the losses that require the optional ``LossInputs`` field ``name``."""
+        return [loss for loss, module in self.losses.items() if name in _requires(module)]
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """Every optional ``LossInputs`` field some loss requires."""
+        return frozenset().union(*(_requires(module) for module in self.losses.values()))
+
+    def after_step(self) -> None:
+        """Runs every loss's ``after_step`` hook (nested losses included); call after each optimizer step."""
+        for module in self.modules():
+            if isinstance(module, EmbeddingLoss):
+                module.after_step()
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -203,3 +246,8 @@ class CombinedLoss(nn.Module):
             parts.append(self.weights[name] * module.total(terms))
         out["loss"] = torch.stack(parts).sum()
         return out
+
+
+def _requires(module: nn.Module) -> frozenset[str]:
+    """What a loss and the losses inside it (e.g. BCLS's two) require."""
+    return frozenset().union(*(m.requires for m in module.modules() if isinstance(m, EmbeddingLoss)))

@@ -88,6 +88,7 @@ class LocalSimilarityLoss(EmbeddingLoss):
     """
 
     term_names = ("local_mse", "local_hinge")
+    requires = frozenset({"image_local", "text_local", "local_sim"})
 
     def __init__(
         self, margin: float = 0.2, max_violation: bool = True, reduction: Reduction = "mean", hinge_weight: float = 1.0

@@ -74,6 +74,10 @@ class InfoNCELoss(EmbeddingLoss):
         """Clamps the stored ``logit_scale`` in place to [0, ln(max_logit_scale)]; call after optimizer.step()."""
         self.logit_scale.clamp_(0.0, self.max_log_scale)
 
+    def after_step(self) -> None:
+        """Keeps the logit scale within [0, ln 100] (open_clip's bound) after each optimizer step."""
+        self.clamp_()
+
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         pos = inputs.positive_mask()
         logits = self.scale().to(inputs.image.dtype) * inputs.image @ inputs.text.T

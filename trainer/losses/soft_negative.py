@@ -43,6 +43,7 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
     """
 
     term_names = ("soft_triplet",)
+    requires = frozenset({"text_sim"})
 
     def __init__(
         self,
@@ -153,6 +154,7 @@ class KendallRankLoss(EmbeddingLoss):
     """
 
     term_names = ("kendall",)
+    requires = frozenset({"text_sim"})
 
     def __init__(
         self,
@@ -206,6 +208,7 @@ class BCLSLoss(EmbeddingLoss):
     """
 
     term_names = ("soft_triplet", "kendall")
+    requires = frozenset({"text_sim"})
 
     def __init__(
         self,

@@ -149,6 +149,7 @@ class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
     """
 
     term_names = ("adaptive_triplet",)
+    requires = frozenset({"text_sim"})
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         text_sim = inputs.require("text_sim", type(self).__name__)

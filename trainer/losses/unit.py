@@ -28,6 +28,7 @@ class UnitHingeLoss(EmbeddingLoss):
     """
 
     term_names = ("unit_text_hinge", "unit_image_hinge")
+    requires = frozenset({"unit"})
 
     def __init__(
         self, margin: float = 0.2, max_violation: bool = True, warmup_epochs: int = 1, reduction: Reduction = "mean"

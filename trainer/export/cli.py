@@ -1,0 +1,76 @@
+"""`imgtxt export --run RUN_DIR | --checkpoint PATH --out BUNDLE_DIR [--version V] [--fp16] [--[no-]flip-average]
+[--image-size N] [--parity-images DATA]`: a checkpoint's towers -> a model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from imgtxt.config import apply_env_defaults
+from imgtxt.errors import BundleError
+from imgtxt.logs import add_logging_flags, setup_logging
+from trainer.export.bundle import export_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of `imgtxt export`."""
+    parser = argparse.ArgumentParser(prog="imgtxt export", description="Export a trained checkpoint to a model bundle.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="run directory (its checkpoints/best.pt is exported)")
+    src.add_argument("--checkpoint", type=Path, help="checkpoint file to export")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
+    parser.add_argument("--version", default=None, help="bundle version (default: <run name>-<UTC time>)")
+    parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (float32 inputs/outputs)")
+    parser.add_argument(
+        "--flip-average",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="embed each image with its mirror image (~2x image encode cost); default: as trained (flip_average key)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="serve at this image side (default: the trained image_size)"
+    )
+    parser.add_argument("--parity-images", type=Path, default=None, help="dataset to draw real parity images from")
+    add_logging_flags(parser)
+    apply_env_defaults(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`imgtxt export`: checkpoint -> ONNX model bundle."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.log_json)
+    from trainer.checkpoint import load_checkpoint
+
+    ckpt_path = args.checkpoint or args.run / "checkpoints" / "best.pt"
+    if not ckpt_path.is_file():
+        raise SystemExit(f"imgtxt export: checkpoint {ckpt_path} not found")
+    ckpt = load_checkpoint(ckpt_path)
+    version = args.version or f"{ckpt_path.parent.parent.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    images: list[Path] = []
+    if args.parity_images is not None:
+        from imgtxt.datasets import load_captioned_images
+
+        images = [r.path for r in load_captioned_images(args.parity_images, split="val", limit=6)]
+    try:
+        bundle = export_model(
+            ckpt.model,
+            args.out,
+            version,
+            training=ckpt.config,
+            metrics=ckpt.metrics,
+            fp16=args.fp16,
+            parity_images=images,
+            flip_average=args.flip_average,
+            image_size=args.image_size,
+        )
+    except BundleError as exc:
+        raise SystemExit(f"imgtxt export: {exc}") from exc
+    m = bundle.manifest
+    for name in ("image", "text", "unit"):
+        spec = getattr(m, name)
+        if spec is not None and spec.parity is not None:
+            print(f"{name:<6} {spec.file}  max|d|={spec.parity.max_abs_diff:.2e}  min cos={spec.parity.min_cosine:.6f}")
+    print(f"bundle {m.bundle_version} written to {bundle.path} (sha256 {bundle.sha256})")
+    return 0

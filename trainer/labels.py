@@ -1,0 +1,67 @@
+"""Pairwise labels of a batch's captions, built for the losses that declare them (`EmbeddingLoss.requires`).
+
+The losses' optional inputs come from two places: the model (the unit head's `unit`, the hierarchical option's
+`image_local` / `text_local`) and the data (`text_sim`: frozen sentence-embedding similarities stored in the feature
+cache; `local_sim`: lexical similarities of the captions). The trainer asks the combined loss what it requires,
+checks here that the model and the data can provide it, and builds only those labels for each gathered batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from imgtxt.errors import ConfigError
+from trainer.losses import CombinedLoss, lexical_similarity
+from trainer.model import ModelSpec
+
+
+def check_model_provides(loss: CombinedLoss, model: ModelSpec) -> None:
+    """Raises a ConfigError naming the losses that require embeddings `model` does not produce."""
+    provided = {"unit": model.with_unit, "image_local": bool(model.local_dim), "text_local": bool(model.local_dim)}
+    setting = {"unit": "with_unit=true", "image_local": "local_dim > 0", "text_local": "local_dim > 0"}
+    for name, ok in provided.items():
+        if not ok and loss.needing(name):
+            raise ConfigError(f"losses {sorted(loss.needing(name))} need LossInputs.{name}: set {setting[name]}")
+
+
+class PairLabels:
+    """Builds the (B, B) caption-pair labels the losses require, for the rows of a gathered batch.
+
+    Args:
+        loss: The combined loss; its `requires` decides which labels are built.
+        captions: The split's captions (rows index them).
+        sentence: (n_captions, H) unit-norm frozen sentence embeddings of the feature cache, or None without one.
+
+    Raises:
+        ConfigError: A loss needs `text_sim` but there is no feature cache.
+    """
+
+    def __init__(self, loss: CombinedLoss, captions: Sequence[str], sentence: Tensor | None) -> None:
+        self.captions, self.sentence = captions, sentence
+        builders: dict[str, Callable[[np.ndarray], Tensor]] = {
+            "text_sim": self._text_similarity,
+            "local_sim": self._lexical_similarity,
+        }
+        self.builders = {name: build for name, build in builders.items() if name in loss.requires}
+        if "text_sim" in self.builders and sentence is None:
+            raise ConfigError(
+                f"losses {sorted(loss.needing('text_sim'))} need the caption pseudo-labels stored in the feature "
+                "cache: set cache_features=true"
+            )
+
+    def __call__(self, rows: np.ndarray, device: torch.device) -> dict[str, Tensor]:
+        """The required labels of caption rows `rows` (in batch order), on `device`."""
+        return {name: build(rows).to(device) for name, build in self.builders.items()}
+
+    def _text_similarity(self, rows: np.ndarray) -> Tensor:
+        assert self.sentence is not None
+        s = self.sentence[rows].float()
+        return (s @ s.T).clamp(0, 1)
+
+    def _lexical_similarity(self, rows: np.ndarray) -> Tensor:
+        captions = [self.captions[i] for i in rows]
+        return torch.from_numpy(lexical_similarity(captions, captions))
