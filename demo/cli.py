@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from evaluation.via_index import evaluate_via_index
 from imgtxt.bundle import load_bundle
 from imgtxt.client import ServiceEncoder
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
+from imgtxt.connection import ConnectionConfig
 from imgtxt.datasets import default_data_root, load_captioned_images
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.errors import ImgTxtError, InvalidInput
@@ -68,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="end by serving the search page over the index until Ctrl-C (--no-serve: run and exit)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address of the search page (with --serve)")
+    sec = p.add_argument_group("secured deployment (the services it starts, and its clients of them)")
+    sec.add_argument("--tls-cert", type=Path, help="PEM certificate: the encoder services and the page serve TLS only")
+    sec.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-ca", type=Path, help="root certificate the clients trust (default: --tls-cert itself)")
+    sec.add_argument("--auth-token", help="bearer token the services and the page require (prefer IMGTXT_AUTH_TOKEN)")
     p.add_argument("--http-port", type=non_negative_int, default=8080, help="port of the search page (0: a free one)")
     add_json_flag(p, "the index report, the query hits and R@K")
     add_logging_flags(p)
@@ -161,13 +170,35 @@ def _index(
     return report
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Sets environment variables for the block (the services it starts inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _serve(store: VectorStore, encoder: ServiceEncoder, args: argparse.Namespace, n: _Narrator) -> None:
     """Serves the search page (and its HTTP/gRPC APIs) over the index just built, until Ctrl-C."""
     from search.backend import SearchBackend
     from search_service.server import SearchServerConfig, create_search_server, wait_for_signal
 
     n.step("search page")
-    config = SearchServerConfig(host=args.host, port=0, http_port=args.http_port)
+    config = SearchServerConfig(
+        host=args.host,
+        port=0,
+        http_port=args.http_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=args.auth_token,
+    )
     server = create_search_server(config, SearchBackend(store, encoder, encoder.bundle_version))
     n.say(f"open {server.url} to search the index (Ctrl-C to stop)")
     try:
@@ -194,9 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         bundle = args.bundle or ensure_bundle(data, args.artifacts, n)
         items = load_captioned_images(data, split="val", limit=limit)
         n.step("starting the image and text encoder services")
-        with run_services(bundle, timeout_s=args.service_timeout) as (image_svc, text_svc):
+        ca = args.tls_ca or args.tls_cert
+        secured = ("--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key)) if args.tls_cert else ()
+        env_token = {"IMGTXT_AUTH_TOKEN": args.auth_token} if args.auth_token else {}
+        with (
+            _environ(env_token),  # the token reaches the services through their environment, never their argv
+            run_services(bundle, timeout_s=args.service_timeout, extra_args=secured, tls_ca=ca) as (
+                image_svc,
+                text_svc,
+            ),
+        ):
             n.say(f"image service on {image_svc.target}, text service on {text_svc.target}: SERVING")
-            encoder = ServiceEncoder(image_svc.target, text_svc.target)
+            encoder = ServiceEncoder(
+                ConnectionConfig(image_svc.target, tls_ca=ca, token=args.auth_token),
+                ConnectionConfig(text_svc.target, tls_ca=ca, token=args.auth_token),
+            )
             store = open_store(store_dir)
             try:
                 n.step(f"indexing {len(items)} val images with their captions and image+caption units")

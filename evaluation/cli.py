@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--report",
         type=Path,
         metavar="DIR",
-        help="write DIR/report.html: R@K and contact sheets of example queries both ways (bundle/checkpoint modes)",
+        help="write DIR/report.html: R@K and contact sheets of example queries both ways (every mode)",
     )
     data.add_argument(
         "--batch-size", type=positive_int, default=32, help="records (images with their captions) per encoding batch"
@@ -151,7 +151,7 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
                         f"collection {name!r} exists in {location}: pass --reuse to evaluate it as it was built, or "
                         "--recreate to delete it (and every point in it) and index the split into it"
                     )
-                metrics = evaluate_via_index(
+                metrics: dict[str, Any] = evaluate_via_index(
                     records,
                     encoder,
                     store,
@@ -162,6 +162,15 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
                     depth=args.depth,
                     batch_size=args.batch_size,
                 )
+                if args.report is not None:
+                    from evaluation.report import example_queries, write_report
+                    from evaluation.via_index import example_sims_via_index
+
+                    owners = np.asarray([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int64)
+                    cols, rows = example_queries(len(records), len(owners))
+                    sim = example_sims_via_index(records, encoder, store, search_options(args), cols, rows)
+                    report_path = write_report(args.report, records, sim, owners, {"source": name, **metrics})
+                    metrics = {**metrics, "report": str(report_path)}
                 if args.judgments is not None:
                     from evaluation.via_index import judged_scores_via_index
 
@@ -201,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.via_index:
         if args.checkpoint is not None:
             parser.error("--checkpoint cannot be evaluated --via-index: export it to a bundle first")
-        if args.report is not None:
-            parser.error("--report needs the bundle or checkpoint mode (it draws from the full similarity matrix)")
         if args.reuse and args.recreate:
             parser.error("--reuse evaluates a collection as built; --recreate deletes it: give one")
     elif (args.bundle is None) == (args.checkpoint is None):

@@ -50,6 +50,11 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, num=min(k, n))}) if n else []
 
 
+def example_queries(n_images: int, n_texts: int, queries: int = 6) -> tuple[list[int], list[int]]:
+    """The caption columns (text -> image examples) and image rows (image -> text examples) a report shows."""
+    return _spread(n_texts, queries), _spread(n_images, max(2, queries // 2))
+
+
 def write_report(
     out_dir: Path,
     records: Sequence[CaptionedImage],
@@ -64,7 +69,8 @@ def write_report(
     Args:
         out_dir: Report directory (created).
         records: The evaluated images, in the rows of `sim`.
-        sim: (n_images, n_texts) similarities.
+        sim: (n_images, n_texts) similarities; only the columns and rows of `example_queries` are read (the
+            rest may be unknown, as through the index).
         owners: (n_texts,) the image row each caption belongs to.
         result: The evaluation's figures (R@K, rSum, source, split...).
         queries: Example queries each way.
@@ -93,7 +99,8 @@ def write_report(
         + "</tr></table>",
         "<h2>Text → image</h2>",
     ]
-    for col in _spread(len(captions), queries):
+    text_examples, image_examples = example_queries(len(records), len(captions), queries)
+    for col in text_examples:
         order = np.argsort(-sim[:, col], kind="stable")
         rank = int(np.nonzero(order == owners[col])[0][0]) + 1
         figures = []
@@ -108,7 +115,7 @@ def write_report(
             f"{rank})</span></p><div class='row'>{''.join(figures)}</div>"
         )
     parts.append("<h2>Image → text</h2>")
-    for row in _spread(len(records), max(2, queries // 2)):
+    for row in image_examples:
         order = np.argsort(-sim[row], kind="stable")
         own = set(np.nonzero(owners == row)[0].tolist())
         rank = int(min(np.nonzero(np.isin(order, list(own)))[0])) + 1

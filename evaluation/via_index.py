@@ -157,3 +157,28 @@ def judged_scores_via_index(
         if hits:
             out[n] = hits[0].score
     return out
+
+
+def example_sims_via_index(
+    items: list[CaptionedImage],
+    encoder: Encoder,
+    store: VectorStore,
+    options: SearchOptions,
+    text_examples: list[int],
+    image_examples: list[int],
+) -> np.ndarray:
+    """(n_images, n_texts) similarities as the index ranks them, for a report's example queries only: the columns
+    `text_examples` (caption queries over the image points) and the rows `image_examples` (image queries over the
+    caption points); every other cell is MISSING."""
+    records = [SourceRecord(it.key, it.path, it.captions) for it in items]
+    texts = [(rec.text_key(j), t) for rec in records for j, t in enumerate(rec.texts)]
+    image_cols = {point_id("image", rec.key): i for i, rec in enumerate(records)}
+    text_cols = {point_id("text", key): n for n, (key, _) in enumerate(texts)}
+    sim = np.full((len(records), len(texts)), MISSING, np.float64)
+    captions = encode_all(encoder.encode_texts, [texts[c][1] for c in text_examples])
+    sim[:, text_examples] = _ranked_sims(store, captions, "image", image_cols, options).T
+    images = encode_all(
+        lambda chunk: encoder.encode_images([items[r].path.read_bytes() for r in chunk]), image_examples
+    )
+    sim[image_examples] = _ranked_sims(store, images, "text", text_cols, options)
+    return sim

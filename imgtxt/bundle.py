@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 DISTANCE = "cosine"
 MODALITIES = ("image", "text", "unit")
 # Graph precisions a bundle may hold; fp32 always.
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 # Vector-store quantisations the towers can be trained for (the collection's default quantisation).
 QUANTIZATIONS = ("none", "int8", "binary")
 
@@ -99,7 +99,7 @@ class ServingSpec:
     unit_head: bool = False
     """The bundle has a trained fusion head for image+caption `unit` vectors."""
     precisions: dict[str, dict[str, GraphVariant]] = field(default_factory=dict)
-    """Precision (`fp32`, `fp16`) -> modality -> graph; fp32 holds every tower."""
+    """Precision (`fp32`, `fp16`, `int8`) -> modality -> graph; fp32 holds every tower (int8: image and text)."""
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:

@@ -40,7 +40,7 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
 
-def _wait_serving(svc: ServiceProcess, port_file: Path, timeout_s: float) -> None:
+def _wait_serving(svc: ServiceProcess, port_file: Path, timeout_s: float, tls_ca: Path | None = None) -> None:
     """Polls the port file, then the gRPC health check, until SERVING; fails fast if the process exits."""
     deadline = time.monotonic() + timeout_s
     channel = None
@@ -51,7 +51,11 @@ def _wait_serving(svc: ServiceProcess, port_file: Path, timeout_s: float) -> Non
                 raise RuntimeError(f"the {svc.modality} service exited with code {code} before serving")
             if channel is None and port_file.is_file() and port_file.read_text().strip():
                 svc.port = int(port_file.read_text().strip())
-                channel = grpc.insecure_channel(svc.target)
+                channel = (
+                    grpc.secure_channel(svc.target, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+                    if tls_ca is not None
+                    else grpc.insecure_channel(svc.target)
+                )
             if channel is not None:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -114,6 +118,7 @@ def run_services(
     timeout_s: float = 180.0,
     extra_args: tuple[str, ...] = (),
     modalities: tuple[str, ...] = ("image", "text"),
+    tls_ca: Path | None = None,
 ) -> Iterator[tuple[ServiceProcess, ...]]:
     """Starts `imgtxt serve-<modality>` for each modality (default both) on free loopback ports, yields the processes
     (in `modalities` order) once all are SERVING, and stops them (SIGTERM, wait) on exit.
@@ -125,6 +130,7 @@ def run_services(
         timeout_s: How long each service may take to report SERVING.
         extra_args: Flags passed to every service (e.g. `("--device", "cpu", "--batching", "off")`).
         modalities: Which services to start.
+        tls_ca: Root certificate to check their health over TLS (when `extra_args` make them TLS-only).
     """
     started: list[tuple[ServiceProcess, Path]] = []
     with tempfile.TemporaryDirectory(prefix="imgtxt-services-") as tmp:
@@ -132,7 +138,7 @@ def run_services(
             for modality in modalities:
                 started.append(start_service(modality, bundle, Path(tmp), extra_args))
             for svc, port_file in started:
-                _wait_serving(svc, port_file, timeout_s)
+                _wait_serving(svc, port_file, timeout_s, tls_ca)
             yield tuple(svc for svc, _ in started)
         finally:
             for svc, _ in started:

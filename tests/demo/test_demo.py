@@ -82,3 +82,28 @@ def test_demo_ends_serving_the_search_page_until_ctrl_c(tmp_path: Path, tiny_bun
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_demo_runs_a_secured_deployment(tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from tests.services.conftest import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path, "demo")
+    data = make_dataset(tmp_path / "data", 6, captions=2)
+    argv = [
+        "--bundle",
+        str(tiny_bundle),
+        "--data",
+        str(data),
+        "--artifacts",
+        str(tmp_path / "art"),
+        "--no-serve",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--auth-token",
+        "demo-t0ken",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "SERVING" in out and "indexed image 6, text 12, unit 12" in out and "rsum" in out

@@ -64,5 +64,22 @@ def test_report_shows_metrics_and_contact_sheets(tmp_path: Path, tiny_bundle: Pa
     thumbnails = re.findall(r"src='data:image/jpeg;base64,", page)
     assert len(thumbnails) >= 6 * 5  # six caption queries with their top-5 images (plus the image queries)
     assert page.count("class='right'") >= 1 and "rank" in page
-    with pytest.raises(SystemExit):
-        main(["--via-index", "--data", str(data), "--bundle", str(tiny_bundle), "--in-process", "--report", str(out)])
+    # Through the index: the same example queries, ranked by the store (exact search: the same ranking).
+    via = tmp_path / "via-report"
+    argv = [
+        "--via-index",
+        "--data",
+        str(data),
+        "--bundle",
+        str(tiny_bundle),
+        "--in-process",
+        "--device",
+        "cpu",
+        "--exact",
+        "--report",
+        str(via),
+    ]
+    assert main(argv) == 0
+    via_page = (via / "report.html").read_text()
+    ranks = re.findall(r"rank (\d+)", page)
+    assert ranks and re.findall(r"rank (\d+)", via_page) == ranks

@@ -86,3 +86,29 @@ def test_captions_switch_upload_and_more_like_this(page: object, index: tuple[Pa
     p.wait_for_function("() => [...document.querySelectorAll('#results .thumb img')].some(i => i.naturalWidth > 0)")  # type: ignore[attr-defined]
     SHOTS.mkdir(parents=True, exist_ok=True)
     p.screenshot(path=str(SHOTS / "search-page-more-like-this.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+_DROP = """([b64, name, kind]) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const data = new DataTransfer();
+    data.items.add(new File([bytes], name, { type: "image/jpeg" }));
+    if (kind === "drop") {
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true }));
+    } else {
+        document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+    }
+}"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_drag_and_drop_and_paste_search_by_image(page: object, index: tuple[Path, Path], kind: str) -> None:
+    import base64
+
+    p = page
+    name = "img0004.jpg" if kind == "drop" else "img0009.jpg"
+    data = base64.b64encode((index[0] / "images" / name).read_bytes()).decode()
+    p.check("input[name=target][value=image]")  # type: ignore[attr-defined]
+    p.evaluate(_DROP, [data, name if kind == "drop" else "image.png", kind])  # type: ignore[attr-defined]
+    label = name if kind == "drop" else "image.png"
+    p.wait_for_function("l => document.getElementById('status').textContent.includes(l)", arg=label)  # type: ignore[attr-defined]
+    assert p.get_attribute("#results .hit img", "alt") == name  # type: ignore[attr-defined]  # the image itself first

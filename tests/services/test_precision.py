@@ -71,3 +71,21 @@ def test_service_refuses_to_start_with_a_precision_the_bundle_lacks(tiny_bundle:
     proc = subprocess.run([*cmd, "--precision", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no fp16 text graph" in proc.stderr and "imgtxt export --fp16" in proc.stderr
+
+
+def test_int8_graphs_are_served_with_precision_int8(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.conftest import make_dataset
+    from trainer.export import export_model
+    from trainer.testing import tiny_model
+
+    root = tmp_path_factory.mktemp("int8")
+    images = sorted((make_dataset(root / "data", 16) / "images").glob("*.jpg"))
+    bundle = load_bundle(
+        export_model(tiny_model(seed=4), root / "b", "int8-v1", int8=True, calibration_images=images).path
+    )
+    full = TextEncoder.from_session_config(bundle, CPU, "fp32")
+    quantized = TextEncoder.from_session_config(bundle, CPU, "int8")
+    assert (quantized.precision, quantized.info.precision) == ("int8", "int8")
+    a, b = full.encode(TEXTS).embeddings, quantized.encode(TEXTS).embeddings
+    assert not np.array_equal(a, b) and (a * b).sum(1).min() > 0.9
+    assert TextEncoder.from_session_config(bundle, CPU, "auto").precision == "fp32"  # int8 only when asked for

@@ -169,3 +169,24 @@ def test_export_at_another_image_side(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-5)
     with pytest.raises(BundleError, match="image_size must be >= 8"):
         export_model(model, tmp_path / "bad", version="bad", image_size=4)
+
+
+def test_int8_variants_are_quantized_parity_checked_and_recorded(tmp_path: Path, synthetic_data: Path) -> None:
+    from imgtxt.datasets import load_captioned_images
+
+    train = [r.path for r in load_captioned_images(synthetic_data, split="train")]
+    bundle = export_model(tiny_model(seed=2), tmp_path / "b8", version="int8", int8=True, calibration_images=train)
+    m = bundle.manifest
+    assert sorted(m.serving.precisions["int8"]) == ["image", "text"]  # the tiny unit head stays fp32
+    ops = {}
+    for name in ("image", "text"):
+        variant = m.serving.graph(name, "int8")
+        assert variant.parity is not None and variant.parity.min_cosine >= 0.9
+        ops[name] = {node.op_type for node in onnx.load(str(bundle.file(variant.file))).graph.node}
+        sess = _session(bundle.file(variant.file))
+        assert [i.name for i in sess.get_inputs()] == m.tower(name).inputs  # the same interface as fp32
+    assert "QuantizeLinear" in ops["image"] and "DequantizeLinear" in ops["image"]  # static (QDQ), calibrated
+    assert "DynamicQuantizeLinear" in ops["text"] or "MatMulInteger" in ops["text"]  # dynamic
+    assert load_bundle(bundle.path).manifest.serving == m.serving
+    with pytest.raises(BundleError, match="calibration"):
+        export_model(tiny_model(), tmp_path / "none", version="x", int8=True)

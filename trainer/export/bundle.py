@@ -29,6 +29,7 @@ from imgtxt.bundle import (
 from imgtxt.errors import BundleError
 from trainer.config import flat_view
 from trainer.export.fp16 import export_fp16
+from trainer.export.int8 import calibration_pixels, export_int8
 from trainer.export.parity import parity_image_inputs, parity_text_inputs
 from trainer.model import DualEncoder, mirror_mean, tokenizer_path
 from trainer.onnx_export import OPSET, export_onnx
@@ -74,6 +75,8 @@ def export_model(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     fp16: bool = False,
+    int8: bool = False,
+    calibration_images: Sequence[Path] = (),
     parity_images: Sequence[Path] = (),
     flip_average: bool | None = None,
     image_size: int | None = None,
@@ -87,6 +90,9 @@ def export_model(
         training: Resolved training config, recorded in the manifest.
         metrics: Evaluation figures, recorded in the manifest.
         fp16: Also write an fp16 variant of each graph (float32 inputs and outputs) for GPU serving.
+        int8: Also write int8 variants of the image tower (static quantisation calibrated on `calibration_images`)
+            and the text tower (dynamic quantisation), for CPU serving (`--precision int8`).
+        calibration_images: Training images calibrating the int8 image tower (needed with `int8`).
         parity_images: Real image files to measure parity on (synthetic photos when empty).
         flip_average: Export the image tower as `FlipAveraged` (recorded as `training.export.flip_average`);
             None: as the model was trained and validated (`ModelSpec.flip_average`).
@@ -97,6 +103,8 @@ def export_model(
     Raises:
         BundleError: A graph fails parity, or `out_dir` is not empty.
     """
+    if int8 and not calibration_images:
+        raise BundleError("int8 export needs calibration_images (training images for the image tower's ranges)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BundleError(f"bundle directory {out_dir} exists and is not empty; bundles are immutable, pick a new path")
     model = model.cpu().float().eval()
@@ -152,11 +160,17 @@ def export_model(
         # Each graph is exported, checked and parity-gated against torch: seconds to minutes per tower on a CPU.
         bar = tqdm(graphs, desc="export", unit="graph", disable=None, leave=False)
         for g in bar:
-            bar.set_postfix_str(f"{g.name} tower" + (" + fp16" if fp16 else ""))
+            bar.set_postfix_str(f"{g.name} tower" + (" + fp16" if fp16 else "") + (" + int8" if int8 else ""))
             meta = {**common, "imgtxt.modality": g.name, "imgtxt.preprocess": g.preprocess}
             graph = export_onnx(g.module, g.feeds, tmp / f"{g.name}_tower.onnx", g.dynamic, meta)
             files[graph.path.name] = graph.path
             precisions["fp32"][g.name] = GraphVariant(graph.path.name, graph.parity)
+            if int8 and g.name in ("image", "text"):
+                int8_file = f"{g.name}_tower.int8.onnx"
+                calibration = calibration_pixels(calibration_images, img_cfg) if g.name == "image" else None
+                quantized = export_int8(graph.path, tmp / int8_file, g.name, g.module, g.feeds, calibration)
+                precisions.setdefault("int8", {})[g.name] = GraphVariant(int8_file, quantized)
+                files[int8_file] = tmp / int8_file
             if fp16:
                 fp16_file = f"{g.name}_tower.fp16.onnx"
                 half = export_fp16(g.module, g.feeds, tmp / fp16_file, g.dynamic, {**meta, "imgtxt.precision": "fp16"})

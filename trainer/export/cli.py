@@ -23,6 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default=None, help="bundle version (default: <run name>-<UTC time>)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (float32 inputs/outputs)")
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write int8 graphs for CPU serving: the image tower statically quantised (calibrated on training "
+        "images), the text tower dynamically",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        type=Path,
+        default=None,
+        help="dataset whose train split calibrates the int8 image tower (default: the run's training data)",
+    )
+    parser.add_argument("--calibration-images", type=int, default=128, help="training images calibrating int8")
+    parser.add_argument(
         "--flip-average",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -53,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         from imgtxt.datasets import load_captioned_images
 
         images = [r.path for r in load_captioned_images(args.parity_images, split="val", limit=6)]
+    calibration: list[Path] = []
+    if args.int8:
+        from imgtxt.datasets import load_captioned_images
+
+        source = args.calibration_data or (ckpt.config.get("data") or {}).get("path")
+        if not source:
+            raise SystemExit("imgtxt export --int8: give --calibration-data (the run's training data is not recorded)")
+        train_split = (ckpt.config.get("data") or {}).get("train_split", "train")
+        records = load_captioned_images(Path(source), split=train_split, limit=args.calibration_images)
+        calibration = [r.path for r in records]
     try:
         bundle = export_model(
             ckpt.model,
@@ -61,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             training=ckpt.config,
             metrics=ckpt.metrics,
             fp16=args.fp16,
+            int8=args.int8,
+            calibration_images=calibration,
             parity_images=images,
             flip_average=args.flip_average,
             image_size=args.image_size,
@@ -68,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as exc:
         raise SystemExit(f"imgtxt export: {exc}") from exc
     m = bundle.manifest
-    for name in ("image", "text", "unit"):
-        spec = getattr(m, name)
-        if spec is not None and spec.parity is not None:
-            print(f"{name:<6} {spec.file}  max|d|={spec.parity.max_abs_diff:.2e}  min cos={spec.parity.min_cosine:.6f}")
+    for precision, towers in m.serving.precisions.items():
+        for name, variant in towers.items():
+            p = variant.parity
+            figures = f"max|d|={p.max_abs_diff:.2e}  min cos={p.min_cosine:.6f}" if p else ""
+            print(f"{name:<6} {precision:<5} {variant.file}  {figures}")
     print(f"bundle {m.bundle_version} written to {bundle.path} (sha256 {bundle.sha256})")
     return 0
