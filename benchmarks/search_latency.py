@@ -3,15 +3,25 @@
 Synthetic clustered 512-d unit vectors (like real embeddings, they are not uniform on the sphere). Runs the embedded
 engine (HNSW) and, at small sizes, qdrant-client's local mode (brute-force Python) for comparison.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/search_latency.py --sizes 10000 100000 --queries 200
+    .venv/bin/python -m benchmarks.search_latency --sizes 10000 100000 --queries 200
+    .venv/bin/python -m benchmarks.search_latency --sizes 1000000 --quantizations none int8 --on-disk --max-rss-gb 8
+
+Memory stays bounded at any size: vectors are generated and written in chunks (never all in memory), `--on-disk`
+keeps the original vectors memory-mapped, and the peak RSS of the process is reported with the figures. A watcher
+process kills the run if its RSS passes `--max-rss-gb`, rather than letting the machine swap.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +42,59 @@ def clustered(n: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarr
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def fill(store: VectorStore, vectors: np.ndarray, config: CollectionConfig, batch: int = 2000) -> float:
-    """Writes the vectors as image points and builds the index; returns seconds."""
+def chunks(n: int, centers: np.ndarray, seed: int, size: int = 10_000) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, vectors) chunks of the collection, each generated from its own seed: the same vectors every run, and
+    never more than one chunk in memory."""
+    for start in range(0, n, size):
+        yield start, clustered(min(size, n - start), np.random.default_rng([seed, start]), centers)
+
+
+def fill(store: VectorStore, n: int, centers: np.ndarray, config: CollectionConfig, batch: int = 2000) -> float:
+    """Writes n generated vectors as image points and builds the index; returns seconds."""
     t0 = time.perf_counter()
     store.ensure_collection("bench", config)
-    for s in range(0, len(vectors), batch):
-        store.upsert(
-            [
-                PointData(point_id("image", str(i)), {"image": vectors[i]}, {"kind": "image"})
-                for i in range(s, min(s + batch, len(vectors)))
-            ]
-        )
+    for start, vectors in chunks(n, centers, seed=1):
+        for s in range(0, len(vectors), batch):
+            store.upsert(
+                [
+                    PointData(point_id("image", str(start + i)), {"image": vectors[i]}, {"kind": "image"})
+                    for i in range(s, min(s + batch, len(vectors)))
+                ]
+            )
     store.flush()
     store.optimize()
     return time.perf_counter() - t0
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+_WATCHER = """
+import os, signal, sys, time
+pid, limit = int(sys.argv[1]), float(sys.argv[2])
+page = os.sysconf("SC_PAGE_SIZE")
+while True:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * page / 1024**3
+    except OSError:  # the benchmark ended
+        sys.exit(0)
+    if rss > limit:
+        print(f"search_latency: RSS {rss:.1f} GB passed --max-rss-gb {limit}: stopping it", flush=True)
+        os.kill(pid, signal.SIGKILL)
+        sys.exit(3)
+    time.sleep(0.5)  # a watchdog's poll interval, not synchronisation
+"""
+
+
+def guard_rss(limit_gb: float) -> subprocess.Popen[bytes]:
+    """Kills this process if its RSS passes `limit_gb`: a benchmark that would swap the machine is a result.
+
+    The watcher is a separate process: the engine's native calls hold the GIL for seconds, so a thread could not act.
+    """
+    return subprocess.Popen([sys.executable, "-c", _WATCHER, str(os.getpid()), str(limit_gb)])
 
 
 def measure(store: VectorStore, queries: np.ndarray, options: SearchOptions) -> tuple[list[list[str]], np.ndarray]:
@@ -65,17 +114,24 @@ def recall(found: list[list[str]], truth: list[list[str]]) -> float:
 
 
 def run(
-    backend: str, n: int, quantization: str, n_queries: int, hnsw_ef: int, oversampling: list[float], tmp: Path
+    backend: str,
+    n: int,
+    quantization: str,
+    n_queries: int,
+    hnsw_ef: int,
+    oversampling: list[float],
+    tmp: Path,
+    on_disk: bool = False,
 ) -> list[dict[str, float | str | int]]:
     """Builds one collection and measures it once per oversampling factor (quantised collections only)."""
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(max(16, n // 500), DIM)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    vectors = clustered(n, rng, centers)
     queries = clustered(n_queries, rng, centers)
     store = open_store(tmp / f"{n}-{quantization}" if backend == "embedded" else ":memory:")
     # Index everything with HNSW (a low indexing threshold), as a collection of this size would be in production.
-    build_s = fill(store, vectors, CollectionConfig(dim=DIM, quantization=quantization, indexing_threshold=1))
+    config = CollectionConfig(dim=DIM, quantization=quantization, indexing_threshold=1, on_disk=on_disk)
+    build_s = fill(store, n, centers, config)
     truth, exact_lat = measure(store, queries, SearchOptions(exact=True))
     rows: list[dict[str, float | str | int]] = []
     for factor in oversampling if quantization != "none" else [1.0]:
@@ -91,6 +147,8 @@ def run(
                 "p99_ms": round(float(np.percentile(lat, 99)), 3),
                 "exact_p50_ms": round(float(np.percentile(exact_lat, 50)), 3),
                 "recall_at_10": round(recall(found, truth), 4),
+                "on_disk": on_disk,
+                "peak_rss_gb": round(peak_rss_gb(), 2),
             }
         )
     store.close()
@@ -105,14 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--hnsw-ef", type=int, default=128)
     p.add_argument("--oversampling", type=float, nargs="+", default=[1.0, 4.0], help="quantised: candidates x limit")
+    p.add_argument("--on-disk", action="store_true", help="original vectors memory-mapped from disk (large sizes)")
+    p.add_argument("--max-rss-gb", type=float, default=None, help="kill the run if its RSS passes this")
+    p.add_argument("--tag", default="", help="results file search_latency_<tag>.md (keeps the default run's file)")
     add_results_flag(p)
     args = p.parse_args(argv)
-    report = Report("search_latency", argv, args.results)
+    if args.max_rss_gb:
+        guard_rss(args.max_rss_gb)
+    name = f"search_latency_{args.tag}" if args.tag else "search_latency"
+    report = Report(name, argv, args.results, module="search_latency")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             for q in args.quantizations:
-                for row in run("embedded", n, q, args.queries, args.hnsw_ef, args.oversampling, Path(tmp)):
+                for row in run(
+                    "embedded", n, q, args.queries, args.hnsw_ef, args.oversampling, Path(tmp), args.on_disk
+                ):
                     rows.append(row)
                     report.line(json.dumps(row))
         for n in args.client_sizes:
@@ -129,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms",
         "exact_p50_ms",
         "recall_at_10",
+        "peak_rss_gb",
     )
     report.line()
     report.line(" ".join(f"{c:>13}" for c in cols))
