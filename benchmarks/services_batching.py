@@ -9,12 +9,15 @@ requests; the service runs as its own process, once with `--batching on` and onc
 from __future__ import annotations
 
 import argparse
+import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.report import Report, add_results_flag
 from benchmarks.samples import sample_items
@@ -72,6 +75,42 @@ def _model_batching_gain(
     return rates[0], rates[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _where_time_goes(metrics_port: int) -> dict[str, float]:
+    """Per-request milliseconds by stage, from the server's own Prometheus histograms (`imgtxt_encoder_*`).
+
+    `inference` is the mean session run a request waits for (its whole batch's run); `other` is the rest of an
+    Encode rpc: gRPC and protobuf work, the Python request path, waking up the waiting thread, and the GIL.
+    """
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            key = s.labels.get("stage") or (
+                s.labels.get("method") if family.name == "imgtxt_encoder_request_seconds" else None
+            )
+            if key is None or (family.name == "imgtxt_encoder_request_seconds" and key != "Encode"):
+                continue
+            if s.name.endswith("_sum"):
+                sums[key] = s.value
+            elif s.name.endswith("_count"):
+                counts[key] = s.value
+    per = {k: 1000 * sums[k] / counts[k] for k in sums if counts.get(k)}
+    # inference is observed once per session run; every request of a batch waits for the whole run
+    runs, requests = counts.get("inference", 0), counts.get("Encode", 0)
+    if requests and runs:
+        per["inference"] = 1000 * sums.get("inference", 0.0) / runs
+        per["other"] = per.get("Encode", 0.0) - sum(per.get(k, 0.0) for k in ("queue", "preprocess", "inference"))
+        per["requests_per_run"] = requests / runs
+    return per
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints throughput and p50/p99 latency with batching on and off, and the throughput ratio."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("on", "off"):
         flags = ["--batching", mode, "--max-batch", str(args.max_batch), "--max-delay-us", str(args.max_delay_us)]
         flags += args.server_flags.split()
+        metrics_port = _free_port()
+        flags += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
         with run_services(args.bundle, extra_args=("--device", "cpu", *flags), modalities=(args.modality,)) as (svc,):
             port = svc.port
             _load(args.modality, port, items, args.clients, 2)  # warm-up: connections, first batches
@@ -101,10 +142,17 @@ def main(argv: list[str] | None = None) -> int:
                 (_load(args.modality, port, items, args.clients, args.requests) for _ in range(args.repeats)),
                 key=lambda r: r[0],
             )
+            stages = _where_time_goes(metrics_port)
         rates[mode] = rate
         p50, p99 = np.percentile(lat, [50, 99]) * 1000
         rows.append({"batching": mode, "items_per_s": round(rate, 1), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)})
         report.line(f"  batching {mode:<3}  {rate:8.1f} items/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms")
+        report.line(
+            "    per request: "
+            + ", ".join(f"{k} {stages[k]:.2f} ms" for k in ("queue", "preprocess", "inference", "other") if k in stages)
+            + f"; {stages.get('requests_per_run', 0):.1f} requests per session run"
+        )
+        rows[-1]["stages_ms"] = {k: round(v, 3) for k, v in stages.items()}
     report.line(f"  ratio batching on / off = {rates['on'] / rates['off']:.2f}x  (target >= 3x for the text tower)")
     one, full = _model_batching_gain(args.modality, args.bundle, items, args.max_batch, args.server_flags)
     report.line(f"  model alone, in-process: batch 1 {one:.1f} items/s, batch {args.max_batch} {full:.1f} items/s")
