@@ -27,7 +27,7 @@ from trainer.model import ModelSpec
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-SAMPLINGS = ("caption", "image")
+SAMPLINGS = ("auto", "caption", "image")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -51,10 +51,13 @@ class DataConfig:
     """Use at most this many training images (0: all)."""
     val_limit: int = 0
     """Use at most this many validation images (0: all)."""
-    sampling: str = "caption"
-    """Batch composition: caption | image. caption: `batch_size` random captions (an image may repeat); image:
+    sampling: str = "auto"
+    """Batch composition: auto | caption | image. caption: `batch_size` random captions (an image may repeat); image:
     `batch_size` random images with all their captions, so each image goes through its tower once for ~5 captions
-    (several positives per image in the losses). An epoch visits every caption once either way."""
+    (several positives per image in the losses). An epoch visits every caption once either way. auto: what the
+    losses need (each loss declares its batch: the hinge losses want caption-major batches, whose hardest negatives
+    are other images' captions; InfoNCE is at home in image-major ones), image when none minds; neighbour batches
+    need image."""
     batch_size: int = 128
     """Per step and process: captions (sampling=caption) or images, each with all its captions (sampling=image).
     Under `torchrun` the losses see the global batch of all processes (N x batch_size), gathered with gradients."""
@@ -80,7 +83,8 @@ class DataConfig:
         _check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
         _check(self.neighbour_batches_from >= 0 and self.neighbour_clusters >= 1, "neighbour_* must be >= 0 / >= 1")
         _check(
-            self.sampling == "image" or not self.neighbour_batches_from, "neighbour_batches_from needs sampling=image"
+            self.sampling in ("image", "auto") or not self.neighbour_batches_from,
+            "neighbour_batches_from needs sampling=image",
         )
         _check(0.0 <= self.feature_drop < 1.0, f"feature_drop must be in [0, 1), got {self.feature_drop}")
         _check(self.train_image_size >= 0, f"train_image_size must be >= 0, got {self.train_image_size}")
@@ -319,7 +323,7 @@ def _build(values: Mapping[str, Any]) -> TrainConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     # Seconds on CPU: random tiny towers, a handful of images. For tests and smoke runs.
     "tiny": {
-        "data": {"train_limit": 20, "val_limit": 10, "batch_size": 8},
+        "data": {"train_limit": 20, "val_limit": 10, "batch_size": 8, "sampling": "caption"},
         "model": {"image_backbone": "tiny", "text_backbone": "tiny", "pretrained": False, "dim": 32, "max_tokens": 32},
         "optim": {"epochs": 1, "warmup_steps": 0, "lr": 1e-3},
         "run": {"log_every": 1, "encode_batch_size": 16},
@@ -327,7 +331,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # A few minutes on 2 CPU cores: heads only, on cached frozen EfficientNet-Lite0 + MiniLM features; image-major
     # batches (128 images x 5 captions) with feature dropout: val rSum 261.7 (README, Trainer figures).
     "quick": {
-        "data": {"batch_size": 128, "sampling": "image", "feature_drop": 0.2},
+        "data": {"batch_size": 128, "sampling": "auto", "feature_drop": 0.2},
         "model": {"head_dropout": 0.2},
         "optim": {"epochs": 20, "lr": 5e-4, "weight_decay": 0.05, "warmup_steps": 20},
         "loss": {"weights": {"infonce": 1.0}},
@@ -338,7 +342,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # feature dropout, InfoNCE at temperature 0.05, weight average (EMA), flip-averaged image embeddings validated and
     # exported, 8 epochs: val rSum 338.1 (334.4 single view) (README, Trainer figures).
     "default": {
-        "data": {"batch_size": 128, "sampling": "image", "feature_drop": 0.2},
+        "data": {"batch_size": 128, "sampling": "auto", "feature_drop": 0.2},
         "model": {"image_backbone": "efficientnet-lite2", "head_dropout": 0.2, "flip_average": True},
         "optim": {
             "epochs": 8,

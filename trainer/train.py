@@ -53,6 +53,7 @@ from trainer.distributed import gather_rows, shard_batch
 from trainer.encode import encode_images, encode_split
 from trainer.labels import PairLabels, check_model_provides
 from trainer.losses import CombinedLoss, LossInputs
+from trainer.losses.base import needed_sampling
 from trainer.model import DualEncoder
 from trainer.optim import WeightAverage, build_param_groups, lr_factor, upgrade_optimizer_state
 
@@ -107,11 +108,38 @@ class TrainStep(nn.Module):
         return self.loss(batch)
 
 
+def resolve_sampling(cfg: TrainConfig) -> TrainConfig:
+    """The config with `data.sampling` made concrete: `auto` follows what the losses declare (`EmbeddingLoss.batch`),
+    image-major when none minds (one image-tower pass per image); an explicit choice against a loss's need is kept
+    but logged, so choosing a loss never silently sabotages it."""
+    needs = needed_sampling(cfg.loss.weights_for(cfg.model))
+    wanted = set(needs.values())
+    sampling = cfg.data.sampling
+    if sampling == "auto":
+        if cfg.data.neighbour_batches_from:
+            sampling = "image"  # HREM's neighbour batches are groups of images
+        elif len(wanted) == 1:
+            sampling = wanted.pop()
+        elif not wanted:
+            sampling = "image"
+        else:
+            raise ConfigError(f"the losses need different batches ({needs}): set data.sampling explicitly")
+    others = {name: want for name, want in needs.items() if want != sampling}
+    if others:
+        logger.warning(
+            "data.sampling=%s, but %s work best with %s batches",
+            sampling,
+            ", ".join(sorted(others)),
+            "/".join(sorted(set(others.values()))),
+        )
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sampling=sampling))
+
+
 class Trainer:
     """One training run: `setup()` builds everything, `fit()` trains, `evaluate()` measures validation R@K."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
-        self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
+        self.cfg, self.run_dir, self.resume = resolve_sampling(cfg), run_dir, resume
         self.rank, self.world = 0, 1
         self.best_rsum = -math.inf
         self.start_epoch, self.step = 0, 0

@@ -171,3 +171,29 @@ def test_implied_losses_follow_the_model() -> None:
     assert cfg.loss.weights_for(cfg.model) == {"infonce": 1.0, "unit_hinge": 0.1}
     hier = load_config("tiny", None, ["with_unit=false", "local_dim=8", "losses={infonce: 1.0, local_similarity: 0.5}"])
     assert hier.loss.weights_for(hier.model) == {"infonce": 1.0, "local_similarity": 0.5}  # configured weight wins
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["losses={infonce: 1.0}"], "image"),  # InfoNCE does not mind: the faster image-major batches
+        (["losses={vsepp_triplet: 1.0}"], "caption"),  # hinge losses want other images' captions as negatives
+        (["losses={bcls: 1.0}"], "caption"),
+        (["losses={adaptive_margin_triplet: 1.0, center: 0.1}"], "caption"),
+        (["losses={vsepp_triplet: 1.0, relation: 1.0}"], "caption"),  # HREM's setting
+        (["losses={infonce: 1.0}", "neighbour_batches_from=2"], "image"),  # neighbour batches are groups of images
+        (["losses={vsepp_triplet: 1.0}", "sampling=image"], "image"),  # an explicit choice is kept (and logged)
+    ],
+)
+def test_each_loss_gets_the_batch_it_needs_by_default(overrides: list[str], expected: str) -> None:
+    from trainer.train import resolve_sampling
+
+    cfg = load_config("quick", None, overrides)
+    assert resolve_sampling(cfg).data.sampling == expected
+
+
+def test_an_explicit_batch_against_a_loss_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from trainer.train import resolve_sampling
+
+    resolve_sampling(load_config("quick", None, ["losses={vsepp_triplet: 1.0}", "sampling=image"]))
+    assert "vsepp_triplet work best with caption batches" in caplog.text

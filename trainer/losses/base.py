@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -120,6 +120,10 @@ class EmbeddingLoss(nn.Module):
     term_names: ClassVar[tuple[str, ...]] = ()
     """Names of the terms ``forward`` returns."""
     requires: ClassVar[frozenset[str]] = frozenset()
+    batch: ClassVar[str | None] = None
+    """The batch composition the loss needs to work as its paper describes (`caption` for the hinge losses: their
+    hardest negatives are other images' captions, which image-major batches dilute with the image's own positives),
+    or None when either works; `sampling=auto` follows it."""
     """Optional ``LossInputs`` fields ``forward`` reads (``text_sim``, ``local_sim``, ``unit``, ...); the trainer
     builds the labels among them and checks that the model provides the embeddings."""
     registry_name: ClassVar[str] = ""
@@ -251,3 +255,18 @@ class CombinedLoss(nn.Module):
 def _requires(module: nn.Module) -> frozenset[str]:
     """What a loss and the losses inside it (e.g. BCLS's two) require."""
     return frozenset().union(*(m.requires for m in module.modules() if isinstance(m, EmbeddingLoss)))
+
+
+def needed_sampling(names: Iterable[str]) -> dict[str, str]:
+    """Loss name -> the batch composition it declares (`EmbeddingLoss.batch`), for the registered losses that have one.
+
+    Raises:
+        ConfigError: An unknown loss name.
+    """
+    out = {}
+    for name in names:
+        if name not in LOSSES:
+            raise ConfigError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
+        if LOSSES[name].batch is not None:
+            out[name] = str(LOSSES[name].batch)
+    return out

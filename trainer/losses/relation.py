@@ -131,6 +131,8 @@ class RelationLoss(EmbeddingLoss):
             overrides ``dim``, ``num_heads`` and ``dropout``.
     """
 
+    batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
+
     term_names = ("relation_triplet", "relation_consistency")
 
     @classmethod

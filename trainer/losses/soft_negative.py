@@ -42,6 +42,8 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         reduction: ``mean`` or ``sum`` over anchors.
     """
 
+    batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
+
     term_names = ("soft_triplet",)
     requires = frozenset({"text_sim"})
 
@@ -153,6 +155,8 @@ class KendallRankLoss(EmbeddingLoss):
         min_label_gap: Label gaps at or below this are ties (pseudo-labels are noisy; do not fit their noise).
     """
 
+    batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
+
     term_names = ("kendall",)
     requires = frozenset({"text_sim"})
 
@@ -206,6 +210,8 @@ class BCLSLoss(EmbeddingLoss):
         triplet_kwargs: Keyword arguments of ``SoftNegativeTripletLoss``.
         kendall_kwargs: Keyword arguments of ``KendallRankLoss``.
     """
+
+    batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
 
     term_names = ("soft_triplet", "kendall")
     requires = frozenset({"text_sim"})

@@ -100,6 +100,8 @@ class VSEPPTripletLoss(EmbeddingLoss):
             InfoNCE in a ``CombinedLoss`` and is the same objective up to a factor B.
     """
 
+    batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
+
     term_names = ("triplet",)
 
     def __init__(
@@ -147,6 +149,8 @@ class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
         warmup_epochs: See ``VSEPPTripletLoss``.
         reduction: See ``VSEPPTripletLoss``.
     """
+
+    batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
 
     term_names = ("adaptive_triplet",)
     requires = frozenset({"text_sim"})
