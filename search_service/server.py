@@ -81,6 +81,8 @@ class SearchServer:
     """Metrics of both protocols."""
     health: health.HealthServicer
     """Health servicer."""
+    host: str = "127.0.0.1"
+    """The address both ports are bound to."""
     _http: Any = None
     _thread: threading.Thread | None = None
 
@@ -88,9 +90,7 @@ class SearchServer:
     def url(self) -> str:
         """The page's URL."""
         scheme = "https" if self._http is not None and self._http.config.ssl_certfile else "http"
-        return f"{scheme}://{self.grpc_host}:{self.http_port}/"
-
-    grpc_host: str = "127.0.0.1"
+        return f"{scheme}://{self.host}:{self.http_port}/"
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, then stops both servers (in-flight requests get `grace` seconds)."""
@@ -171,8 +171,9 @@ def create_search_server(config: SearchServerConfig, backend: SearchBackend) -> 
     thread.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    out = SearchServer(server, port, sock.getsockname()[1], backend, metrics, health_servicer, http, thread)
-    out.grpc_host = config.host
+    out = SearchServer(
+        server, port, sock.getsockname()[1], backend, metrics, health_servicer, config.host, http, thread
+    )
     logger.info(
         "search service listening",
         extra={
