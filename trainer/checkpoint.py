@@ -56,5 +56,12 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         raise ConfigError(f"{path}: the training config saved in this checkpoint cannot be read: {exc}") from exc
     # The checkpoint holds every weight, so skip loading the pretrained backbone files a second time.
     model = DualEncoder(dataclasses.replace(cfg.model, pretrained=False))
+    old_local = sorted(k for k in payload["model"] if k.endswith("head.local.weight"))
+    if old_local:
+        raise ConfigError(
+            f"{path}: this checkpoint's hierarchical local embedding is the old linear head on the pooled features "
+            f"({old_local[0]}); the local embedding is now built from the local fragments (trainer.model.LocalHead), "
+            "so its weights do not carry over: retrain it (or export it with the release that trained it)"
+        )
     model.load_state_dict(payload["model"])
     return LoadedCheckpoint(model.eval(), cfg.to_dict(), payload.get("metrics", {}), payload)

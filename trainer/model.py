@@ -112,10 +112,32 @@ def build_pooling(name: str) -> nn.Module:
     return MeanPool() if name == "mean" else GPO()
 
 
+class LocalHead(nn.Module):
+    """Local embedding of the hierarchical option, built from the local fragments themselves (image grid cells,
+    caption tokens), as "Learning hierarchical embedding space for image-text matching" builds its local level.
+
+    Each fragment is projected to `local_dim`; the local embedding is the masked max over fragments of those
+    projections, L2-normalised: dimension k says how strongly *some* cell (resp. word) shows concept k, a bag of
+    local concepts rather than a summary of the whole. Trained with lexical local-similarity labels (shared content
+    words between captions, `trainer.losses.hierarchical`), so two captions that name the same things, and the
+    images that show them, land close whatever the rest of the scene.
+    """
+
+    def __init__(self, in_dim: int, local_dim: int) -> None:
+        super().__init__()
+        self.fragment = nn.Linear(in_dim, local_dim)
+
+    def forward(self, fragments: Tensor, mask: Tensor) -> Tensor:
+        """(N, K, C) fragments with an (N, K) float mask of valid rows -> (N, local_dim) unit-norm local embeddings."""
+        projected = self.fragment(fragments)
+        projected = projected.masked_fill(mask.unsqueeze(-1) <= 0, _MASK_BIAS)
+        return F.normalize(projected.amax(dim=1), dim=-1)
+
+
 class Projection(nn.Module):
     """Linear map to the shared space plus a residual two-layer MLP (as VSE∞'s image head), then L2 norm.
 
-    Hierarchical option (`local_dim` > 0): a second, local embedding is projected from the same pooled features and
+    Hierarchical option (`local_dim` > 0): a second, local embedding (`LocalHead`, from the local fragments) is
     trained against lexical local-similarity labels; the served vector is the concatenation
     `[sqrt(1 - w) * global, sqrt(w) * local]` of the two unit vectors (unit norm itself, so cosine similarity is
     `(1 - w) cos_global + w cos_local`), one fixed vector of `dim + local_dim` values.
@@ -127,7 +149,7 @@ class Projection(nn.Module):
         super().__init__()
         # Dropout on the pooled backbone features: heads on frozen features overfit 6k images within an epoch or two.
         self.dropout = nn.Dropout(dropout)
-        self.local = nn.Linear(in_dim, local_dim) if local_dim else None
+        self.local = LocalHead(in_dim, local_dim) if local_dim else None
         self.global_scale, self.local_scale = math.sqrt(1.0 - local_weight), math.sqrt(local_weight)
         self.linear = nn.Linear(in_dim, dim)
         self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
@@ -137,21 +159,18 @@ class Projection(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def parts(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(global, local) unit-norm embeddings of pooled features; local is None without the hierarchical option."""
-        x = self.dropout(x)
-        glob = F.normalize(self.linear(x) + self.mlp(x), dim=-1)
-        return glob, None if self.local is None else F.normalize(self.local(x), dim=-1)
+    def parts(self, pooled: Tensor, fragments: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(global, local) unit-norm embeddings: global from the pooled features, local from the (N, K, C) fragments
+        under their (N, K) mask; local is None without the hierarchical option."""
+        glob = self.dropout(pooled)
+        glob = F.normalize(self.linear(glob) + self.mlp(glob), dim=-1)
+        return glob, None if self.local is None else self.local(self.dropout(fragments), mask)
 
-    @staticmethod
-    def serve(glob: Tensor, local: Tensor | None, global_scale: float, local_scale: float) -> Tensor:
+    def serve(self, glob: Tensor, local: Tensor | None) -> Tensor:
         """The served vector: the global embedding, or [a * global, b * local] (a^2 + b^2 = 1: already unit norm)."""
         if local is None:
             return glob
-        return torch.cat([glob * global_scale, local * local_scale], dim=-1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.serve(*self.parts(x), self.global_scale, self.local_scale)
+        return torch.cat([glob * self.global_scale, local * self.local_scale], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------- image
@@ -238,20 +257,21 @@ class ImageTower(nn.Module):
             x = stage(x)
         return x
 
-    def pooled_from(self, h: Tensor, start: int, drop: float = 0.0) -> Tensor:
-        """Runs stages [start, end) on `h`, then pools the h*w local features: (N, C).
+    def parts_from(self, h: Tensor, start: int, drop: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """Runs stages [start, end) on `h`; the h*w cells are the local fragments: (global, local) embeddings.
 
         `drop`: fraction of local features randomly left out of the pooling (training augmentation).
         """
         for stage in self.stages[start:]:
             h = stage(h)
-        local = h.flatten(2).transpose(1, 2)  # (N, h*w, C)
-        mask = torch.ones(local.shape[:2], dtype=local.dtype, device=local.device)
-        return self.pool(local, drop_features(mask, drop))
+        fragments = h.flatten(2).transpose(1, 2)  # (N, h*w, C)
+        mask = torch.ones(fragments.shape[:2], dtype=fragments.dtype, device=fragments.device)
+        mask = drop_features(mask, drop)
+        return self.head.parts(self.pool(fragments, mask), fragments, mask)
 
     def forward_from(self, h: Tensor, start: int) -> Tensor:
         """Runs stages [start, end) on `h`, then pooling and the head: (N, D) unit-norm served embeddings."""
-        return self.head(self.pooled_from(h, start))
+        return self.head.serve(*self.parts_from(h, start))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.forward_from(pixel_values, 0)
@@ -368,8 +388,11 @@ class TextTower(nn.Module):
             h = layer(h, bias)
         return h
 
-    def pooled_from(self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0) -> Tensor:
-        """Runs stages [max(start,1), end) on hidden states `h`, then masked pooling over tokens: (N, H).
+    def parts_from(
+        self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0
+    ) -> tuple[Tensor, Tensor | None]:
+        """Runs stages [max(start,1), end) on hidden states `h`; the tokens are the local fragments: masked pooling
+        over tokens -> (global, local) embeddings.
 
         `drop`: fraction of tokens randomly left out of the pooling (training augmentation; attention sees all).
         """
@@ -377,28 +400,33 @@ class TextTower(nn.Module):
         bias = self._bias(mask)
         for layer in self.layers[max(start, 1) - 1 :]:
             h = layer(h, bias)
-        return self.pool(h, drop_features(mask, drop))
+        mask = drop_features(mask, drop)
+        return self.head.parts(self.pool(h, mask), h, mask)
 
-    def pooled_from_bucketed(
+    def parts_from_bucketed(
         self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0, bucket: int = 128
-    ) -> Tensor:
-        """`pooled_from` over length-sorted buckets of `bucket` rows, each trimmed to its longest caption.
+    ) -> tuple[Tensor, Tensor | None]:
+        """`parts_from` over length-sorted buckets of `bucket` rows, each trimmed to its longest caption.
 
         The same result as one padded pass (rows never interact), with far less padding when there are layers to run:
         a batch of 640 Flickr8k captions averages 14 tokens but is padded to its longest, about 32.
         """
         if start >= self.num_stages or h.shape[0] <= bucket:
-            return self.pooled_from(h, attention_mask, start, drop)
+            return self.parts_from(h, attention_mask, start, drop)
         order = torch.argsort(attention_mask.sum(1))
-        parts = []
+        globs, locals_ = [], []
         for rows in order.split(bucket):
             length = int(attention_mask[rows].sum(1).max())
-            parts.append(self.pooled_from(h[rows, :length], attention_mask[rows, :length], start, drop))
-        return torch.cat(parts)[torch.argsort(order)]
+            glob, local = self.parts_from(h[rows, :length], attention_mask[rows, :length], start, drop)
+            globs.append(glob)
+            locals_.append(local)
+        inverse = torch.argsort(order)
+        local_all = None if locals_[0] is None else torch.cat(locals_)[inverse]  # type: ignore[arg-type]
+        return torch.cat(globs)[inverse], local_all
 
     def forward_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         """Runs stages [max(start,1), end) on hidden states `h`, then pooling and the head (served embeddings)."""
-        return self.head(self.pooled_from(h, attention_mask, start))
+        return self.head.serve(*self.parts_from(h, attention_mask, start))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.forward_from(self.features(input_ids, attention_mask, 1), attention_mask, 1)

@@ -82,14 +82,12 @@ class TrainStep(nn.Module):
         The pairwise `labels` (LossInputs field -> (B, B) tensor: `text_sim`, `local_sim`) are not per row: the
         caller builds them for the gathered batch (rows in rank order), which every rank knows.
         """
-        pooled_image = self.model.image.pooled_from(inputs.image, self.image_split, self.feature_drop)
-        image, image_local = self.model.image.head.parts(pooled_image)
+        image, image_local = self.model.image.parts_from(inputs.image, self.image_split, self.feature_drop)
         image = image[pair_image]
         image_local = None if image_local is None else image_local[pair_image]
-        pooled_text = self.model.text.pooled_from_bucketed(
+        text, text_local = self.model.text.parts_from_bucketed(
             inputs.text, inputs.text_mask, self.text_split, self.feature_drop
         )
-        text, text_local = self.model.text.head.parts(pooled_text)
         unit = self.model.unit(image, text) if self.model.unit is not None else None
         every_image, every_text, every_id, unit, image_local, text_local = gather_rows(
             image, text, image_ids, unit, image_local, text_local
@@ -425,7 +423,13 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path).state
         self.model.load_state_dict(ckpt["model"])
-        self.loss.load_state_dict(ckpt["loss"])
+        try:
+            self.loss.load_state_dict(ckpt["loss"])
+        except RuntimeError as exc:  # e.g. a relation module of an older layout
+            raise ConfigError(
+                f"{path}: the loss state saved in this checkpoint does not fit the configured losses "
+                f"({', '.join(self.cfg.loss.weights)}), so training cannot resume from it: {exc}"
+            ) from exc
         # Checkpoints from before the no-decay groups hold one group per part: regroup their state.
         optimizer, scheduler = upgrade_optimizer_state(
             ckpt["optimizer"], ckpt["scheduler"], self.optimizer, {k: p for k, (p, _) in self.parts.items()}

@@ -170,6 +170,11 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
         return active_provider(self.session)
 
     @property
+    def intra_op_threads(self) -> int:
+        """Threads one session run may use inside an operator (as the session was built)."""
+        return int(self.session.get_session_options().intra_op_num_threads)
+
+    @property
     def info(self) -> EncoderInfo:
         """Bundle, provider and per-item limits."""
         m = self.bundle.manifest

@@ -1,8 +1,9 @@
-"""Dynamic batching: concurrent requests' prepared items are coalesced into one session run, in arrival order.
+"""Dynamic batching: concurrent requests' prepared items are coalesced into session runs, in arrival order.
 
-A single worker thread owns the session runs. The first waiting request opens a batch; it closes when it holds
-`max_batch` items or `max_delay_us` has passed since that request arrived, whichever comes first. While one batch
-runs, the next one fills, so under load batches grow by themselves and the delay is rarely waited in full.
+`workers` threads own the session runs (one run each at a time, on the one shared session). An idle worker takes the
+oldest waiting request, which opens a batch; it closes when it holds `max_batch` items or `max_delay_us` has passed
+since that request arrived, whichever comes first. While the workers run their batches, the next ones fill, so under
+load batches grow by themselves and the delay is rarely waited in full.
 """
 
 from __future__ import annotations
@@ -78,18 +79,31 @@ class _Pending:
 class DynamicBatcher:
     """Coalesces concurrent requests into session runs of at most `max_batch` items; bounded queue."""
 
-    def __init__(self, run: RunFn, metrics: ServiceMetrics, max_batch: int, max_delay_us: int, max_queue: int) -> None:
-        """Starts the worker thread.
+    def __init__(
+        self,
+        run: RunFn,
+        metrics: ServiceMetrics,
+        max_batch: int,
+        max_delay_us: int,
+        max_queue: int,
+        workers: int = 1,
+    ) -> None:
+        """Starts the worker threads.
 
         Args:
-            run: One session run over a list of prepared features, returning (n, D) embeddings.
+            run: One session run over a list of prepared features, returning (n, D) embeddings (thread-safe when
+                `workers` > 1).
             metrics: Where batch sizes, queue depth and stage times go.
             max_batch: Most items per run (one request never exceeds it: the servicer checks).
             max_delay_us: How long a batch's first request waits for company.
             max_queue: Most items waiting; beyond it `submit` raises Overloaded.
+            workers: Session runs in flight at once, each in its own thread.
         """
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self._run = run
         self._metrics = metrics
+        self.workers = workers
         self.max_batch = max_batch
         self.max_delay = max_delay_us / 1e6
         self.max_queue = max_queue
@@ -99,8 +113,9 @@ class DynamicBatcher:
         self._waiting = 0
         self._cond = threading.Condition()
         self._depth_gauge = metrics.labels(metrics.queue_depth)
-        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{k}", daemon=True) for k in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -147,14 +162,16 @@ class DynamicBatcher:
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
-            while not self._pending:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            deadline = self._pending[0].enqueued + self.max_delay
-            while self._depth < self.max_batch and not self._closed:
-                left = deadline - time.perf_counter()
-                if left <= 0:
+            # Every idle worker waits here; whichever wakes once the oldest request's batch is due takes it (another
+            # worker may have taken it meanwhile: then the head, and its deadline, are new).
+            while True:
+                if not self._pending:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                    continue
+                left = self._pending[0].enqueued + self.max_delay - time.perf_counter()
+                if self._depth >= self.max_batch or self._closed or left <= 0:
                     break
                 self._cond.wait(left)
             batch: list[_Pending] = []
@@ -169,6 +186,8 @@ class DynamicBatcher:
             self._depth_gauge.set(self._depth)
             if self._waiting:
                 self._cond.notify_all()  # room for blocked stream chunks
+            elif self._pending:
+                self._cond.notify()  # what is left is another idle worker's next batch
             return batch
 
     def _loop(self) -> None:
@@ -196,4 +215,6 @@ class DynamicBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

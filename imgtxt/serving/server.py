@@ -201,7 +201,12 @@ def build_server(
     metrics = ServiceMetrics(encoder.modality, config.max_batch)
     runner: Runner
     if config.batching:
-        runner = DynamicBatcher(encoder.run, metrics, config.max_batch, config.max_delay_us, config.max_queue)
+        workers = config.resolved_batch_workers(encoder.provider, encoder.intra_op_threads)
+        runner = DynamicBatcher(encoder.run, metrics, config.max_batch, config.max_delay_us, config.max_queue, workers)
+        logger.info(
+            "dynamic batching",
+            extra={"batch_workers": workers, "max_batch": config.max_batch, "max_delay_us": config.max_delay_us},
+        )
     else:
         runner = InlineRunner(encoder.run, metrics)
     gate = AdmissionGate()

@@ -1,7 +1,10 @@
-"""Dynamic batching over a real server: concurrent requests coalesce, the queue is bounded, order is kept."""
+"""Dynamic batching over a real server: concurrent requests coalesce, batch workers run batches at the same time,
+the queue is bounded, order is kept."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -11,8 +14,18 @@ import grpc
 import numpy as np
 import pytest
 
+import imgtxt.encoders.session as session_module
+import imgtxt.serving.config as config_module
 from imgtxt.client import TextEncoderClient
+from imgtxt.encoders.session import CPU, CUDA
 from imgtxt.encoders.text import TextEncoder
+from imgtxt.serving.config import (
+    CPU_BATCH_WORKERS,
+    ServerConfig,
+    add_server_flags,
+    server_config_from_args,
+    session_config_from_args,
+)
 from tests.services.conftest import serving
 from text_encoder_service.server import create_server
 
@@ -54,6 +67,77 @@ def test_concurrent_requests_are_coalesced(text_encoder: TextEncoder) -> None:
             np.testing.assert_allclose(r.embeddings, text_encoder.encode([f"caption {i}"]).embeddings, atol=1e-5)
 
 
+class PairedTextEncoder(TextEncoder):
+    """The real text encoder whose session runs finish only once two of them are running at the same time."""
+
+    def __init__(self, base: TextEncoder) -> None:
+        super().__init__(base.bundle, base.session)
+        self.armed = False
+        self.pair = threading.Barrier(2, timeout=30)  # broken (a failed run) if no second run joins
+
+    def run(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        if self.armed:
+            self.pair.wait()
+        return super().run(features)
+
+
+def test_batch_workers_run_batches_at_the_same_time(text_encoder: TextEncoder) -> None:
+    encoder = PairedTextEncoder(text_encoder)
+    # max_batch=1: each request is a batch of its own, so the two requests are two session runs.
+    with serving(create_server, encoder, max_batch=1, max_delay_us=0, batch_workers=2) as server:
+        assert server.runner.workers == 2  # type: ignore[attr-defined]
+        with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client, ThreadPoolExecutor(2) as pool:
+            client.info()
+            encoder.armed = True
+            results = list(pool.map(lambda i: client.encode([f"caption {i}"]), range(2)))
+        encoder.armed = False
+        assert not encoder.pair.broken
+        for i, r in enumerate(results):
+            np.testing.assert_allclose(r.embeddings, text_encoder.encode([f"caption {i}"]).embeddings, atol=1e-5)
+
+
+def test_batch_workers_hand_each_request_its_own_rows(text_encoder: TextEncoder) -> None:
+    texts = [f"a caption of {'many ' * (i % 5)}words number {i}" for i in range(24)]
+    with (
+        serving(create_server, text_encoder, max_batch=4, batch_workers=3) as server,
+        TextEncoderClient(f"127.0.0.1:{server.port}") as client,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        client.info()
+        results = list(pool.map(lambda t: client.encode([t, t.upper()]), texts))
+    for text, r in zip(texts, results, strict=True):
+        np.testing.assert_allclose(r.embeddings, text_encoder.encode([text, text.upper()]).embeddings, atol=1e-5)
+
+
+def test_batch_workers_and_threads_fill_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [k for k in os.environ if k.startswith("IMGTXT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(session_module, "available_cores", lambda: 8)
+    monkeypatch.setattr(config_module, "available_cores", lambda: 8)
+    parser = argparse.ArgumentParser()
+    add_server_flags(parser, "text")
+
+    def resolved(*flags: str, provider: str = CPU) -> tuple[int, int]:
+        """(batch workers, intra-op threads per run) the flags give a session on `provider`."""
+        args = parser.parse_args(["--bundle", "b", *flags])
+        threads = session_config_from_args(args).resolved_intra_op_threads
+        return server_config_from_args(args).resolved_batch_workers(provider, threads), threads
+
+    assert resolved() == (CPU_BATCH_WORKERS, 8 // CPU_BATCH_WORKERS)
+    assert resolved("--batch-workers", "1") == (1, 8)
+    assert resolved("--batch-workers", "3") == (3, 2)
+    assert resolved("--intra-op-threads", "8") == (1, 8)  # an explicit thread count: as many runs as fit
+    assert resolved("--intra-op-threads", "2") == (4, 2)
+    assert resolved("--batch-workers", "2", "--intra-op-threads", "8") == (2, 8)  # both explicit: as given
+    assert resolved(provider=CUDA)[0] == 1  # one device: a second worker would only halve the batches
+    assert ServerConfig().resolved_batch_workers(CPU) == CPU_BATCH_WORKERS  # the default threads
+    assert resolved("--batch-workers", "3", provider=CUDA)[0] == 3
+    off = session_config_from_args(parser.parse_args(["--bundle", "b", "--batching", "off"]))
+    assert off.resolved_intra_op_threads == 7  # each rpc runs its own session run; a core stays for the requests
+    with pytest.raises(ValueError, match="batch_workers"):
+        ServerConfig(batch_workers=-1)
+
+
 def test_batching_off_runs_each_request_alone(text_encoder: TextEncoder) -> None:
     with serving(create_server, text_encoder, batching=False) as server:
         with TextEncoderClient(f"127.0.0.1:{server.port}") as client, ThreadPoolExecutor(4) as pool:
@@ -63,7 +147,8 @@ def test_batching_off_runs_each_request_alone(text_encoder: TextEncoder) -> None
 
 def test_queue_overflow_is_resource_exhausted(text_encoder: TextEncoder) -> None:
     encoder = GatedTextEncoder(text_encoder)
-    with serving(create_server, encoder, max_batch=2, max_queue=2, max_delay_us=0) as server:
+    # One batch worker: the second request waits in the queue while the first holds the session.
+    with serving(create_server, encoder, max_batch=2, max_queue=2, max_delay_us=0, batch_workers=1) as server:
         with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client, ThreadPoolExecutor(2) as pool:
             client.info()
             encoder.closed = True
@@ -87,7 +172,7 @@ def test_queue_overflow_is_resource_exhausted(text_encoder: TextEncoder) -> None
 def test_stream_waits_for_room_in_a_full_queue(text_encoder: TextEncoder) -> None:
     encoder = GatedTextEncoder(text_encoder)
     with (
-        serving(create_server, encoder, max_batch=2, max_queue=2, max_delay_us=0) as server,
+        serving(create_server, encoder, max_batch=2, max_queue=2, max_delay_us=0, batch_workers=1) as server,
         TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client,
         ThreadPoolExecutor(3) as pool,
     ):

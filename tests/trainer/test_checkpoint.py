@@ -123,3 +123,14 @@ def test_a_run_of_the_older_layout_resumes(synthetic_data: Path, tmp_path: Path)
     assert train.main([*argv, "--set", "epochs=2", "--resume"]) == 0
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2] and torch.load(last, weights_only=False)["epoch"] == 2
+
+
+def test_a_hierarchical_checkpoint_of_the_pooled_linear_local_head_fails_saying_why(tmp_path: Path) -> None:
+    model = DualEncoder(load_config("tiny", None, ["with_unit=false", "local_dim=8"]).model)
+    weights = {}
+    for name, tensor in model.state_dict().items():  # the old layout: head.local was one Linear on pooled features
+        weights[name.replace("head.local.fragment.", "head.local.")] = tensor
+    config = {**_OLD_TINY_CONFIG, "local_dim": 8, "with_unit": False}
+    torch.save({"model": weights, "config": config, "metrics": {}, "epoch": 1}, tmp_path / "hier.pt")
+    with pytest.raises(ConfigError, match=r"hier.pt: .*old linear head on the pooled features.*retrain"):
+        load_checkpoint(tmp_path / "hier.pt")

@@ -196,8 +196,8 @@ def test_constructor_arguments_from_the_model_yield_to_configured_ones() -> None
     spec = ModelSpec(image_backbone="tiny", text_backbone="tiny", dim=16, pretrained=False)
     from_model = CombinedLoss({"relation": 1.0}, model=spec).losses["relation"]
     configured = CombinedLoss({"relation": 1.0}, {"relation": {"dim": 8, "num_heads": 2}}, model=spec)
-    assert isinstance(from_model, RelationLoss) and from_model.relation.image_intra.linear1.in_features == 16
-    assert configured.losses["relation"].relation.image_intra.linear1.in_features == 8  # type: ignore[union-attr]
+    assert isinstance(from_model, RelationLoss) and from_model.relation.blocks[0].ff[0].in_features == 16
+    assert configured.losses["relation"].relation.blocks[0].ff[0].in_features == 8  # type: ignore[union-attr]
 
 
 def test_after_step_clamps_the_logit_scale() -> None:

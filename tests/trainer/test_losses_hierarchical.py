@@ -100,3 +100,36 @@ def test_local_similarity_requires_its_inputs() -> None:
     inputs.local_sim = None
     with pytest.raises(ValueError, match=r"LossInputs\.local_sim"):
         LocalSimilarityLoss()(inputs)
+
+
+def test_local_embedding_is_built_from_the_fragments_not_the_pooled_summary() -> None:
+    from trainer.model import LocalHead, Projection
+
+    torch.manual_seed(0)
+    head = Projection(in_dim=6, dim=4, local_dim=5).eval()
+    fragments = torch.randn(2, 7, 6)
+    mask = torch.ones(2, 7)
+    mask[1, 5:] = 0.0  # the second item has 5 valid fragments (padding after)
+    pooled = fragments.mean(1)
+    glob, local = head.parts(pooled, fragments, mask)
+    assert local is not None and local.shape == (2, 5)
+    torch.testing.assert_close(local.norm(dim=-1), torch.ones(2))
+    # Order of the fragments does not matter, padding never counts, and one changed fragment changes the local
+    # embedding although the pooled summary (and so the global embedding) is the same.
+    _, shuffled = head.parts(pooled, fragments[:, torch.randperm(7)], mask)
+    torch.testing.assert_close(shuffled[0], local[0])  # type: ignore[index]
+    padded = fragments.clone()
+    padded[1, 5:] = 100.0
+    _, with_padding = head.parts(pooled, padded, mask)
+    torch.testing.assert_close(with_padding, local)
+    changed = fragments.clone()
+    changed[0, 0] += 3.0
+    changed[0, 1] -= 3.0  # same mean
+    glob_changed, local_changed = head.parts(changed.mean(1), changed, mask)
+    torch.testing.assert_close(glob_changed, glob)
+    assert not torch.allclose(local_changed[0], local[0])  # type: ignore[index]
+    # The served vector is [sqrt(1 - w) global, sqrt(w) local]: unit norm.
+    served = head.serve(glob, local)
+    assert served.shape == (2, 9)
+    torch.testing.assert_close(served.norm(dim=-1), torch.ones(2))
+    assert isinstance(head.local, LocalHead)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from trainer.losses import LossInputs, RelationLoss, RelationModule, positive_mask
-from trainer.losses.relation import _CrossAttention, similarity_kl
+from trainer.losses.relation import connection_mask, similarity_kl
 
 
 def _vec(*pairs: tuple[int, float]) -> Tensor:
@@ -69,44 +69,55 @@ def test_similarity_kl_ignores_same_image_columns() -> None:
     assert_close(kl_a, torch.tensor(0.0))
 
 
-def test_cross_attention_never_sees_same_image() -> None:
+def test_connection_mask_keeps_self_and_the_most_similar_fraction_of_each_modality() -> None:
+    image = torch.eye(4)
+    text = torch.tensor([[1.0, 0.1, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.9, 0.0, 0.4, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    blocked = connection_mask(image, text, fraction=0.5)
+    assert blocked.shape == (8, 8) and not blocked.diagonal().any()
+    connected = ~blocked
+    # Image 0 attends to captions 0 and 2 (its two most similar of four), not to 1 or 3.
+    assert connected[0, 4:].tolist() == [True, False, True, False]
+    # Caption 2 (row 6) attends to images 0 and 2 (scores .9 and .4) and to the two captions closest to it.
+    assert connected[6, :4].tolist() == [True, False, True, False]
+    assert int(connected[6, 4:].sum()) == 2 and bool(connected[6, 6])
+    assert not connection_mask(image, text, fraction=1.0).any()
+
+
+def test_relation_module_starts_as_the_identity_and_learns_relations() -> None:
     torch.manual_seed(0)
-    attention = _CrossAttention(dim=8, num_heads=2, dropout=0.0)
-    query = torch.randn(3, 8)
-    context = torch.randn(3, 8)
-    blocked = positive_mask(torch.tensor([7, 7, 3]))
-    out = attention(query, context, blocked)
-    changed = context.clone()
-    changed[1] = torch.randn(8)  # a caption of image 7
-    out_changed = attention(query, changed, blocked)
-    assert_close(out_changed[:2], out[:2])  # queries of image 7 cannot see it
-    assert not torch.allclose(out_changed[2], out[2])  # the query of image 3 can
-
-
-def test_cross_attention_isolated_query_passes_through() -> None:
-    attention = _CrossAttention(dim=4, num_heads=1, dropout=0.0)
-    query = torch.randn(2, 4)
-    out = attention(query, torch.randn(2, 4), positive_mask(torch.tensor([1, 1])))  # nothing to attend to
-    assert_close(out, query)
-
-
-def test_relation_module_outputs_and_gradients() -> None:
-    torch.manual_seed(0)
-    module = RelationModule(dim=8, num_heads=2)
     image = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
     text = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
-    image_enh, text_enh = module(image, text, torch.tensor([0, 0, 1, 2, 3]))
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    identity = RelationModule(dim=8, num_heads=2, dropout=0.0, layer_scale=0.0)
+    image_enh, text_enh = identity(image, text, ids)
+    assert_close(image_enh, image)
+    assert_close(text_enh, text)
+    module = RelationModule(dim=8, num_heads=2, dropout=0.0)
+    image_enh, text_enh = module(image, text, ids)
     assert image_enh.shape == text_enh.shape == (5, 8)
     assert_close(image_enh.norm(dim=-1), torch.ones(5))
+    assert not torch.allclose(image_enh, image)  # the batch changed it ...
+    assert (image_enh * image).sum(-1).min() > 0.9  # ... as a correction of the instance, not in place of it
     (image_enh @ text_enh.T).diagonal().sum().backward()
     assert image.grad is not None and image.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="must divide"):
         RelationModule(dim=10, num_heads=4)
 
 
+def test_relation_terms_start_at_start_epoch() -> None:
+    loss = RelationLoss(dim=6, num_heads=2, start_epoch=2)
+    case = _masking_case([0, 1, 2], True)
+    image = case.image.clone().requires_grad_(True)
+    before = loss(LossInputs(image, case.text, case.image_ids, epoch=1))
+    assert before["relation_triplet"].item() == 0.0 and before["relation_consistency"].item() == 0.0
+    before["relation_triplet"].backward()  # attached to the graph: the combined loss can still backprop
+    after = loss(LossInputs(case.image, case.text, case.image_ids, epoch=2))
+    assert after["relation_triplet"].item() > 0.0
+
+
 def test_consistency_does_not_train_the_relation_module() -> None:
     torch.manual_seed(0)
-    loss = RelationLoss(dim=8, num_heads=2)
+    loss = RelationLoss(dim=8, num_heads=2, consistency_weight=1.0)
     image = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True)
     text = F.normalize(torch.randn(4, 8), dim=-1).requires_grad_(True)
     out = loss(LossInputs(image, text, torch.arange(4), epoch=1))

@@ -163,12 +163,16 @@ def test_loss_table_benchmark_runs_each_option(synthetic_data: Path, tmp_path: P
     from benchmarks import train_losses
 
     argv = ["--recipe", "tiny", "--data", str(synthetic_data), "--out", str(tmp_path / "runs")]
-    argv += ["--results", str(tmp_path / "results"), "--options", "vsepp+relation,infonce+hierarchical"]
+    options = "vsepp_triplet,vsepp+relation,infonce+hierarchical"
+    argv += ["--results", str(tmp_path / "results"), "--options", options]
     argv += ["--set", f"cache_dir={tmp_path / 'cache'}"]
     assert train_losses.main(argv) == 0
     rows = json.loads((tmp_path / "results" / "train_losses.json").read_text())["rows"]
-    assert "| vsepp+relation |" in (tmp_path / "results" / "train_losses.md").read_text()
-    assert [r["option"] for r in rows] == ["vsepp+relation", "infonce+hierarchical"]
+    table = (tmp_path / "results" / "train_losses.md").read_text()
+    assert "| vsepp+relation |" in table
+    # The HREM comparison has both its options; the hierarchical one lacks its baseline (infonce) and is left out.
+    assert "| HREM (seed 002) | vsepp+relation | vsepp_triplet |" in table and "Hierarchical (seed 000)" not in table
+    assert [r["option"] for r in rows] == options.split(",")
     assert all("error" not in r and 0 <= r["rsum"] <= 600 for r in rows)
     hier = load_checkpoint(tmp_path / "runs" / "tiny-infonce_hierarchical" / "checkpoints" / "best.pt")
     assert hier.config["model"]["local_dim"] == 128 and hier.config["model"]["with_unit"] is False

@@ -2,73 +2,120 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.losses.base import NEG_LARGE, EmbeddingLoss, LossInputs, positive_mask, register_loss
+from trainer.losses.base import NEG_LARGE, EmbeddingLoss, LossInputs, register_loss, zero_loss
 from trainer.losses.triplet import Reduction, check_reduction, vsepp_hinge
 
 if TYPE_CHECKING:
     from trainer.model import ModelSpec
 
 
-class _CrossAttention(nn.Module):
-    """Pre-norm residual cross-attention: queries of one modality attend to the other modality's batch."""
+class _Block(nn.Module):
+    """Pre-norm transformer encoder block over a set (masked self-attention + feed-forward), LayerScale residuals.
 
-    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+    Each residual branch is scaled by a learned per-channel ``gamma`` (LayerScale, Touvron et al. 2021, "Going
+    deeper with image transformers") that starts at ``layer_scale``, so the block starts close to the identity.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ff_mult: int, dropout: float, layer_scale: float) -> None:
         super().__init__()
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_attn = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(
+            nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_mult * dim, dim)
+        )
+        self.gamma_attn = nn.Parameter(torch.full((dim,), layer_scale))
+        self.gamma_ff = nn.Parameter(torch.full((dim,), layer_scale))
 
-    def forward(self, query: Tensor, context: Tensor, blocked: Tensor) -> Tensor:
-        # A query whose every key is blocked would get NaN from softmax(-inf row); it attends to nothing instead.
-        isolated = blocked.all(dim=1)
-        safe_blocked = blocked & ~isolated.unsqueeze(1)
-        kv = self.norm_kv(context).unsqueeze(0)
-        out, _ = self.attn(self.norm_q(query).unsqueeze(0), kv, kv, attn_mask=safe_blocked, need_weights=False)
-        out = out.squeeze(0).masked_fill(isolated.unsqueeze(1), 0.0)
-        return query + out
+    def forward(self, x: Tensor, blocked: Tensor) -> Tensor:
+        """(N, D) set, (N, N) bool mask (True: query row may not attend to key column) -> (N, D)."""
+        h = self.norm_attn(x).unsqueeze(0)
+        x = x + self.gamma_attn * self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0].squeeze(0)
+        return x + self.gamma_ff * self.ff(self.norm_ff(x))
+
+
+def _top_fraction(scores: Tensor, fraction: float) -> Tensor:
+    """Bool mask of each row's ``ceil(fraction * columns)`` highest scores (ties at the cut-off included)."""
+    k = max(1, math.ceil(fraction * scores.shape[1]))
+    return scores >= scores.topk(k, dim=1).values[:, -1:]
+
+
+def connection_mask(image: Tensor, text: Tensor, fraction: float) -> Tensor:
+    """Which instances of a batch may attend to which (HREM's "connection relation"), as a blocked mask.
+
+    The set is ``[images; captions]`` (2B instances). Every instance is connected to itself and to the ``fraction``
+    most similar instances of each modality, by the current (detached) embeddings: image-image, caption-caption and
+    the cross-modal similarities. Returns the (2B, 2B) bool mask of *blocked* pairs (True: may not attend).
+    """
+    with torch.no_grad():
+        cross = image @ text.T
+        connect = torch.cat(
+            [
+                torch.cat([_top_fraction(image @ image.T, fraction), _top_fraction(cross, fraction)], dim=1),
+                torch.cat([_top_fraction(cross.T, fraction), _top_fraction(text @ text.T, fraction)], dim=1),
+            ],
+            dim=0,
+        )
+        connect |= torch.eye(connect.shape[0], dtype=torch.bool, device=connect.device)
+    return ~connect
 
 
 class RelationModule(nn.Module):
     """HREM's instance-relation module (Fu et al. 2023, "Learning Semantic Relationship among Instances for
-    Image-Text Matching", CVPR): the batch is treated as a sequence of instances.
+    Image-Text Matching", CVPR; its code: github.com/CrossmodalGroup/HREM, ``graph_lib.GraphLoss``).
 
-    Intra-modal relations: one transformer-encoder layer per modality (self-attention over the batch's images,
-    resp. captions). Inter-modal relations: cross-attention of images to captions and of captions to images.
-    Output: L2-normalised enhanced embeddings. It is used only inside the training loss; retrieval serves the
-    initial embeddings, so it is never exported.
+    The batch's images and captions form one set of 2B instances; a transformer-encoder block lets each attend to
+    the instances it is connected to (``connection_mask``: itself and the most similar fraction of each modality,
+    so intra-modal and inter-modal relations in one attention). Output: L2-normalised enhanced embeddings. It is
+    used only inside the training loss; retrieval serves the initial embeddings, so it is never exported.
 
-    Cross-attention never lets an instance attend to the other modality's instances of the *same image*: the
-    enhanced image would otherwise contain its own caption and match it trivially, so the relation triplet would
-    teach the encoders nothing. (A trace of the own caption can still arrive in two hops, through the intra-modal
-    mixing of the other captions; its weight is one attention share among B.)
+    Two choices of the first version made it collapse on Flickr8k, and are the reason for this one's shape:
+    - *Scale*: a unit-norm D-vector has entries of about 1/sqrt(D) (0.044 at D = 512), while a residual branch over
+      LayerNorm-ed inputs returns entries of about 1; added to the raw embedding, the branches drowned the instance.
+      So the residual stream carries ``sqrt(D) * embedding`` and each branch is scaled by a LayerScale starting at
+      ``layer_scale``: the module starts as the identity and learns relations as a correction of the instance.
+    - *Hidden positives*: the first version hid every same-image pair from cross-attention (so the enhanced image
+      could not "contain" its caption). But then the positive is the one pair that can never see each other, while
+      every negative pair can: attention raises negative similarities and never the positive one, the hardest
+      negative is the caption the image attended to, and the hinge on the enhanced embeddings can only be lowered
+      by making attention useless. HREM connects by similarity, positives included, and ties the enhanced
+      embeddings to the initial ones with cross terms (``RelationLoss``), which is what this does.
 
     Args:
         dim: Embedding size D.
         num_heads: Attention heads (must divide ``dim``).
-        ff_mult: Feed-forward width of the encoder layers, as a multiple of ``dim``.
+        ff_mult: Feed-forward width, as a multiple of ``dim``.
         dropout: Dropout inside the attention and feed-forward blocks.
+        layer_scale: Initial LayerScale of every residual branch.
+        connect_fraction: Fraction of each modality every instance attends to (HREM's threshold: 0.5).
+        num_layers: Transformer-encoder blocks (HREM: 1).
     """
 
-    def __init__(self, dim: int, num_heads: int = 4, ff_mult: int = 2, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 4,
+        ff_mult: int = 2,
+        dropout: float = 0.1,
+        layer_scale: float = 0.1,
+        connect_fraction: float = 0.5,
+        num_layers: int = 1,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads ({num_heads}) must divide dim ({dim})")
-
-        def encoder_layer() -> nn.TransformerEncoderLayer:
-            return nn.TransformerEncoderLayer(
-                dim, num_heads, dim_feedforward=ff_mult * dim, dropout=dropout, batch_first=True, norm_first=True
-            )
-
-        self.image_intra = encoder_layer()
-        self.text_intra = encoder_layer()
-        self.image_to_text = _CrossAttention(dim, num_heads, dropout)
-        self.text_to_image = _CrossAttention(dim, num_heads, dropout)
+        if not 0.0 < connect_fraction <= 1.0:
+            raise ValueError(f"connect_fraction must be in (0, 1], got {connect_fraction}")
+        self.scale = math.sqrt(dim)
+        self.connect_fraction = connect_fraction
+        self.blocks = nn.ModuleList(_Block(dim, num_heads, ff_mult, dropout, layer_scale) for _ in range(num_layers))
 
     def forward(self, image: Tensor, text: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Enhanced embeddings.
@@ -76,16 +123,16 @@ class RelationModule(nn.Module):
         Args:
             image: (B, D) initial image embeddings.
             text: (B, D) initial caption embeddings.
-            image_ids: (B,) image ids; same-id cross-modal pairs are hidden from each other.
+            image_ids: (B,) image ids (unused: connections follow similarity, as HREM's do).
 
         Returns:
             (image, text) enhanced, each (B, D) and L2-normalised.
         """
-        image_rel = self.image_intra(image.unsqueeze(0)).squeeze(0)
-        text_rel = self.text_intra(text.unsqueeze(0)).squeeze(0)
-        blocked = positive_mask(image_ids.to(image.device))
-        image_out = self.image_to_text(image_rel, text_rel, blocked)
-        text_out = self.text_to_image(text_rel, image_rel, blocked.T)
+        blocked = connection_mask(image, text, self.connect_fraction)
+        x = torch.cat([image, text], dim=0) * self.scale
+        for block in self.blocks:
+            x = block(x, blocked)
+        image_out, text_out = x.split(image.shape[0], dim=0)
         return F.normalize(image_out, dim=-1), F.normalize(text_out, dim=-1)
 
 
@@ -107,28 +154,33 @@ def similarity_kl(student: Tensor, teacher: Tensor, pos_mask: Tensor, temperatur
 
 @register_loss("relation")
 class RelationLoss(EmbeddingLoss):
-    """HREM training loss (Fu et al. 2023): a VSE++ hinge on the relation-enhanced embeddings plus a consistency
-    term that distils the enhanced similarity structure back into the initial (served) embeddings.
+    """HREM training loss (Fu et al. 2023): VSE++ hinges on the relation-enhanced embeddings, each paired with the
+    initial (served) embeddings of the other side as well as with its own enhanced side, as HREM's ``GraphLoss``.
 
-    ``relation_triplet``: ``vsepp_hinge`` on ``enhanced_image @ enhanced_text.T`` (hardest negative after
-    ``warmup_epochs`` of VSE0, same-image pairs never negatives); trains the relation module and, through it, the
-    encoders. ``relation_consistency``: mean of the two directions of
-    ``KL(softmax(S_enhanced / T) || softmax(S_initial / T))`` with ``S_enhanced`` detached, so the initial
-    embeddings learn the batch-relation-aware ranking without being able to pull the teacher toward them.
-    Pair it with a loss on the initial embeddings (e.g. ``vsepp_triplet``) as HREM does.
+    ``relation_triplet``: the mean of ``vsepp_hinge`` on ``image @ text_enh.T``, ``image_enh @ text.T`` and
+    ``image_enh @ text_enh.T`` (hardest negative when the base hinge uses it, same-image pairs never negatives). The
+    cross terms keep the enhanced embeddings in the served space, so the relation gradient reaches the encoders as
+    "match the batch-aware version of the other side", not as a free-floating space of its own.
+    ``relation_consistency`` (optional, weight 0 by default, not in HREM): mean of the two directions of
+    ``KL(softmax(S_enhanced / T) || softmax(S_initial / T))`` with ``S_enhanced`` detached.
+    The terms are 0 before ``start_epoch`` (HREM trains the base loss alone for its first iterations: relations
+    between instances of an untrained space are noise). Pair it with a loss on the initial embeddings (e.g.
+    ``vsepp_triplet``) as HREM does.
 
     Args:
         dim: Embedding size D (builds the ``RelationModule``).
         margin: Hinge margin.
-        max_violation: Hardest negative after the warm-up.
+        max_violation: Hardest negative from ``warmup_epochs`` on (else the VSE0 sum).
         warmup_epochs: VSE0 epochs.
+        start_epoch: First epoch (0-based) with relation terms.
         reduction: ``mean`` or ``sum`` over anchors.
         temperature: Softmax temperature of the consistency distributions.
         consistency_weight: Weight of ``relation_consistency`` relative to ``relation_triplet`` in ``total``.
         num_heads: Attention heads of the relation module.
         dropout: Dropout of the relation module.
+        connect_fraction: See ``RelationModule``.
         module: A prebuilt relation module (anything mapping (image, text, image_ids) to enhanced (image, text));
-            overrides ``dim``, ``num_heads`` and ``dropout``.
+            overrides ``dim``, ``num_heads``, ``dropout`` and ``connect_fraction``.
     """
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
@@ -146,32 +198,49 @@ class RelationLoss(EmbeddingLoss):
         margin: float = 0.2,
         max_violation: bool = True,
         warmup_epochs: int = 1,
+        start_epoch: int = 1,
         reduction: Reduction = "mean",
         temperature: float = 0.05,
-        consistency_weight: float = 1.0,
+        consistency_weight: float = 0.0,
         num_heads: int = 4,
-        dropout: float = 0.0,
+        dropout: float = 0.1,
+        connect_fraction: float = 0.5,
         module: nn.Module | None = None,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.relation = module if module is not None else RelationModule(dim, num_heads=num_heads, dropout=dropout)
+        if start_epoch < 0 or warmup_epochs < 0:
+            raise ValueError(f"start_epoch and warmup_epochs must be >= 0, got {start_epoch}, {warmup_epochs}")
+        self.relation = (
+            module
+            if module is not None
+            else RelationModule(dim, num_heads=num_heads, dropout=dropout, connect_fraction=connect_fraction)
+        )
         self.margin = margin
         self.max_violation = max_violation
         self.warmup_epochs = warmup_epochs
+        self.start_epoch = start_epoch
         self.reduction: Reduction = reduction
         self.temperature = temperature
         self.term_weights = {"relation_consistency": consistency_weight}
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        if inputs.epoch < self.start_epoch:
+            zero = zero_loss(inputs.image)
+            return {"relation_triplet": zero, "relation_consistency": zero}
         pos = inputs.positive_mask()
-        image_enh, text_enh = self.relation(inputs.image, inputs.text, inputs.image_ids)
-        enhanced = image_enh @ text_enh.T
-        initial = inputs.image @ inputs.text.T
+        image, text = inputs.image, inputs.text
+        image_enh, text_enh = self.relation(image, text, inputs.image_ids)
         max_violation = self.max_violation and inputs.epoch >= self.warmup_epochs
-        triplet = vsepp_hinge(enhanced, pos, self.margin, max_violation, self.reduction)
+        triplet = torch.stack(
+            [
+                vsepp_hinge(a @ b.T, pos, self.margin, max_violation, self.reduction)
+                for a, b in ((image, text_enh), (image_enh, text), (image_enh, text_enh))
+            ]
+        ).mean()
+        enhanced, initial = image_enh @ text_enh.T, image @ text.T
         consistency = 0.5 * (
             similarity_kl(initial, enhanced, pos, self.temperature)
             + similarity_kl(initial.T, enhanced.T, pos.T, self.temperature)
