@@ -18,8 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from benchmarks.report import Report, add_results_flag
 from trainer import train
+from trainer.config import TrainConfig
 
 OPTIONS: dict[str, list[str]] = {
     "infonce": ["losses={infonce: 1.0}"],
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help=f"comma list of {', '.join(OPTIONS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     parser.add_argument("--tag", default="", help="results file train_losses_<tag>.md (keeps the main table's file)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read back an option whose run directory under --out holds a finished run instead of training it again",
+    )
     add_results_flag(parser)
     args = parser.parse_args(argv)
     name = f"train_losses_{args.tag}" if args.tag else "train_losses"
@@ -94,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         argv_run = ["--recipe", args.recipe, "--data", args.data, "--out", str(out)]
         for item in [*OPTIONS[name], *args.overrides]:
             argv_run += ["--set", item]
+        if args.reuse and _finished(out):
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            best = max(records, key=lambda r: r["rsum"])
+            rows.append({"option": name, "wall_s": "reused", "best_epoch": best["epoch"], **best})
+            continue
         t0 = time.perf_counter()
         try:
             train.main(argv_run)
@@ -117,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     _comparisons(report, {r["option"]: r for r in rows if "error" not in r})
     report.save(rows)
     return 0
+
+
+def _finished(out: Path) -> bool:
+    """Whether `out` holds a finished run: metrics up to the epochs its saved config asked for."""
+    metrics, config = out / "metrics.jsonl", out / "config.yaml"
+    if not (metrics.is_file() and config.is_file()):
+        return False
+    epochs = TrainConfig.from_dict(yaml.safe_load(config.read_text())).optim.epochs
+    lines = metrics.read_text().splitlines()
+    return bool(lines) and json.loads(lines[-1])["epoch"] >= epochs
 
 
 def _comparisons(report: Report, done: dict[str, dict]) -> None:

@@ -176,6 +176,11 @@ def test_loss_table_benchmark_runs_each_option(synthetic_data: Path, tmp_path: P
     assert all("error" not in r and 0 <= r["rsum"] <= 600 for r in rows)
     hier = load_checkpoint(tmp_path / "runs" / "tiny-infonce_hierarchical" / "checkpoints" / "best.pt")
     assert hier.config["model"]["local_dim"] == 128 and hier.config["model"]["with_unit"] is False
+    # --reuse reads the finished runs back instead of training them again (same figures, no wall time).
+    assert train_losses.main([*argv, "--reuse", "--tag", "again"]) == 0
+    again = json.loads((tmp_path / "results" / "train_losses_again.json").read_text())["rows"]
+    assert [r["wall_s"] for r in again] == ["reused"] * 3
+    assert [r["rsum"] for r in again] == [r["rsum"] for r in rows]
 
 
 def test_serving_variants_benchmark_matches_the_exported_variants(
