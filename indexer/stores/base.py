@@ -29,6 +29,8 @@ FLAGS = {
     "write_consistency_factor": "--write-consistency",
 }
 SERVER_ONLY = ("shard_number", "replication_factor", "write_consistency_factor")
+# KB of vectors per segment of the embedded engine: 100k vectors at dim 512 (see `CollectionConfig.max_segment_size`).
+DEFAULT_MAX_SEGMENT_SIZE = 200_000
 
 
 class CollectionMismatch(ValueError):
@@ -54,6 +56,13 @@ class CollectionConfig:
     instead of the HNSW graph. Counted per segment, in vectors of this collection's size (KB * 1024 / (4 * dim))."""
     indexing_threshold: int | None = None
     """KB of vectors in a segment before its HNSW graph is built (None = the engine's default)."""
+    max_segment_size: int | None = DEFAULT_MAX_SEGMENT_SIZE
+    """Embedded engine only: KB of vectors (written vectors, each `4 * dim` bytes) per segment. The store seals the
+    segment being written once this much went into it (builds its index, then writes into a new one), and the
+    engine's optimiser merges no segments past it. So building holds one segment's worth of memory, not the
+    collection's: about 18 KB per point of the segment at dim 512 with three named vectors, all of it pages of
+    memory-mapped files. None: one segment grows until `optimize()`, which then holds that much per point of the
+    whole collection. A server sizes its own segments (its optimiser runs in the background)."""
     on_disk: bool = False
     """Keep original vectors on disk (mmap) instead of in RAM."""
     quantization: str = "none"
@@ -74,6 +83,17 @@ class CollectionConfig:
             )
         if self.full_scan_threshold <= 0:
             raise ValueError(f"full_scan_threshold must be a positive number of KB, got {self.full_scan_threshold}")
+        if self.max_segment_size is not None and self.max_segment_size <= 0:
+            raise ValueError(f"max_segment_size must be a positive number of KB, got {self.max_segment_size}")
+        if (
+            self.max_segment_size is not None
+            and self.indexing_threshold is not None
+            and self.indexing_threshold > self.max_segment_size
+        ):
+            raise ValueError(
+                f"indexing_threshold ({self.indexing_threshold} KB) must not exceed max_segment_size "
+                f"({self.max_segment_size} KB): a sealed segment would never be indexed"
+            )
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         for name in SERVER_ONLY:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ class EdgeStore:
     The engine has no aliases, so this store keeps them in `root/imgtxt_aliases.json` (alias -> collection),
     replaced atomically; every method that takes a collection name resolves an alias first.
 
+    The engine runs its optimisers only when asked, so the store seals segments itself: once the vectors written
+    since the last optimisation reach the collection's `max_segment_size`, `upsert` optimises (builds that segment's
+    index) and flushes. The engine keeps every page it wrote or read through its memory-mapped files resident, and
+    keeps the segments an optimisation replaced mapped until the next flush, so this bounds a job's memory by one
+    segment rather than by the collection.
+
     Args:
         root: Directory holding the collections (created when missing).
     """
@@ -65,6 +72,11 @@ class EdgeStore:
         self.root = Path(root)
         self.shard: qe.EdgeShard | None = None
         self.name = ""
+        # Seconds spent optimising (sealing full segments, and `optimize()`) since this store was made.
+        self.optimize_seconds = 0.0
+        self._seal_bytes: int | None = None
+        self._vector_bytes = 0
+        self._unsealed = 0
 
     @staticmethod
     def _check_name(name: str) -> str:
@@ -121,6 +133,7 @@ class EdgeStore:
             hnsw_ef_construct=int(hnsw.get("ef_construct", defaults.hnsw_ef_construct)),
             full_scan_threshold=int(hnsw.get("full_scan_threshold", defaults.full_scan_threshold)),
             indexing_threshold=(cfg.get("optimizers") or {}).get("indexing_threshold"),
+            max_segment_size=(cfg.get("optimizers") or {}).get("max_segment_size"),
             on_disk=bool(first.get("on_disk", False)),
             quantization="int8" if "scalar" in quant else "binary" if "binary" in quant else "none",
         )
@@ -160,7 +173,9 @@ class EdgeStore:
             hnsw_config=qe.HnswIndexConfig(
                 m=config.hnsw_m, ef_construct=config.hnsw_ef_construct, full_scan_threshold=config.full_scan_threshold
             ),
-            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=config.indexing_threshold),
+            optimizers=qe.EdgeOptimizersConfig(
+                indexing_threshold=config.indexing_threshold, max_segment_size=config.max_segment_size
+            ),
         )
         self.close()
         self.shard = qe.EdgeShard.create(str(path), edge_config)
@@ -168,6 +183,7 @@ class EdgeStore:
         self.shard.flush()
         write_metadata(path / METADATA, {"name": path.name, "distance": DISTANCE, **config.to_dict()})
         self.name = path.name
+        self._track(config)
         logger.info("collection created", extra={"collection": path.name, "path": str(path), **config.to_dict()})
         return True
 
@@ -191,12 +207,20 @@ class EdgeStore:
             KeyError: No such collection.
         """
         path = self._path(name)
-        dim = self.collection_config(name).dim
+        config = self.collection_config(name)
         if self.shard is None or self.name != path.name:
             self.close()
             self.shard = qe.EdgeShard.load(str(path))
             self.name = path.name
-        return dim
+            self._track(config)
+        return config.dim
+
+    def _track(self, config: CollectionConfig) -> None:
+        """Starts counting the bytes written towards the open collection's next seal (points written before it was
+        opened are not counted: the first segment may reach twice the size)."""
+        self._seal_bytes = config.max_segment_size * 1024 if config.max_segment_size else None
+        self._vector_bytes = 4 * config.dim
+        self._unsealed = 0
 
     def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Payloads of the existing points among `ids`."""
@@ -213,7 +237,8 @@ class EdgeStore:
         return self.shard
 
     def upsert(self, points: list[PointData]) -> None:
-        """Writes points; the engine applies them (and logs them to its WAL) before returning."""
+        """Writes points; the engine applies them (and logs them to its WAL) before returning. Seals the segment
+        being written when it is full (see the class docstring), so a call may also build an index."""
         if not points:
             return
         batch = [
@@ -221,14 +246,28 @@ class EdgeStore:
             for p in points
         ]
         self._shard().update(qe.UpdateOperation.upsert_points(batch))
+        self._unsealed += self._vector_bytes * sum(len(p.vectors) for p in points)
+        if self._seal_bytes is not None and self._unsealed >= self._seal_bytes:
+            t0 = time.perf_counter()
+            self.optimize()
+            logger.info(
+                "segment sealed",
+                extra={"collection": self.name, "seconds": round(time.perf_counter() - t0, 3)},
+            )
 
     def flush(self) -> None:
         """Persists every applied write to the shard's segments."""
         self._shard().flush()
 
     def optimize(self) -> None:
-        """Runs the engine's optimisers in-process (builds HNSW graphs over large enough segments)."""
-        self._shard().optimize()
+        """Runs the engine's optimisers in-process (builds HNSW graphs over large enough segments), then flushes:
+        the segments an optimisation replaced stay mapped, and their pages resident, until the next flush."""
+        t0 = time.perf_counter()
+        shard = self._shard()
+        shard.optimize()
+        shard.flush()
+        self._unsealed = 0
+        self.optimize_seconds += time.perf_counter() - t0
 
     def search(
         self,
