@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.concurrency import free_port, run_callers
 from benchmarks.report import Report, add_results_flag
 from benchmarks.samples import sample_items
 from imgtxt.bundle import load_bundle
@@ -266,12 +266,6 @@ def _peer_env(threads: int) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ servers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _pinned(cpus: set[int] | None) -> Iterator[None]:
     """Restricts the calling thread (and the processes and threads it starts meanwhile) to `cpus`."""
@@ -306,7 +300,7 @@ def run_infinity(python: Path, model_dir: Path, threads: int, timeout_s: float =
 
     Polls `GET /health` until it answers 200 (infinity loads and warms up the model before it listens).
     """
-    port = _free_port()
+    port = free_port()
     cmd = [str(python), "-m", "infinity_emb.cli", "v2", "--model-id", str(model_dir), "--served-model-name"]
     cmd += [SERVED_NAME, "--engine", "torch", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--log-level", "warning"]  # no access log line per request (that would be our load, not its cost)
@@ -497,35 +491,8 @@ def _our_service(bundle: Path, flags: Sequence[str]) -> tuple[argparse.Namespace
     add_server_flags(parser, "text")
     ns = parser.parse_args(["--bundle", str(bundle), *flags])
     session = session_config_from_args(ns)
-    resolve = getattr(server_config_from_args(ns), "resolved_batch_workers", None)
-    if resolve is None:  # a service with one batcher thread
-        return ns, session, 1
-    try:  # as the server resolves them: from the provider and the threads of each run
-        return ns, session, int(resolve(CPU, session.resolved_intra_op_threads))
-    except TypeError:  # an older signature: the provider only
-        return ns, session, int(resolve(CPU))
-
-
-def _run_callers(encoder: TextEncoder, batches: list[list[str]], callers: int) -> float:
-    """`encode()`s the batches from `callers` threads, each taking the next batch when done; returns seconds."""
-    pending = iter(batches)
-    lock = threading.Lock()
-
-    def caller() -> None:
-        while True:
-            with lock:
-                batch = next(pending, None)
-            if batch is None:
-                return
-            encoder.encode(batch)
-
-    threads = [threading.Thread(target=caller) for _ in range(callers)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start
+    workers = server_config_from_args(ns).resolved_batch_workers(CPU, session.resolved_intra_op_threads)
+    return ns, session, workers
 
 
 def _our_rates(encoder: TextEncoder, captions: list[str], workers: int) -> dict[int, float]:
@@ -534,7 +501,7 @@ def _our_rates(encoder: TextEncoder, captions: list[str], workers: int) -> dict[
     out = {}
     for size in MODEL_BATCHES:
         batches = [captions[i : i + size] for i in range(0, len(captions), size)]
-        out[size] = len(captions) / _run_callers(encoder, batches, 1 if size == 1 else workers)
+        out[size] = len(captions) / run_callers(encoder.encode, batches, 1 if size == 1 else workers)
     return out
 
 
@@ -612,7 +579,7 @@ def _measure(
     items, source = sample_items("text", max(plan.requests, plan.model_items))
     captions = [str(x) for x in items]
     workdir = Path(tempfile.mkdtemp(prefix="imgtxt-peer-"))
-    metrics_port = _free_port()
+    metrics_port = free_port()
     flags = ("--device", "cpu", "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1")
     raw: list[dict[str, Any]] = []
     peer_model: _PeerModel | None = None

@@ -284,9 +284,9 @@ def run(backend: str, n: int, quantization: str, s: Settings, tmp: Path, watch: 
                 "exact_p50_ms": round(float(np.percentile(exact_lat, 50)), 3),
                 # Engine exact search vs the numpy top 10: 1.0 unless scores tie at rank 10.
                 "exact_agreement": round(recall(exact_found, truth[: s.exact_queries]), 4),
-                "build_s": round(ingest_s + index_s, 1),
-                "ingest_s": round(ingest_s, 1),
-                "index_s": round(index_s, 1),
+                "build_s": round(ingest_s + index_s, 2),
+                "ingest_s": round(ingest_s, 2),
+                "index_s": round(index_s, 2),
                 "segments": segments,
                 "on_disk": s.on_disk,
                 "max_segment_size_kb": s.max_segment_size,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import threading
 import time
 import urllib.request
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.concurrency import free_port, run_callers
 from benchmarks.report import Report, add_results_flag
 from benchmarks.samples import sample_items
 from imgtxt.bundle import load_bundle
@@ -101,28 +101,6 @@ def _open_encoder(modality: str, args: argparse.Namespace) -> TowerEncoder[Any, 
     return TextEncoder.from_session_config(bundle, cfg, args.precision)
 
 
-def _run_callers(encoder: TowerEncoder[Any, Any], batches: list[list[Any]], callers: int) -> float:
-    """`encode()`s the batches from `callers` concurrent threads, each taking the next batch when done; seconds."""
-    pending = iter(batches)
-    lock = threading.Lock()
-
-    def caller() -> None:
-        while True:
-            with lock:
-                chunk = next(pending, None)
-            if chunk is None:
-                return
-            encoder.encode(chunk)
-
-    threads = [threading.Thread(target=caller) for _ in range(min(callers, len(batches)))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start
-
-
 def _model_rate(
     encoder: TowerEncoder[Any, Any], items: list[Any], batch: int, callers: int, repeats: int
 ) -> dict[str, float]:
@@ -132,16 +110,10 @@ def _model_rate(
     best = {"rate": 0.0, "cpu_ms": float("nan")}
     for _ in range(repeats):
         cpu = time.process_time()
-        rate = len(items) / _run_callers(encoder, batches, callers)
+        rate = len(items) / run_callers(encoder.encode, batches, callers)
         if rate > best["rate"]:
             best = {"rate": rate, "cpu_ms": 1000 * (time.process_time() - cpu) / len(items)}
     return best
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(metrics_port: int) -> dict[tuple[str, str], float]:
@@ -194,7 +166,7 @@ def _measure_service(args: argparse.Namespace, mode: str, items: list[Any], work
     and the CPU the server and the clients used per item."""
     flags = ["--batching", mode, "--max-batch", str(args.max_batch), "--max-delay-us", str(args.max_delay_us)]
     flags += args.server_flags.split()
-    metrics_port = _free_port()
+    metrics_port = free_port()
     flags += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
     best: dict[str, Any] = {"rate": 0.0}
     with run_services(args.bundle, extra_args=("--device", "cpu", *flags), modalities=(args.modality,)) as (svc,):

@@ -54,7 +54,9 @@ def test_a_tiny_run_reports_recall_build_time_and_memory_per_collection(tmp_path
     r = rows[1]
     # 4000 KB holds 2000 vectors of 2 KB: one sealed segment, one written by the final optimize(), one empty.
     assert r["segments"] == 3 and r["exact_agreement"] == 1.0 and r["recall_at_10"] >= 0.99
-    assert r["build_s"] == round(r["ingest_s"] + r["index_s"], 1) and r["index_s"] > 0
-    assert 0 < r["peak_anon_gb"] < r["peak_rss_gb"] and 0 < r["peak_file_gb"] < r["peak_rss_gb"]
+    assert abs(r["build_s"] - (r["ingest_s"] + r["index_s"])) <= 0.011 and r["index_s"] > 0  # each rounded to .01
+    # The anonymous / file parts are sampled by a watcher process (every 0.1 s, after it has started): on a loaded
+    # machine a phase this short may end before its first sample, so only their bound is certain.
+    assert r["peak_rss_gb"] > 0 and r["peak_anon_gb"] <= r["peak_rss_gb"] and r["peak_file_gb"] <= r["peak_rss_gb"]
     assert r["peak_rss_gb"] == max(r["build_peak_rss_gb"], r["search_peak_rss_gb"])
     assert "recommended ef for n=3000 none: " in (tmp_path / "search_latency.md").read_text()
