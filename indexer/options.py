@@ -123,6 +123,13 @@ def add_collection_flags(parser: argparse.ArgumentParser) -> None:
         help="KB of vectors in a segment before its HNSW graph is built (default: the engine's)",
     )
     g.add_argument(
+        "--max-segment-size-kb",
+        type=positive_int,
+        help="embedded engine: KB of vectors per segment; building an index holds one segment's worth of memory, "
+        f"not the collection's (default: {d.max_segment_size}, 100k vectors at 512-d; a reopened collection keeps "
+        "its own)",
+    )
+    g.add_argument(
         "--on-disk", action=argparse.BooleanOptionalAction, help="keep original vectors on disk (default: in RAM)"
     )
     g.add_argument(
@@ -201,6 +208,7 @@ def collection_config(
         hnsw_ef_construct=args.hnsw_ef_construct or d.hnsw_ef_construct,
         full_scan_threshold=args.full_scan_threshold_kb or d.full_scan_threshold,
         indexing_threshold=args.indexing_threshold_kb,
+        max_segment_size=args.max_segment_size_kb or d.max_segment_size,
         on_disk=bool(args.on_disk),
         quantization=quantization,
         shard_number=args.shards,

@@ -102,6 +102,8 @@ def test_collection_flags_reach_the_collection(data: Path, tmp_path: Path, tiny_
         "20",
         "--indexing-threshold-kb",
         "3",
+        "--max-segment-size-kb",
+        "50",
     ]
     assert index_main(_argv(data, tiny_bundle, tmp_path / "q", *extra, "--on-disk")) == 0
     cfg = _edge_config(tmp_path / "q", "tiny-d32-s0")
@@ -112,6 +114,7 @@ def test_collection_flags_reach_the_collection(data: Path, tmp_path: Path, tiny_
         "max_indexing_threads": 0,
     }
     assert cfg["optimizers"]["indexing_threshold"] == 3 and cfg["vectors"]["text"]["on_disk"] is True
+    assert cfg["optimizers"]["max_segment_size"] == 50
 
 
 def test_server_only_options_are_refused_by_the_embedded_engine_and_passed_to_a_server(
