@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.concurrency import free_port, run_callers
 from benchmarks.report import Report, add_results_flag
 from benchmarks.samples import sample_items
+from benchmarks.server_metrics import add, scrape, stage_breakdown
 from imgtxt.bundle import load_bundle
 from imgtxt.client import TextEncoderClient
 from imgtxt.encoders.session import CPU, SessionConfig, available_cores
@@ -62,7 +62,6 @@ INFINITY_VERSION = "0.0.78"
 PEER_REQUIREMENTS = (f"infinity-emb[server,torch]=={INFINITY_VERSION}", "torch>=2.4,<2.14")
 SERVED_NAME = "all-MiniLM-L6-v2"
 MODEL_BATCHES = (1, 32)
-STAGES = ("queue", "preprocess", "inference", "Encode")
 # No hub downloads (the weights are local) and no usage statistics sent home.
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -190,24 +189,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{row['clients']:>7}  {row['server']:<6} {row['items_per_s']:>9.1f} {row['p50_ms']:>8.2f} "
             f"{row['p99_ms']:>8.2f}"
         )
-    return out
-
-
-def stage_breakdown(delta: dict[str, float]) -> dict[str, float]:
-    """Our service's mean ms per stage and items per session run, from `/metrics` sums and counts over a period.
-
-    `delta` maps `<stage>_sum` / `<stage>_count` (queue, preprocess, inference; `Encode` for the whole rpc;
-    `batch` for items per run) to their growth over the period. `inference` is the mean session run a request waits
-    for (every request of a batch waits for the whole run); `other` is the rest of an Encode rpc: gRPC, protobuf,
-    the Python request path, waking up, the GIL.
-    """
-    mean = {k: 1000 * delta[f"{k}_sum"] / delta[f"{k}_count"] for k in STAGES if delta.get(f"{k}_count")}
-    if "Encode" not in mean or "inference" not in mean:
-        return {}
-    out = {k: mean.get(k, 0.0) for k in ("queue", "preprocess", "inference")}
-    out["other"] = mean["Encode"] - sum(out.values())
-    if delta.get("batch_count"):
-        out["items_per_run"] = delta["batch_sum"] / delta["batch_count"]
     return out
 
 
@@ -404,31 +385,6 @@ def _load(make: Callable[[], _Client], items: Sequence[str], clients: int, per_c
     if errors:
         raise errors[0]
     return summarize([x for per in latencies for x in per], elapsed)
-
-
-def _add(total: dict[str, float], more: dict[str, float], sign: int) -> dict[str, float]:
-    """`total + sign * more`, key by key."""
-    return {k: total.get(k, 0.0) + sign * more.get(k, 0.0) for k in {*total, *more}}
-
-
-def _metrics(port: int) -> dict[str, float]:
-    """Our service's stage/rpc/batch histogram sums and counts, keyed `<stage|method|batch>_<sum|count>`."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
-    out: dict[str, float] = {}
-    names = {
-        "imgtxt_encoder_stage_seconds": "stage",
-        "imgtxt_encoder_request_seconds": "method",
-        "imgtxt_encoder_batch_size": None,
-    }
-    for family in text_string_to_metric_families(body):
-        if family.name not in names:
-            continue
-        label = names[family.name]
-        for s in family.samples:
-            key = s.labels.get(label, "") if label else "batch"
-            if key and s.name.endswith(("_sum", "_count")):
-                out[f"{key}_{s.name.rsplit('_', 1)[1]}"] = s.value
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ model alone
@@ -634,12 +590,12 @@ def _measure(
                 for clients in plan.clients:
                     per_client = max(1, -(-plan.requests // clients))
                     for name, make in (("ours", ours), ("peer", peer)):
-                        before = _metrics(metrics_port) if name == "ours" else {}
+                        before = scrape(metrics_port) if name == "ours" else {}
                         runs.setdefault((clients, name), []).append(_load(make, captions, clients, per_client))
                         raw.append({"clients": clients, "server": name, "round": r, **runs[clients, name][-1]})
                         if name == "ours":
-                            delta = _add(_metrics(metrics_port), before, -1)
-                            stage_deltas[clients] = _add(stage_deltas.get(clients, {}), delta, 1)
+                            delta = add(scrape(metrics_port), before, -1)
+                            stage_deltas[clients] = add(stage_deltas.get(clients, {}), delta, 1)
                 with _pinned(cpus):  # its threads start on the servers' cores
                     model_runs["ours"].append(_our_rates(encoder, model_captions, workers))
                 model_runs["peer"].append(peer_model.rates())

@@ -17,16 +17,15 @@ import argparse
 import os
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.concurrency import free_port, run_callers
 from benchmarks.report import Report, add_results_flag
 from benchmarks.samples import sample_items
+from benchmarks.server_metrics import add, scrape, stage_breakdown
 from imgtxt.bundle import load_bundle
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
 from imgtxt.encoders.image import ImageEncoder
@@ -116,48 +115,23 @@ def _model_rate(
     return best
 
 
-def _scrape(metrics_port: int) -> dict[tuple[str, str], float]:
-    """The `_sum` and `_count` of the server's stage histograms and of its Encode latency, keyed (name, sum|count)."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
-    out: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            if family.name == "imgtxt_encoder_stage_seconds":
-                key = s.labels["stage"]
-            elif family.name == "imgtxt_encoder_request_seconds" and s.labels.get("method") == "Encode":
-                key = "Encode"
-            else:
-                continue
-            for suffix in ("sum", "count"):
-                if s.name.endswith(f"_{suffix}"):
-                    out[key, suffix] = s.value
-    return out
-
-
 def _where_time_goes(
-    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], elapsed: float, workers: int
+    before: dict[str, float], after: dict[str, float], elapsed: float, workers: int
 ) -> dict[str, float]:
-    """Per-request milliseconds by stage over one measurement, from the server's own Prometheus histograms.
+    """Per-request milliseconds by stage over one measurement, from the server's own Prometheus histograms
+    (`server_metrics.stage_breakdown`; one item per request here, so items per run are requests per run).
 
-    `inference` is the mean session run a request waits for (its whole batch's run); `other` is the rest of an
-    Encode rpc: gRPC and protobuf work, the Python request path, waking up the waiting thread, and the GIL.
     `session_busy` is the share of the wall time the service's `workers` run slots (batch workers, or rpc threads
     with batching off) spend in session runs: near 1 with batching on, the session itself is the bottleneck; well
     below, requests reach it too slowly.
     """
-
-    def diff(key: str, suffix: str) -> float:
-        return after.get((key, suffix), 0.0) - before.get((key, suffix), 0.0)
-
-    requests, runs = diff("Encode", "count"), diff("inference", "count")
-    if not requests or not runs:
-        return {}
-    per = {k: 1000 * diff(k, "sum") / diff(k, "count") for k in ("queue", "preprocess", "Encode") if diff(k, "count")}
-    # inference is observed once per session run; every request of a batch waits for the whole run
-    per["inference"] = 1000 * diff("inference", "sum") / runs
-    per["other"] = per.get("Encode", 0.0) - sum(per.get(k, 0.0) for k in ("queue", "preprocess", "inference"))
-    per["requests_per_run"] = requests / runs
-    per["session_busy"] = diff("inference", "sum") / (elapsed * workers)
+    delta = add(after, before, -1)
+    per = stage_breakdown(delta)
+    if per and not delta.get("queue_count"):  # batching off: requests never queue
+        del per["queue"]
+    if per:
+        per["requests_per_run"] = per.pop("items_per_run", 1.0)
+        per["session_busy"] = delta["inference_sum"] / (elapsed * workers)
     return per
 
 
@@ -172,10 +146,10 @@ def _measure_service(args: argparse.Namespace, mode: str, items: list[Any], work
     with run_services(args.bundle, extra_args=("--device", "cpu", *flags), modalities=(args.modality,)) as (svc,):
         _load(args.modality, svc.port, items, args.clients, 2)  # warm-up: connections, first batches
         for _ in range(args.repeats):
-            scraped, server_cpu = _scrape(metrics_port), _cpu_seconds(svc.process.pid)
+            scraped, server_cpu = scrape(metrics_port), _cpu_seconds(svc.process.pid)
             load = _load(args.modality, svc.port, items, args.clients, args.requests)
             load["server_cpu"] = _cpu_seconds(svc.process.pid) - server_cpu
-            load["stages"] = _where_time_goes(scraped, _scrape(metrics_port), load["elapsed"], workers)
+            load["stages"] = _where_time_goes(scraped, scrape(metrics_port), load["elapsed"], workers)
             if load["rate"] > best["rate"]:
                 best = load
     n = args.clients * args.requests
