@@ -1,9 +1,10 @@
-"""Pairwise labels of a batch's captions, built for the losses that declare them (`EmbeddingLoss.requires`).
+"""Pairwise labels of a batch's captions, built for the losses that declare them (`EmbeddingLoss.needs`).
 
 The losses' optional inputs come from two places: the model (the unit head's `unit`, the hierarchical option's
 `image_local` / `text_local`) and the data (`text_sim`: frozen sentence-embedding similarities stored in the feature
-cache; `local_sim`: lexical similarities of the captions). The trainer asks the combined loss what it requires,
-checks here that the model and the data can provide it, and builds only those labels for each gathered batch.
+cache; `image_text_sim`: the same embeddings averaged over each image's captions; `local_sim`: lexical similarities of
+the captions). The trainer asks the combined loss what it requires, checks here that the model and the data can provide
+it, and builds only those labels for each gathered batch.
 """
 
 from __future__ import annotations
@@ -34,24 +35,36 @@ class PairLabels:
     Args:
         loss: The combined loss; its `requires` decides which labels are built.
         captions: The split's captions (rows index them).
+        caption_image: (n_captions,) dense image index of each caption (`CaptionTable.caption_image`).
         sentence: (n_captions, H) unit-norm frozen sentence embeddings of the feature cache, or None without one.
 
     Raises:
-        ConfigError: A loss needs `text_sim` but there is no feature cache.
+        ConfigError: A loss needs `text_sim` or `image_text_sim` but there is no feature cache.
     """
 
-    def __init__(self, loss: CombinedLoss, captions: Sequence[str], sentence: Tensor | None) -> None:
-        self.captions, self.sentence = captions, sentence
+    def __init__(
+        self, loss: CombinedLoss, captions: Sequence[str], caption_image: np.ndarray, sentence: Tensor | None
+    ) -> None:
+        self.captions, self.caption_image, self.sentence = captions, caption_image, sentence
         builders: dict[str, Callable[[np.ndarray], Tensor]] = {
             "text_sim": self._text_similarity,
+            "image_text_sim": self._image_text_similarity,
             "local_sim": self._lexical_similarity,
         }
         self.builders = {name: build for name, build in builders.items() if name in loss.requires}
-        if "text_sim" in self.builders and sentence is None:
-            raise ConfigError(
-                f"losses {sorted(loss.needing('text_sim'))} need the caption pseudo-labels stored in the feature "
-                "cache: set cache_features=true"
-            )
+        for name in ("text_sim", "image_text_sim"):
+            if name in self.builders and sentence is None:
+                raise ConfigError(
+                    f"losses {sorted(loss.needing(name))} need the caption pseudo-labels stored in the feature "
+                    "cache: set cache_features=true"
+                )
+        self.image_mean: Tensor | None = None
+        if "image_text_sim" in self.builders and sentence is not None:
+            # Mean of each image's caption embeddings: mean_k cos(s_ik, s_j) = image_mean_i . s_j.
+            owner = torch.from_numpy(np.asarray(caption_image, dtype=np.int64))
+            n_images = int(owner.max()) + 1 if owner.numel() else 0
+            total = torch.zeros(n_images, sentence.shape[1]).index_add_(0, owner, sentence.float())
+            self.image_mean = total / torch.bincount(owner, minlength=n_images).clamp(min=1).unsqueeze(1)
 
     def __call__(self, rows: np.ndarray, device: torch.device) -> dict[str, Tensor]:
         """The required labels of caption rows `rows` (in batch order), on `device`."""
@@ -61,6 +74,11 @@ class PairLabels:
         assert self.sentence is not None
         s = self.sentence[rows].float()
         return (s @ s.T).clamp(0, 1)
+
+    def _image_text_similarity(self, rows: np.ndarray) -> Tensor:
+        assert self.sentence is not None and self.image_mean is not None
+        images = torch.from_numpy(np.asarray(self.caption_image[rows], dtype=np.int64))
+        return (self.image_mean[images] @ self.sentence[rows].float().T).clamp(0, 1)
 
     def _lexical_similarity(self, rows: np.ndarray) -> Tensor:
         captions = [self.captions[i] for i in rows]

@@ -37,12 +37,14 @@ def _full_inputs(requires_grad: bool = True) -> LossInputs:
     text_sim = torch.rand(6, 6, generator=gen)
     text_sim = (0.5 * (text_sim + text_sim.T)).fill_diagonal_(1.0)
     local_sim = torch.rand(6, 6, generator=gen).fill_diagonal_(1.0)
+    image_text_sim = torch.rand(6, 6, generator=gen)
     return LossInputs(
         image=unit_rows(),
         text=unit_rows(),
         image_ids=ids,
         epoch=1,
         text_sim=text_sim,
+        image_text_sim=image_text_sim,
         image_local=unit_rows(4),
         text_local=unit_rows(4),
         local_sim=local_sim,
@@ -166,23 +168,40 @@ def test_combined_loss_config_errors(
         CombinedLoss(weights, kwargs)
 
 
-_OPTIONAL = ("text_sim", "image_local", "text_local", "local_sim", "unit")
+_OPTIONAL = ("text_sim", "image_text_sim", "image_local", "text_local", "local_sim", "unit")
+
+# Every loss as in _CASES, plus the arguments that change what a loss reads.
+_VARIANTS = [(name, kwargs) for name, (kwargs, _) in sorted(_CASES.items())] + [
+    ("kendall_rank", {"labels": "image"}),
+    ("bcls", {"kendall_kwargs": {"labels": "image"}}),
+    ("soft_negative_triplet", {"mining": "semi_hard"}),
+]
 
 
 def _without(inputs: LossInputs, keep: frozenset[str]) -> LossInputs:
     return dataclasses.replace(inputs, **{name: None for name in _OPTIONAL if name not in keep})
 
 
-@pytest.mark.parametrize("name", sorted(_CASES))
-def test_each_loss_declares_exactly_the_optional_inputs_it_reads(name: str) -> None:
+@pytest.mark.parametrize(("name", "kwargs"), _VARIANTS)
+def test_each_loss_declares_exactly_the_optional_inputs_it_reads(name: str, kwargs: dict[str, Any]) -> None:
     """With only its declared fields a loss runs; without any one of them it refuses, naming the field."""
-    kwargs, _ = _CASES[name]
     loss = build_loss(name, **kwargs)
     inputs = _full_inputs(requires_grad=False)
-    assert set(loss(_without(inputs, loss.requires))) == set(loss.term_names)
-    for field in loss.requires:
+    needs = loss.needs()
+    assert set(loss(_without(inputs, needs))) == set(loss.term_names)
+    for field in needs:
         with pytest.raises(ValueError, match=rf"LossInputs\.{field}"):
-            loss(_without(inputs, loss.requires - {field}))
+            loss(_without(inputs, needs - {field}))
+
+
+def test_image_labels_change_what_the_rank_term_needs() -> None:
+    assert build_loss("kendall_rank").needs() == {"text_sim"}
+    assert build_loss("kendall_rank", labels="image").needs() == {"image_text_sim"}
+    combined = CombinedLoss({"bcls": 1.0}, {"bcls": {"kendall_kwargs": {"labels": "image"}}})
+    assert combined.requires == {"text_sim", "image_text_sim"}
+    assert combined.needing("image_text_sim") == ["bcls"]
+    with pytest.raises(ValueError, match="unknown ranking labels 'images'"):
+        build_loss("kendall_rank", labels="images")
 
 
 def test_combined_loss_collects_what_its_losses_require() -> None:

@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from trainer.losses import AdaptiveMarginTripletLoss, LossInputs, VSEPPTripletLoss
+from trainer.losses.triplet import anchor_hinge
 
 
 def _vec(*pairs: tuple[int, float]) -> torch.Tensor:
@@ -66,6 +67,25 @@ def test_vsepp_same_image_caption_is_not_a_negative(epoch: int) -> None:
     distinct_before = loss(_masking_case([0, 1, 2], False, epoch))["triplet"]
     distinct_after = loss(_masking_case([0, 1, 2], True, epoch))["triplet"]
     assert distinct_after > distinct_before + 0.1
+
+
+def test_semi_hard_mining_takes_the_hardest_negative_below_the_positive() -> None:
+    # Row 0: positive .5; negatives .9 (above the positive), .45 and .1 -> semi-hard is .45: .2 + .45 - .5 = .15
+    # (the hardest overall would cost .2 + .9 - .5 = .6). Row 1: every negative (.7, .8) above the positive .3 ->
+    # the least violating, .7: .2 + .7 - .3 = .6 (hardest: .7). Row 2: its only other column is the same image.
+    scores = torch.tensor([[0.5, 0.9, 0.45, 0.1], [0.7, 0.3, 0.8, 0.8], [0.0, 0.0, 0.4, 0.9], [0.2, 0.1, 0.3, 0.6]])
+    ids = torch.tensor([0, 1, 2, 2])
+    pos = ids.unsqueeze(1) == ids.unsqueeze(0)
+    pos[2, :2] = True  # row 2: no negative at all
+    semi = anchor_hinge(scores, pos, 0.2, max_violation=True, semi_hard=True)
+    hardest = anchor_hinge(scores, pos, 0.2, max_violation=True)
+    assert_close(semi, torch.tensor([0.15, 0.6, 0.0, 0.0]))
+    assert_close(hardest, torch.tensor([0.6, 0.7, 0.0, 0.0]))
+    # The semi-hard choice is made on detached scores but the cost keeps its gradient.
+    scores.requires_grad_(True)
+    anchor_hinge(scores, pos, 0.2, max_violation=True, semi_hard=True).sum().backward()
+    assert scores.grad is not None
+    assert scores.grad[0, 2] == 1.0 and scores.grad[0, 0] == -1.0 and scores.grad[0, 1] == 0.0
 
 
 def test_adaptive_margin_hand_computed() -> None:

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # yet differences of two such logits stay finite, so 0 * (log p - log q) never turns into NaN. Fits in fp16.
 NEG_LARGE = -1.0e4
 
-_OPTIONAL_FIELDS = ("text_sim", "image_local", "text_local", "local_sim", "unit")
+_OPTIONAL_FIELDS = ("text_sim", "image_text_sim", "image_local", "text_local", "local_sim", "unit")
 
 
 @dataclass
@@ -36,6 +36,9 @@ class LossInputs:
         epoch: Current epoch (0-based), for warm-ups.
         text_sim: (B, B) continuous caption–caption similarity labels in [0, 1] (pseudo-labels from a frozen sentence
             encoder), diagonal = 1.
+        image_text_sim: (B, B) continuous image–caption relevance labels in [0, 1], indexed [image row, caption
+            column]: the mean similarity of caption j's sentence embedding to those of *all* captions of row i's
+            image (a pseudo-label of how well caption j describes image i, less noisy than one caption's).
         image_local: (B, Dl) local image embeddings (hierarchical option).
         text_local: (B, Dl) local caption embeddings (hierarchical option).
         local_sim: (B, B) lexical local-similarity labels in [0, 1] (e.g. Jaccard of content words between captions).
@@ -47,6 +50,7 @@ class LossInputs:
     image_ids: Tensor
     epoch: int = 0
     text_sim: Tensor | None = None
+    image_text_sim: Tensor | None = None
     image_local: Tensor | None = None
     text_local: Tensor | None = None
     local_sim: Tensor | None = None
@@ -61,7 +65,7 @@ class LossInputs:
         batch = self.image.shape[0]
         if self.image_ids.shape != (batch,):
             raise ValueError(f"image_ids must be ({batch},); got {tuple(self.image_ids.shape)}")
-        for name in ("text_sim", "local_sim"):
+        for name in ("text_sim", "image_text_sim", "local_sim"):
             value = getattr(self, name)
             if value is not None and value.shape != (batch, batch):
                 raise ValueError(f"{name} must be ({batch}, {batch}); got {tuple(value.shape)}")
@@ -83,7 +87,8 @@ class LossInputs:
         """Returns an optional field, or raises a ValueError naming it when it is absent.
 
         Args:
-            name: One of the optional fields (``text_sim``, ``image_local``, ``text_local``, ``local_sim``, ``unit``).
+            name: One of the optional fields (``text_sim``, ``image_text_sim``, ``image_local``, ``text_local``,
+                ``local_sim``, ``unit``).
             loss_name: The loss asking, for the error message.
         """
         if name not in _OPTIONAL_FIELDS:
@@ -120,18 +125,23 @@ class EmbeddingLoss(nn.Module):
     term_names: ClassVar[tuple[str, ...]] = ()
     """Names of the terms ``forward`` returns."""
     requires: ClassVar[frozenset[str]] = frozenset()
+    """Optional ``LossInputs`` fields ``forward`` always reads (``text_sim``, ``local_sim``, ``unit``, ...); the
+    trainer builds the labels among them and checks that the model provides the embeddings. A loss whose needs
+    depend on its arguments overrides ``needs``."""
     batch: ClassVar[str | None] = None
     """The batch composition the loss needs to work as its paper describes (`caption` for the hinge losses: their
     hardest negatives are other images' captions, which image-major batches dilute with the image's own positives),
     or None when either works; `sampling=auto` follows it."""
-    """Optional ``LossInputs`` fields ``forward`` reads (``text_sim``, ``local_sim``, ``unit``, ...); the trainer
-    builds the labels among them and checks that the model provides the embeddings."""
     registry_name: ClassVar[str] = ""
     """The name the loss is registered under (``register_loss``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.term_weights: dict[str, float] = {}
+
+    def needs(self) -> frozenset[str]:
+        """The optional ``LossInputs`` fields this instance reads: ``requires`` unless its arguments add some."""
+        return self.requires
 
     @classmethod
     def model_kwargs(cls, model: ModelSpec) -> dict[str, Any]:
@@ -254,7 +264,7 @@ class CombinedLoss(nn.Module):
 
 def _requires(module: nn.Module) -> frozenset[str]:
     """What a loss and the losses inside it (e.g. BCLS's two) require."""
-    return frozenset().union(*(m.requires for m in module.modules() if isinstance(m, EmbeddingLoss)))
+    return frozenset().union(*(m.needs() for m in module.modules() if isinstance(m, EmbeddingLoss)))
 
 
 def needed_sampling(names: Iterable[str]) -> dict[str, str]:

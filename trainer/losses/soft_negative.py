@@ -17,6 +17,10 @@ SoftMode = Literal["exclude", "reduce"]
 _SOFT_MODES = ("exclude", "reduce")
 Surrogate = Literal["tanh", "logistic"]
 _SURROGATES = ("tanh", "logistic")
+Mining = Literal["hardest", "semi_hard"]
+_MININGS = ("hardest", "semi_hard")
+LabelSource = Literal["caption", "image"]
+_LABEL_SOURCES = ("caption", "image")
 
 
 @register_loss("soft_negative_triplet")
@@ -29,7 +33,9 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
     away. Here a negative j of anchor i whose caption similarity ``text_sim[i, j]`` exceeds ``threshold`` is a
     *soft negative*: with ``mode="exclude"`` it is left out of the mining (the hardest among the remaining
     negatives is used); with ``mode="reduce"`` it stays but with margin ``margin * (1 - text_sim[i, j])``.
-    Captions of the same image are positives and never negatives, whatever their label. Requires ``text_sim``.
+    Captions of the same image are positives and never negatives, whatever their label. ``mining="semi_hard"``
+    keeps, of the remaining negatives, the hardest one scored below the positive (BCLS's Triplet-SN; see
+    ``anchor_hinge``) instead of the hardest overall. Requires ``text_sim``.
 
     Args:
         margin: Hinge margin for ordinary negatives.
@@ -37,7 +43,8 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
             sentence encoder, paraphrases of one scene typically land above ~0.7 while merely related captions
             (same objects, different scene) sit around 0.4-0.6 and are the useful hard negatives.
         mode: ``exclude`` or ``reduce`` (see above).
-        max_violation: Hardest negative after the warm-up (False: VSE0 sum).
+        mining: ``hardest`` (VSE++) or ``semi_hard`` negative per anchor after the warm-up.
+        max_violation: One mined negative per anchor after the warm-up (False: VSE0 sum).
         warmup_epochs: Epochs of VSE0 first (see ``VSEPPTripletLoss``).
         reduction: ``mean`` or ``sum`` over anchors.
     """
@@ -52,6 +59,7 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         margin: float = 0.2,
         threshold: float = 0.7,
         mode: SoftMode = "exclude",
+        mining: Mining = "hardest",
         max_violation: bool = True,
         warmup_epochs: int = 1,
         reduction: Reduction = "mean",
@@ -59,6 +67,9 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         super().__init__()
         if mode not in _SOFT_MODES:
             raise ConfigError(f"unknown soft-negative mode {mode!r}; valid: {', '.join(_SOFT_MODES)}")
+        if mining not in _MININGS:
+            raise ConfigError(f"unknown negative mining {mining!r}; valid: {', '.join(_MININGS)}")
+        self.mining: Mining = mining
         check_reduction(reduction)
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
@@ -76,16 +87,17 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         labels = text_sim.to(scores).clamp(0.0, 1.0)
         soft = (labels > self.threshold) & ~pos
         max_violation = self.max_violation and inputs.epoch >= self.warmup_epochs
+        semi_hard = self.mining == "semi_hard"
         if self.mode == "exclude":
-            loss = vsepp_hinge(scores, pos, self.margin, max_violation, self.reduction, exclude=soft)
+            loss = vsepp_hinge(scores, pos, self.margin, max_violation, self.reduction, soft, semi_hard)
         else:
             margin = torch.where(soft, self.margin * (1.0 - labels), torch.full_like(labels, self.margin))
-            loss = vsepp_hinge(scores, pos, margin, max_violation, self.reduction)
+            loss = vsepp_hinge(scores, pos, margin, max_violation, self.reduction, semi_hard=semi_hard)
         return {"soft_triplet": loss}
 
 
 def ranking_labels(text_sim: Tensor, pos_mask: Tensor) -> Tensor:
-    """Relevance labels for ranking: ``text_sim`` clipped to [0, 1], with every same-image pair set to 1.
+    """Relevance labels for ranking: the similarity labels clipped to [0, 1], with every same-image pair set to 1.
 
     A pseudo-label may rate another caption of the same image below a caption of a different image; the image id is
     the ground truth, so same-image captions rank first (and tie with each other, which removes their pairs).
@@ -136,8 +148,10 @@ class KendallRankLoss(EmbeddingLoss):
     (the rank term of BCLS-style training on continuous labels).
 
     For image query i, the cosine scores ``s[i, j] = image_i . text_j`` should be ordered like the labels
-    ``l[i, j] = text_sim[i, j]`` (how well caption j describes image i, proxied by its similarity to i's own
-    caption; same-image captions get label 1). Kendall's tau counts concordant minus discordant pairs,
+    ``l[i, j]``: how well caption j describes image i, proxied by its sentence similarity to the batch's caption of
+    image i (``labels="caption"``: ``text_sim``) or to all captions of image i (``labels="image"``:
+    ``image_text_sim``, the mean over the image's captions, which one odd caption cannot swing); same-image
+    captions get label 1. Kendall's tau counts concordant minus discordant pairs,
     ``mean sign(s_ij - s_ik) * sign(l_ij - l_ik)``; replacing the score sign by ``tanh(alpha * .)`` makes it
     differentiable. The loss per pair is ``(1 - tanh(alpha * (s_ij - s_ik)) * sign(l_ij - l_ik)) / 2`` (0 when
     concordant and well separated, 1 when reversed), i.e. ``(1 - tau_soft) / 2``.
@@ -153,12 +167,12 @@ class KendallRankLoss(EmbeddingLoss):
         surrogate: ``tanh`` (default) or ``logistic``.
         symmetric: Also rank images for each caption.
         min_label_gap: Label gaps at or below this are ties (pseudo-labels are noisy; do not fit their noise).
+        labels: ``caption`` (``text_sim``) or ``image`` (``image_text_sim``) relevance labels.
     """
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
 
     term_names = ("kendall",)
-    requires = frozenset({"text_sim"})
 
     def __init__(
         self,
@@ -168,8 +182,12 @@ class KendallRankLoss(EmbeddingLoss):
         surrogate: Surrogate = "tanh",
         symmetric: bool = True,
         min_label_gap: float = 0.05,
+        labels: LabelSource = "caption",
     ) -> None:
         super().__init__()
+        if labels not in _LABEL_SOURCES:
+            raise ConfigError(f"unknown ranking labels {labels!r}; valid: {', '.join(_LABEL_SOURCES)}")
+        self.label_field = "text_sim" if labels == "caption" else "image_text_sim"
         if surrogate not in _SURROGATES:
             raise ConfigError(f"unknown surrogate {surrogate!r}; valid: {', '.join(_SURROGATES)}")
         if window < 1:
@@ -185,10 +203,14 @@ class KendallRankLoss(EmbeddingLoss):
         self.symmetric = symmetric
         self.min_label_gap = min_label_gap
 
+    def needs(self) -> frozenset[str]:
+        """``text_sim`` or ``image_text_sim``, as ``labels`` chose."""
+        return frozenset({self.label_field})
+
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        text_sim = inputs.require("text_sim", type(self).__name__)
+        similarity = inputs.require(self.label_field, type(self).__name__)
         scores = inputs.image @ inputs.text.T
-        labels = ranking_labels(text_sim.to(scores), inputs.positive_mask())
+        labels = ranking_labels(similarity.to(scores), inputs.positive_mask())
         args = (self.window, self.alpha, self.surrogate, self.min_label_gap)
         pairs = window_pair_losses(scores, labels, *args)
         if self.symmetric:
@@ -226,6 +248,10 @@ class BCLSLoss(EmbeddingLoss):
         self.triplet = SoftNegativeTripletLoss(**(triplet_kwargs or {}))  # type: ignore[arg-type]
         self.kendall = KendallRankLoss(**(kendall_kwargs or {}))  # type: ignore[arg-type]
         self.term_weights = {"kendall": kendall_weight}
+
+    def needs(self) -> frozenset[str]:
+        """What the two parts read (the rank term's labels depend on its ``labels``)."""
+        return self.triplet.needs() | self.kendall.needs()
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         return {**self.triplet(inputs), **self.kendall(inputs)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from imgtxt.errors import ConfigError
@@ -25,6 +26,7 @@ def anchor_hinge(
     margin: float | Tensor,
     max_violation: bool,
     exclude: Tensor | None = None,
+    semi_hard: bool = False,
 ) -> Tensor:
     """Hinge cost of every row anchor against its column candidates; the diagonal is the anchor's positive.
 
@@ -35,9 +37,14 @@ def anchor_hinge(
         scores: (B, B) similarities, row = anchor (query), column = candidate.
         pos_mask: (B, B) bool, True for same-image pairs (never negatives).
         margin: Scalar margin, or (B, B) per-(anchor, negative) margins in the orientation of ``scores``.
-        max_violation: True: keep only the hardest negative per anchor (VSE++); False: sum over all negatives
-            (VSE0).
+        max_violation: True: keep only one negative per anchor (the hardest, or the semi-hard one); False: sum over
+            all negatives (VSE0).
         exclude: Optional (B, B) bool of further pairs that must not count as negatives (e.g. soft negatives).
+        semi_hard: With ``max_violation``, keep the hardest negative still scored *below* the positive instead of
+            the hardest overall (FaceNet's semi-hard mining; BCLS's soft negative); an anchor whose every negative
+            scores above its positive keeps the least violating one. The hardest negatives of a captioning data
+            set are often captions that describe the anchor too; the semi-hard one is the hardest that is not
+            already ranked above the positive.
 
     Returns:
         (B,) per-anchor cost.
@@ -46,6 +53,14 @@ def anchor_hinge(
     cost = (margin + scores - positive).clamp(min=0)
     not_negative = pos_mask if exclude is None else pos_mask | exclude
     cost = cost.masked_fill(not_negative, 0.0)
+    if max_violation and semi_hard:
+        detached = scores.detach()
+        below = ~not_negative & (detached < positive.detach())
+        hardest_below = detached.masked_fill(~below, float("-inf")).argmax(dim=1)
+        least_violating = detached.masked_fill(not_negative, float("inf")).argmin(dim=1)
+        chosen = torch.where(below.any(dim=1), hardest_below, least_violating)
+        # An anchor without any negative picks a masked column, whose cost is 0.
+        return cost.gather(1, chosen.unsqueeze(1)).squeeze(1)
     # Costs are >= 0 and masked entries are 0, so an anchor without any negative contributes 0, not -inf.
     return cost.max(dim=1).values if max_violation else cost.sum(dim=1)
 
@@ -57,6 +72,7 @@ def vsepp_hinge(
     max_violation: bool,
     reduction: Reduction = "mean",
     exclude: Tensor | None = None,
+    semi_hard: bool = False,
 ) -> Tensor:
     """Bidirectional VSE++ hinge (Faghri et al. 2018): image-anchored (rows) plus text-anchored (columns).
 
@@ -67,6 +83,7 @@ def vsepp_hinge(
         max_violation: Hardest negative (True) or sum over negatives (False).
         reduction: ``mean`` or ``sum`` over anchors (each direction), then the two directions are added.
         exclude: Optional (B, B) bool [image row, text column] of pairs that are not negatives in either direction.
+        semi_hard: Semi-hard instead of hardest negatives (see ``anchor_hinge``).
 
     Returns:
         Scalar loss.
@@ -74,8 +91,8 @@ def vsepp_hinge(
     check_reduction(reduction)
     margin_t = margin.T if isinstance(margin, Tensor) else margin
     exclude_t = exclude.T if exclude is not None else None
-    i2t = anchor_hinge(scores, pos_mask, margin, max_violation, exclude)
-    t2i = anchor_hinge(scores.T, pos_mask.T, margin_t, max_violation, exclude_t)
+    i2t = anchor_hinge(scores, pos_mask, margin, max_violation, exclude, semi_hard)
+    t2i = anchor_hinge(scores.T, pos_mask.T, margin_t, max_violation, exclude_t, semi_hard)
     if reduction == "sum":
         return i2t.sum() + t2i.sum()
     return i2t.mean() + t2i.mean()

@@ -1,0 +1,50 @@
+"""Tests of the pairwise labels the trainer builds for the losses that ask for them (`trainer.labels.PairLabels`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from trainer.labels import PairLabels
+from trainer.losses import CombinedLoss
+
+# Three images with 2, 3 and 1 captions.
+_CAPTION_IMAGE = np.array([0, 0, 1, 1, 1, 2])
+_CAPTIONS = [f"caption {i}" for i in range(6)]
+
+
+def _sentence() -> torch.Tensor:
+    return F.normalize(torch.randn(6, 5, generator=torch.Generator().manual_seed(3)), dim=-1)
+
+
+def test_image_labels_average_each_caption_against_all_captions_of_the_image() -> None:
+    sentence = _sentence()
+    loss = CombinedLoss({"kendall_rank": 1.0}, {"kendall_rank": {"labels": "image"}})
+    labels = PairLabels(loss, _CAPTIONS, _CAPTION_IMAGE, sentence)
+    rows = np.array([4, 0, 5])  # batch rows: a caption of image 1, of image 0, of image 2
+    built = labels(rows, torch.device("cpu"))
+    assert set(built) == {"image_text_sim"}
+    cos = sentence @ sentence.T
+    owners = [[2, 3, 4], [0, 1], [5]]  # captions of each row's image
+    expected = torch.stack([cos[own][:, rows].mean(dim=0) for own in owners]).clamp(0, 1)
+    assert_close(built["image_text_sim"], expected)
+    # [image row, caption column]: not symmetric, unlike the caption-caption labels.
+    assert not torch.allclose(built["image_text_sim"], built["image_text_sim"].T)
+
+
+def test_only_the_labels_some_loss_reads_are_built() -> None:
+    sentence = _sentence()
+    rows = np.array([0, 2])
+    caption = PairLabels(CombinedLoss({"kendall_rank": 1.0}), _CAPTIONS, _CAPTION_IMAGE, sentence)
+    assert set(caption(rows, torch.device("cpu"))) == {"text_sim"}
+    none = PairLabels(CombinedLoss({"infonce": 1.0}), _CAPTIONS, _CAPTION_IMAGE, sentence)
+    assert none(rows, torch.device("cpu")) == {}
+
+
+def test_image_labels_without_a_feature_cache_name_the_setting() -> None:
+    loss = CombinedLoss({"kendall_rank": 1.0}, {"kendall_rank": {"labels": "image"}})
+    with pytest.raises(ValueError, match=r"\['kendall_rank'\] need the caption pseudo-labels .* cache_features=true"):
+        PairLabels(loss, _CAPTIONS, _CAPTION_IMAGE, None)
