@@ -163,23 +163,27 @@ def test_loss_table_benchmark_runs_each_option(synthetic_data: Path, tmp_path: P
     from benchmarks import train_losses
 
     argv = ["--recipe", "tiny", "--data", str(synthetic_data), "--out", str(tmp_path / "runs")]
-    options = "vsepp_triplet,vsepp+relation,infonce+hierarchical"
+    # bcls_sn_image0.1 builds both continuous labels (text_sim, image_text_sim) from the feature cache.
+    options = "vsepp_triplet,vsepp+relation,infonce+hierarchical,bcls_sn_image0.1"
     argv += ["--results", str(tmp_path / "results"), "--options", options]
     argv += ["--set", f"cache_dir={tmp_path / 'cache'}"]
     assert train_losses.main(argv) == 0
     rows = json.loads((tmp_path / "results" / "train_losses.json").read_text())["rows"]
     table = (tmp_path / "results" / "train_losses.md").read_text()
     assert "| vsepp+relation |" in table
-    # The HREM comparison has both its options; the hierarchical one lacks its baseline (infonce) and is left out.
+    # The HREM comparison has both its options; the hierarchical one lacks its baseline (infonce_global) and is left
+    # out.
     assert "| HREM (seed 002) | vsepp+relation | vsepp_triplet |" in table and "Hierarchical (seed 000)" not in table
     assert [r["option"] for r in rows] == options.split(",")
     assert all("error" not in r and 0 <= r["rsum"] <= 600 for r in rows)
     hier = load_checkpoint(tmp_path / "runs" / "tiny-infonce_hierarchical" / "checkpoints" / "best.pt")
     assert hier.config["model"]["local_dim"] == 128 and hier.config["model"]["with_unit"] is False
+    bcls = json.loads((tmp_path / "runs" / "tiny-bcls_sn_image0.1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert bcls["train_kendall"] > 0 and "train_soft_triplet" in bcls
     # --reuse reads the finished runs back instead of training them again (same figures, no wall time).
     assert train_losses.main([*argv, "--reuse", "--tag", "again"]) == 0
     again = json.loads((tmp_path / "results" / "train_losses_again.json").read_text())["rows"]
-    assert [r["wall_s"] for r in again] == ["reused"] * 3
+    assert [r["wall_s"] for r in again] == ["reused"] * 4
     assert [r["rsum"] for r in again] == [r["rsum"] for r in rows]
 
 
