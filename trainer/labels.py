@@ -3,19 +3,21 @@
 The losses' optional inputs come from two places: the model (the unit head's `unit`, the hierarchical option's
 `image_local` / `text_local`) and the data (`text_sim`: frozen sentence-embedding similarities stored in the feature
 cache; `image_text_sim`: the same embeddings averaged over each image's captions; `local_sim`: lexical similarities of
-the captions). The trainer asks the combined loss what it requires, checks here that the model and the data can provide
-it, and builds only those labels for each gathered batch.
+the captions; `image_lexical_sim`: those averaged over each image's captions). The trainer asks the combined loss
+what it requires, checks here that the model and the data can provide it, and builds only those labels for each
+gathered batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from imgtxt.errors import ConfigError
+from trainer.data.captions import CaptionTable
 from trainer.losses import CombinedLoss, lexical_similarity
 from trainer.model import ModelSpec
 
@@ -34,22 +36,21 @@ class PairLabels:
 
     Args:
         loss: The combined loss; its `requires` decides which labels are built.
-        captions: The split's captions (rows index them).
-        caption_image: (n_captions,) dense image index of each caption (`CaptionTable.caption_image`).
+        table: The split's captions (rows index them) with the image of each.
         sentence: (n_captions, H) unit-norm frozen sentence embeddings of the feature cache, or None without one.
 
     Raises:
         ConfigError: A loss needs `text_sim` or `image_text_sim` but there is no feature cache.
     """
 
-    def __init__(
-        self, loss: CombinedLoss, captions: Sequence[str], caption_image: np.ndarray, sentence: Tensor | None
-    ) -> None:
-        self.captions, self.caption_image, self.sentence = captions, caption_image, sentence
+    def __init__(self, loss: CombinedLoss, table: CaptionTable, sentence: Tensor | None) -> None:
+        self.table, self.sentence = table, sentence
+        self.captions, self.caption_image = table.captions, table.caption_image
         builders: dict[str, Callable[[np.ndarray], Tensor]] = {
             "text_sim": self._text_similarity,
             "image_text_sim": self._image_text_similarity,
             "local_sim": self._lexical_similarity,
+            "image_lexical_sim": self._image_lexical_similarity,
         }
         self.builders = {name: build for name, build in builders.items() if name in loss.requires}
         for name in ("text_sim", "image_text_sim"):
@@ -61,7 +62,7 @@ class PairLabels:
         self.image_mean: Tensor | None = None
         if "image_text_sim" in self.builders and sentence is not None:
             # Mean of each image's caption embeddings: mean_k cos(s_ik, s_j) = image_mean_i . s_j.
-            owner = torch.from_numpy(np.asarray(caption_image, dtype=np.int64))
+            owner = torch.from_numpy(np.asarray(self.caption_image, dtype=np.int64))
             n_images = int(owner.max()) + 1 if owner.numel() else 0
             total = torch.zeros(n_images, sentence.shape[1]).index_add_(0, owner, sentence.float())
             self.image_mean = total / torch.bincount(owner, minlength=n_images).clamp(min=1).unsqueeze(1)
@@ -83,3 +84,13 @@ class PairLabels:
     def _lexical_similarity(self, rows: np.ndarray) -> Tensor:
         captions = [self.captions[i] for i in rows]
         return torch.from_numpy(lexical_similarity(captions, captions))
+
+    def _image_lexical_similarity(self, rows: np.ndarray) -> Tensor:
+        # Every caption of each row's image against the batch's captions, then the mean over each image's run.
+        images = self.caption_image[rows]
+        starts, ends = self.table.caption_spans(images)
+        counts = ends - starts
+        owned = self.table.captions_of(images)
+        sim = lexical_similarity([self.captions[k] for k in owned], [self.captions[k] for k in rows])
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        return torch.from_numpy(np.add.reduceat(sim, offsets, axis=0) / counts[:, None].astype(np.float32))

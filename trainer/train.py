@@ -170,9 +170,7 @@ class Trainer:
         self.loss = CombinedLoss(cfg.loss.weights_for(cfg.model), cfg.loss.kwargs, model=cfg.model)
         # The losses say which optional inputs they read: the model must produce them, the data provide the labels.
         check_model_provides(self.loss, cfg.model)
-        self.labels = PairLabels(
-            self.loss, self.train_table.captions, self.train_table.caption_image, self.train_sentence
-        )
+        self.labels = PairLabels(self.loss, self.train_table, self.train_sentence)
 
         backbone, heads = self._freeze()
         self.step_module: nn.Module = TrainStep(

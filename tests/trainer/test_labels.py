@@ -8,12 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from trainer.data.captions import CaptionTable
 from trainer.labels import PairLabels
-from trainer.losses import CombinedLoss
+from trainer.losses import CombinedLoss, lexical_similarity
 
 # Three images with 2, 3 and 1 captions.
-_CAPTION_IMAGE = np.array([0, 0, 1, 1, 1, 2])
-_CAPTIONS = [f"caption {i}" for i in range(6)]
+_CAPTIONS = [
+    "a dog runs on grass",
+    "a brown dog in a field",
+    "two children play football",
+    "kids kick a ball on grass",
+    "children playing in a park",
+    "a man climbs a rock wall",
+]
+_TABLE = CaptionTable([], _CAPTIONS, np.array([0, 0, 1, 1, 1, 2]))
 
 
 def _sentence() -> torch.Tensor:
@@ -23,7 +31,7 @@ def _sentence() -> torch.Tensor:
 def test_image_labels_average_each_caption_against_all_captions_of_the_image() -> None:
     sentence = _sentence()
     loss = CombinedLoss({"kendall_rank": 1.0}, {"kendall_rank": {"labels": "image"}})
-    labels = PairLabels(loss, _CAPTIONS, _CAPTION_IMAGE, sentence)
+    labels = PairLabels(loss, _TABLE, sentence)
     rows = np.array([4, 0, 5])  # batch rows: a caption of image 1, of image 0, of image 2
     built = labels(rows, torch.device("cpu"))
     assert set(built) == {"image_text_sim"}
@@ -35,16 +43,28 @@ def test_image_labels_average_each_caption_against_all_captions_of_the_image() -
     assert not torch.allclose(built["image_text_sim"], built["image_text_sim"].T)
 
 
+def test_lexical_image_labels_average_the_jaccard_over_the_image_captions() -> None:
+    loss = CombinedLoss({"kendall_rank": 1.0}, {"kendall_rank": {"labels": "lexical"}})
+    labels = PairLabels(loss, _TABLE, None)  # lexical labels need no feature cache
+    rows = np.array([3, 0, 5])
+    built = labels(rows, torch.device("cpu"))["image_lexical_sim"]
+    jaccard = torch.from_numpy(lexical_similarity(_CAPTIONS, _CAPTIONS))
+    owners = [[2, 3, 4], [0, 1], [5]]
+    assert_close(built, torch.stack([jaccard[own][:, rows].mean(dim=0) for own in owners]))
+    # "kids kick a ball on grass" shares "grass" with the dog captions, nothing with the climber's.
+    assert built[1, 0] > 0 and built[2, 0] == 0
+
+
 def test_only_the_labels_some_loss_reads_are_built() -> None:
     sentence = _sentence()
     rows = np.array([0, 2])
-    caption = PairLabels(CombinedLoss({"kendall_rank": 1.0}), _CAPTIONS, _CAPTION_IMAGE, sentence)
+    caption = PairLabels(CombinedLoss({"kendall_rank": 1.0}), _TABLE, sentence)
     assert set(caption(rows, torch.device("cpu"))) == {"text_sim"}
-    none = PairLabels(CombinedLoss({"infonce": 1.0}), _CAPTIONS, _CAPTION_IMAGE, sentence)
+    none = PairLabels(CombinedLoss({"infonce": 1.0}), _TABLE, sentence)
     assert none(rows, torch.device("cpu")) == {}
 
 
 def test_image_labels_without_a_feature_cache_name_the_setting() -> None:
     loss = CombinedLoss({"kendall_rank": 1.0}, {"kendall_rank": {"labels": "image"}})
     with pytest.raises(ValueError, match=r"\['kendall_rank'\] need the caption pseudo-labels .* cache_features=true"):
-        PairLabels(loss, _CAPTIONS, _CAPTION_IMAGE, None)
+        PairLabels(loss, _TABLE, None)

@@ -38,6 +38,7 @@ def _full_inputs(requires_grad: bool = True) -> LossInputs:
     text_sim = (0.5 * (text_sim + text_sim.T)).fill_diagonal_(1.0)
     local_sim = torch.rand(6, 6, generator=gen).fill_diagonal_(1.0)
     image_text_sim = torch.rand(6, 6, generator=gen)
+    image_lexical_sim = torch.rand(6, 6, generator=gen)
     return LossInputs(
         image=unit_rows(),
         text=unit_rows(),
@@ -45,6 +46,7 @@ def _full_inputs(requires_grad: bool = True) -> LossInputs:
         epoch=1,
         text_sim=text_sim,
         image_text_sim=image_text_sim,
+        image_lexical_sim=image_lexical_sim,
         image_local=unit_rows(4),
         text_local=unit_rows(4),
         local_sim=local_sim,
@@ -168,11 +170,12 @@ def test_combined_loss_config_errors(
         CombinedLoss(weights, kwargs)
 
 
-_OPTIONAL = ("text_sim", "image_text_sim", "image_local", "text_local", "local_sim", "unit")
+_OPTIONAL = ("text_sim", "image_text_sim", "image_lexical_sim", "image_local", "text_local", "local_sim", "unit")
 
 # Every loss as in _CASES, plus the arguments that change what a loss reads.
 _VARIANTS = [(name, kwargs) for name, (kwargs, _) in sorted(_CASES.items())] + [
     ("kendall_rank", {"labels": "image"}),
+    ("kendall_rank", {"labels": "lexical"}),
     ("bcls", {"kendall_kwargs": {"labels": "image"}}),
     ("soft_negative_triplet", {"mining": "semi_hard"}),
 ]

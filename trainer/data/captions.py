@@ -32,10 +32,14 @@ class CaptionTable:
             owner.extend([i] * len(rec.captions))
         return cls(list(images), caps, np.asarray(owner, dtype=np.int64))
 
+    def caption_spans(self, image_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends): the captions of image `image_idx[k]` are rows `starts[k]:ends[k]` (stored image by image)."""
+        starts = np.searchsorted(self.caption_image, image_idx, side="left")
+        return starts, np.searchsorted(self.caption_image, image_idx, side="right")
+
     def captions_of(self, image_idx: np.ndarray) -> np.ndarray:
         """Indices of all captions of the given images (in the order of `image_idx`)."""
-        starts = np.searchsorted(self.caption_image, image_idx, side="left")
-        ends = np.searchsorted(self.caption_image, image_idx, side="right")
+        starts, ends = self.caption_spans(image_idx)
         return np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)]).astype(np.int64)
 
     def fingerprint(self) -> str:

@@ -21,7 +21,15 @@ logger = logging.getLogger(__name__)
 # yet differences of two such logits stay finite, so 0 * (log p - log q) never turns into NaN. Fits in fp16.
 NEG_LARGE = -1.0e4
 
-_OPTIONAL_FIELDS = ("text_sim", "image_text_sim", "image_local", "text_local", "local_sim", "unit")
+_OPTIONAL_FIELDS = (
+    "text_sim",
+    "image_text_sim",
+    "image_lexical_sim",
+    "image_local",
+    "text_local",
+    "local_sim",
+    "unit",
+)
 
 
 @dataclass
@@ -39,6 +47,8 @@ class LossInputs:
         image_text_sim: (B, B) continuous image–caption relevance labels in [0, 1], indexed [image row, caption
             column]: the mean similarity of caption j's sentence embedding to those of *all* captions of row i's
             image (a pseudo-label of how well caption j describes image i, less noisy than one caption's).
+        image_lexical_sim: (B, B) the same orientation and idea with lexical labels: the mean Jaccard similarity of
+            caption j's content words to those of each caption of row i's image.
         image_local: (B, Dl) local image embeddings (hierarchical option).
         text_local: (B, Dl) local caption embeddings (hierarchical option).
         local_sim: (B, B) lexical local-similarity labels in [0, 1] (e.g. Jaccard of content words between captions).
@@ -51,6 +61,7 @@ class LossInputs:
     epoch: int = 0
     text_sim: Tensor | None = None
     image_text_sim: Tensor | None = None
+    image_lexical_sim: Tensor | None = None
     image_local: Tensor | None = None
     text_local: Tensor | None = None
     local_sim: Tensor | None = None
@@ -65,7 +76,7 @@ class LossInputs:
         batch = self.image.shape[0]
         if self.image_ids.shape != (batch,):
             raise ValueError(f"image_ids must be ({batch},); got {tuple(self.image_ids.shape)}")
-        for name in ("text_sim", "image_text_sim", "local_sim"):
+        for name in ("text_sim", "image_text_sim", "image_lexical_sim", "local_sim"):
             value = getattr(self, name)
             if value is not None and value.shape != (batch, batch):
                 raise ValueError(f"{name} must be ({batch}, {batch}); got {tuple(value.shape)}")
@@ -87,8 +98,8 @@ class LossInputs:
         """Returns an optional field, or raises a ValueError naming it when it is absent.
 
         Args:
-            name: One of the optional fields (``text_sim``, ``image_text_sim``, ``image_local``, ``text_local``,
-                ``local_sim``, ``unit``).
+            name: One of the optional fields (``text_sim``, ``image_text_sim``, ``image_lexical_sim``,
+                ``image_local``, ``text_local``, ``local_sim``, ``unit``).
             loss_name: The loss asking, for the error message.
         """
         if name not in _OPTIONAL_FIELDS:

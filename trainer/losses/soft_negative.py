@@ -19,8 +19,8 @@ Surrogate = Literal["tanh", "logistic"]
 _SURROGATES = ("tanh", "logistic")
 Mining = Literal["hardest", "semi_hard"]
 _MININGS = ("hardest", "semi_hard")
-LabelSource = Literal["caption", "image"]
-_LABEL_SOURCES = ("caption", "image")
+LabelSource = Literal["caption", "image", "lexical"]
+_LABEL_FIELDS = {"caption": "text_sim", "image": "image_text_sim", "lexical": "image_lexical_sim"}
 
 
 @register_loss("soft_negative_triplet")
@@ -150,11 +150,13 @@ class KendallRankLoss(EmbeddingLoss):
     For image query i, the cosine scores ``s[i, j] = image_i . text_j`` should be ordered like the labels
     ``l[i, j]``: how well caption j describes image i, proxied by its sentence similarity to the batch's caption of
     image i (``labels="caption"``: ``text_sim``) or to all captions of image i (``labels="image"``:
-    ``image_text_sim``, the mean over the image's captions, which one odd caption cannot swing); same-image
-    captions get label 1. Kendall's tau counts concordant minus discordant pairs,
-    ``mean sign(s_ij - s_ik) * sign(l_ij - l_ik)``; replacing the score sign by ``tanh(alpha * .)`` makes it
-    differentiable. The loss per pair is ``(1 - tanh(alpha * (s_ij - s_ik)) * sign(l_ij - l_ik)) / 2`` (0 when
-    concordant and well separated, 1 when reversed), i.e. ``(1 - tau_soft) / 2``.
+    ``image_text_sim``, the mean over the image's captions, which one odd caption cannot swing), or by the content
+    words it shares with each caption of image i (``labels="lexical"``: ``image_lexical_sim``, mean Jaccard: a
+    signal the MiniLM-initialised text head does not start from); same-image captions get label 1. Kendall's tau
+    counts concordant minus discordant pairs, ``mean sign(s_ij - s_ik) * sign(l_ij - l_ik)``; replacing the score
+    sign by ``tanh(alpha * .)`` makes it differentiable. The loss per pair is
+    ``(1 - tanh(alpha * (s_ij - s_ik)) * sign(l_ij - l_ik)) / 2`` (0 when concordant and well separated, 1 when
+    reversed), i.e. ``(1 - tau_soft) / 2``.
 
     Cost stays O(B^2 * window): pairs come from a sliding window over each row's label order
     (``window_pair_losses``), then hard-sample mining keeps the ``hard_fraction`` most violated pairs of the batch.
@@ -167,7 +169,8 @@ class KendallRankLoss(EmbeddingLoss):
         surrogate: ``tanh`` (default) or ``logistic``.
         symmetric: Also rank images for each caption.
         min_label_gap: Label gaps at or below this are ties (pseudo-labels are noisy; do not fit their noise).
-        labels: ``caption`` (``text_sim``) or ``image`` (``image_text_sim``) relevance labels.
+        labels: ``caption`` (``text_sim``), ``image`` (``image_text_sim``) or ``lexical`` (``image_lexical_sim``)
+            relevance labels.
     """
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
@@ -185,9 +188,9 @@ class KendallRankLoss(EmbeddingLoss):
         labels: LabelSource = "caption",
     ) -> None:
         super().__init__()
-        if labels not in _LABEL_SOURCES:
-            raise ConfigError(f"unknown ranking labels {labels!r}; valid: {', '.join(_LABEL_SOURCES)}")
-        self.label_field = "text_sim" if labels == "caption" else "image_text_sim"
+        if labels not in _LABEL_FIELDS:
+            raise ConfigError(f"unknown ranking labels {labels!r}; valid: {', '.join(_LABEL_FIELDS)}")
+        self.label_field = _LABEL_FIELDS[labels]
         if surrogate not in _SURROGATES:
             raise ConfigError(f"unknown surrogate {surrogate!r}; valid: {', '.join(_SURROGATES)}")
         if window < 1:
@@ -204,7 +207,7 @@ class KendallRankLoss(EmbeddingLoss):
         self.min_label_gap = min_label_gap
 
     def needs(self) -> frozenset[str]:
-        """``text_sim`` or ``image_text_sim``, as ``labels`` chose."""
+        """The label field ``labels`` chose (``text_sim``, ``image_text_sim`` or ``image_lexical_sim``)."""
         return frozenset({self.label_field})
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
