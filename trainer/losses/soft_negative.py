@@ -96,13 +96,13 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         return {"soft_triplet": loss}
 
 
-def ranking_labels(text_sim: Tensor, pos_mask: Tensor) -> Tensor:
+def ranking_labels(similarity: Tensor, pos_mask: Tensor) -> Tensor:
     """Relevance labels for ranking: the similarity labels clipped to [0, 1], with every same-image pair set to 1.
 
     A pseudo-label may rate another caption of the same image below a caption of a different image; the image id is
     the ground truth, so same-image captions rank first (and tie with each other, which removes their pairs).
     """
-    return text_sim.clamp(0.0, 1.0).masked_fill(pos_mask, 1.0)
+    return similarity.clamp(0.0, 1.0).masked_fill(pos_mask, 1.0)
 
 
 def window_pair_losses(
