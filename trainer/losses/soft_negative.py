@@ -160,7 +160,8 @@ class KendallRankLoss(EmbeddingLoss):
 
     Cost stays O(B^2 * window): pairs come from a sliding window over each row's label order
     (``window_pair_losses``), then hard-sample mining keeps the ``hard_fraction`` most violated pairs of the batch.
-    With ``symmetric`` the text -> image direction (columns, ``text_sim.T``) is added. Requires ``text_sim``.
+    With ``symmetric`` the text -> image direction (the labels' columns) is added. Requires the label field
+    ``labels`` chooses (``needs``).
 
     Args:
         alpha: Surrogate slope; cosine gaps are ~0.01-0.1, so alpha ~10 keeps tanh out of its linear-only regime.
