@@ -22,11 +22,11 @@ from imgtxt.connection import ConnectionConfig
 from imgtxt.datasets import default_data_root, load_captioned_images
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.errors import ImgTxtError, InvalidInput
+from imgtxt.flags import HelpFormatter, add_json_flag, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.retrieval_metrics import format_metrics
 from imgtxt.supervisor import REPO_ROOT, run_services
 from indexer.ids import KINDS
-from indexer.options import HelpFormatter, add_json_flag, emit
 from indexer.pipeline import IndexConfig, IndexReport, run_index
 from indexer.reader import read_records, source_fingerprint
 from indexer.shard_checkpoint import checkpoint_path

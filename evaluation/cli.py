@@ -30,14 +30,8 @@ from imgtxt.retrieval_metrics import format_metrics, retrieval_metrics
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `imgtxt eval` (all modes)."""
-    from indexer.options import (
-        HelpFormatter,
-        add_collection_flags,
-        add_encoder_flags,
-        add_json_flag,
-        add_search_flags,
-        add_store_flags,
-    )
+    from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag
+    from indexer.options import add_collection_flags, add_search_flags, add_store_flags
 
     parser = argparse.ArgumentParser(
         prog="imgtxt eval",
@@ -131,7 +125,8 @@ def _offline(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[st
 
 def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[str, Any]:
     from evaluation.via_index import evaluate_via_index
-    from indexer.options import DEFAULT_STORE, build_encoder, check_given, collection_config, search_options
+    from imgtxt.flags import build_encoder
+    from indexer.options import DEFAULT_STORE, check_given, collection_config, search_options
     from indexer.stores.factory import open_store
 
     encoder, bundle = build_encoder(args)
@@ -224,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, ImgTxtError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt eval: error: {exc}", file=sys.stderr)
         return 1
-    from indexer.options import emit
+    from imgtxt.flags import emit
 
     emit(args.json, result, lambda: print(format_metrics(result)))
     return 0

@@ -14,18 +14,14 @@ from imgtxt.bundle import Bundle
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.encoders.unit import FALLBACK, UnitEncoder
 from imgtxt.errors import ImgTxtError
+from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag, build_encoder, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from indexer.ids import KINDS
 from indexer.options import (
     DEFAULT_CHECKPOINTS,
-    HelpFormatter,
     add_collection_flags,
-    add_encoder_flags,
-    add_json_flag,
     add_store_flags,
-    build_encoder,
     collection_config,
-    emit,
     refuse_server_only,
 )
 from indexer.pipeline import IndexConfig, IndexReport, run_index

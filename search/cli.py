@@ -10,19 +10,10 @@ import grpc
 
 from imgtxt.config import apply_env_defaults, positive_int
 from imgtxt.errors import ImgTxtError
+from imgtxt.flags import HelpFormatter, add_encoder_flags, add_filter_flag, add_json_flag, build_encoder, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from indexer.ids import KINDS
-from indexer.options import (
-    HelpFormatter,
-    add_encoder_flags,
-    add_filter_flag,
-    add_json_flag,
-    add_search_flags,
-    add_store_flags,
-    build_encoder,
-    emit,
-    search_options,
-)
+from indexer.options import add_search_flags, add_store_flags, search_options
 from indexer.stores.base import Hit
 from indexer.stores.factory import open_store
 from search.searcher import Searcher
