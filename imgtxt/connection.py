@@ -4,7 +4,8 @@
 `demo` build theirs from the same flags and `IMGTXT_*` variables (`add_connection_flags`, `connections_from_args`).
 Retries are gRPC's own retry policy (a service config on the channel), not a loop of ours: the channel retries
 UNAVAILABLE (server restarting or draining, connection refused) and RESOURCE_EXHAUSTED (queue full) with exponential
-backoff, within the call's deadline.
+backoff, within the call's deadline. Keepalive is declared once (`Keepalive`): the clients' pings and what the
+servers (`imgtxt.serving.shell`) accept come from the same object, so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ import grpc
 from imgtxt.errors import ConfigError
 from imgtxt.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-SERVICES = ("imgtxt.v1.ImageEncoder", "imgtxt.v1.TextEncoder")
+SERVICES = ("imgtxt.v1.ImageEncoder", "imgtxt.v1.TextEncoder", "imgtxt.v1.SearchService")
+"""The services whose rpcs the retry policy covers (all idempotent: encoding and searching change nothing)."""
 RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+"""What a caller may retry: the server is away or busy, the call did nothing."""
+RETRIED_CODES = (*RETRYABLE_CODES, "CANCELLED")
+"""What the channel's retry policy retries. A CANCELLED the server sent (never one the caller caused: a cancelled
+call is not retried) comes from a stopping server: gRPC's own stop answers CANCELLED to calls it accepted but never
+handed to a handler (grpc/grpc#41785), so for these idempotent rpcs it means what UNAVAILABLE means."""
 # gRPC caps a retry policy's maxAttempts at 5 (the first attempt included).
 MAX_ATTEMPTS = 5
 DEFAULT_TARGETS = {"image": "localhost:50051", "text": "localhost:50052"}
@@ -38,6 +45,45 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive, declared once for both ends: clients ping this often, servers accept pings this often.
+
+    A client that pings more often than its server allows gets `GOAWAY ENHANCE_YOUR_CALM (too_many_pings)`, and a
+    call racing that GOAWAY can fail; gRPC servers allow one ping without data per 5 minutes by default.
+    """
+
+    time_s: float = 60.0
+    """Seconds between the client's pings on a connection with nothing else to send (idle ones included)."""
+    timeout_s: float = 20.0
+    """Seconds the client waits for a ping's answer before it drops the connection."""
+
+    def __post_init__(self) -> None:
+        if self.time_s <= 0 or self.timeout_s <= 0:
+            raise ConfigError(f"keepalive time_s and timeout_s must be > 0, got {self.time_s} and {self.timeout_s}")
+
+    def client_options(self) -> list[tuple[str, int]]:
+        """Channel options of a client."""
+        return [
+            ("grpc.keepalive_time_ms", int(self.time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),  # find a dead connection before the next call does
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection
+        ]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """Server options: accept the clients' pings, idle connections included, with room for timer jitter."""
+        return [
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.time_s * 1000) // 2),
+            ("grpc.http2.max_ping_strikes", 2),
+        ]
+
+
+KEEPALIVE = Keepalive()
+"""The keepalive of every channel and server of the project."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +108,8 @@ class ConnectionConfig:
     """Retries of a call answered UNAVAILABLE or RESOURCE_EXHAUSTED (at most 4: gRPC allows 5 attempts)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message sent or received; match the server's `--max-message-bytes`."""
+    keepalive: Keepalive = KEEPALIVE
+    """Keepalive pings (the servers accept `KEEPALIVE`'s; change both together)."""
 
     def __post_init__(self) -> None:
         if not self.address or ":" not in self.address:
@@ -89,31 +137,29 @@ class ConnectionConfig:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def service_config(self) -> str:
-        """The channel's service config: gRPC's retry policy for both encoder services."""
+        """The channel's service config: gRPC's retry policy for the project's services, round robin.
+
+        No client-side health checking: a draining server reports NOT_SERVING for its load balancers and probes but
+        still answers, and a channel that watched health would fail calls ("backend unhealthy") to its only
+        server while that server answers them. A stopping server refuses calls with UNAVAILABLE (retried, by
+        round robin on another address where there is one) once its drain is over.
+        """
         policy: dict[str, Any] = {
             "maxAttempts": self.retries + 1,
             "initialBackoff": "0.1s",
             "maxBackoff": "2s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": list(RETRYABLE_CODES),
+            "retryableStatusCodes": list(RETRIED_CODES),
         }
         methods = [{"name": [{"service": s} for s in SERVICES], **({"retryPolicy": policy} if self.retries else {})}]
-        # Client-side health checking (it needs round_robin: pick_first ignores health): a draining server's
-        # NOT_SERVING takes it out of the channel before it stops, so no call meets the stop (grpc/grpc#41785).
-        return json.dumps(
-            {
-                "methodConfig": methods,
-                "loadBalancingConfig": [{"round_robin": {}}],
-                "healthCheckConfig": {"serviceName": ""},
-            }
-        )
+        return json.dumps({"methodConfig": methods, "loadBalancingConfig": [{"round_robin": {}}]})
 
     def channel(self, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
         """Opens the channel (it connects lazily, on the first call)."""
         opts = [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", 60_000),
+            *self.keepalive.client_options(),
             ("grpc.enable_retries", 1 if self.retries else 0),
             ("grpc.service_config", self.service_config()),
             *options,

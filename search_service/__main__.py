@@ -13,10 +13,12 @@ from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.errors import ImgTxtError
 from imgtxt.flags import add_encoder_flags, build_encoder
 from imgtxt.logs import add_logging_flags, setup_logging
+from imgtxt.serving.config import add_lifecycle_flags
+from imgtxt.serving.shell import install_signal_handlers
 from indexer.options import add_search_flags, add_store_flags, search_options
 from indexer.stores.factory import open_store
 from search.backend import SearchBackend, SearchLimits
-from search_service.server import SearchServerConfig, create_search_server, wait_for_signal
+from search_service.server import SearchServerConfig, create_search_server
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain of this server (both ports TLS only)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--auth-token", help="bearer token required on both protocols (prefer IMGTXT_AUTH_TOKEN)")
+    add_lifecycle_flags(s, d.grace_s, d.drain_delay_s)
     s.add_argument("--max-limit", type=positive_int, default=SearchLimits().max_limit, help="most hits per search")
     add_encoder_flags(p)
     add_store_flags(p)
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             auth_token=args.auth_token,
+            grace_s=args.grace_s,
+            drain_delay_s=args.drain_delay_s,
         )
         encoder, _ = build_encoder(args)
         store = open_store(str(args.store), api_key=args.api_key, timeout=args.store_timeout, retries=args.retries)
@@ -72,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ImgTxtError, ValueError, KeyError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt serve-search: error: {exc}", file=sys.stderr)
         return 2
+    stop = install_signal_handlers()  # before the port is reported: a supervisor may signal at once
     if args.port_file:
         args.port_file.write_text(f"{server.port} {server.http_port}\n")
     print(f"listening on port {server.port} (gRPC) and {server.http_port} (HTTP): {server.url}", flush=True)
-    wait_for_signal()
+    stop.wait()
     server.stop()
     store.close()
     encoder.close()

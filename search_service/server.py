@@ -1,29 +1,27 @@
 """One search process: the gRPC `SearchService` and the HTTP app (uvicorn, in a thread) over one backend.
 
-Same operations as the encoder services: health and reflection on the gRPC port, error mapping and bearer-token auth
-by the same interceptors, TLS on both ports from one certificate, Prometheus metrics at `GET /metrics`.
+Both run in the one server shell of the project (`imgtxt.serving.shell`): the same interceptors (error mapping,
+admission gate, bearer-token auth, request check), health that ends Watch streams, reflection, keepalive, signals and
+four-step stop as the encoder services. The HTTP side shares the shell's token checker and admission gate, reports
+the shell's health on `/readyz`, and closes in the shell's last step; TLS on both ports from one certificate,
+Prometheus metrics at `GET /metrics`.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import grpc
 import uvicorn
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from imgtxt.connection import KEEPALIVE, Keepalive
 from imgtxt.errors import ConfigError
-from imgtxt.serving.interceptors import AuthInterceptor, ErrorMappingInterceptor
-from imgtxt.serving.server import bind
+from imgtxt.serving.shell import HealthServicer, Lifecycle, ServerShell, ShellConfig, wait_for_signal
 from imgtxt.v1 import search_pb2 as pb
 from imgtxt.v1 import search_pb2_grpc as pb_grpc
 from search.backend import SearchBackend
@@ -35,10 +33,12 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
 
+__all__ = ["SearchServer", "SearchServerConfig", "create_search_server", "wait_for_signal"]
+
 
 @dataclass(frozen=True)
 class SearchServerConfig:
-    """Where and how the search service listens."""
+    """Where and how the search service listens and stops."""
 
     host: str = "127.0.0.1"
     """Address of both ports."""
@@ -53,9 +53,13 @@ class SearchServerConfig:
     tls_key: Path | None = None
     """PEM private key of `tls_cert`."""
     auth_token: str | None = field(default=None, repr=False)
-    """Bearer token every rpc and HTTP route but health must carry."""
+    """Bearer token every rpc and HTTP route but health, readiness and the page must carry."""
     grace_s: float = 10.0
-    """On stop, how long in-flight requests may take."""
+    """On stop, after the drain, how long admitted requests (both protocols) may take."""
+    drain_delay_s: float = 5.0
+    """On stop, how long health and `/readyz` report NOT_SERVING while requests are still answered."""
+    keepalive: Keepalive = KEEPALIVE
+    """Keepalive pings accepted from gRPC clients."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -63,28 +67,55 @@ class SearchServerConfig:
         for name in ("port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ConfigError("auth_token must not be empty (leave it unset to disable auth)")
+        Lifecycle(self.grace_s, self.drain_delay_s)  # validates
+
+    def shell_config(self) -> ShellConfig:
+        """The shell's part of this configuration."""
+        return ShellConfig(
+            host=self.host,
+            port=self.port,
+            max_workers=self.max_workers,
+            lifecycle=Lifecycle(grace_s=self.grace_s, drain_delay_s=self.drain_delay_s),
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            auth_token=self.auth_token,
+            keepalive=self.keepalive,
+        )
 
 
 @dataclass
 class SearchServer:
-    """A started search process: gRPC server, HTTP server thread, and what they share."""
+    """A started search process: the shell's gRPC server, the HTTP server thread, and what they share."""
 
-    grpc_server: grpc.Server
-    """The gRPC server (started)."""
-    port: int
-    """Bound gRPC port."""
+    shell: ServerShell
+    """gRPC server, health, gate, token checker and stop."""
     http_port: int
     """Bound HTTP port."""
     backend: SearchBackend
     """The domain object both protocols call."""
     metrics: SearchMetrics
     """Metrics of both protocols."""
-    health: health.HealthServicer
-    """Health servicer."""
     host: str = "127.0.0.1"
     """The address both ports are bound to."""
     _http: Any = None
     _thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """Bound gRPC port."""
+        return self.shell.port
+
+    @property
+    def grpc_server(self) -> grpc.Server:
+        """The gRPC server (started)."""
+        return self.shell.server
+
+    @property
+    def health(self) -> HealthServicer:
+        """Health servicer."""
+        return self.shell.health
 
     @property
     def url(self) -> str:
@@ -93,33 +124,18 @@ class SearchServer:
         return f"{scheme}://{self.host}:{self.http_port}/"
 
     def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, then stops both servers (in-flight requests get `grace` seconds)."""
-        self.health.enter_graceful_shutdown()
+        """Stops both protocols in the shell's four steps (`ServerShell.stop`); HTTP closes last.
+
+        Args:
+            grace: Seconds admitted requests get after the drain (default `grace_s`; 0: stop now).
+        """
+        self.shell.stop(grace)
+
+    def _close_http(self) -> None:
         if self._http is not None:
             self._http.should_exit = True
-        self.grpc_server.stop(grace if grace is not None else 10.0).wait()
         if self._thread is not None:
             self._thread.join(30)
-        logger.info("search service stopped")
-
-
-def wait_for_signal() -> str:
-    """Blocks until SIGTERM or SIGINT (Ctrl-C) and returns the signal's name (call from the main thread)."""
-    received: list[str] = []
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    logger.warning("received %s: shutting down", received[0])
-    return received[0]
 
 
 def _bind_http(host: str, port: int) -> socket.socket:
@@ -142,42 +158,34 @@ def create_search_server(config: SearchServerConfig, backend: SearchBackend) -> 
         ConfigError: A port could not be bound, or the TLS files are unreadable.
     """
     metrics = SearchMetrics()
-    interceptors: list[grpc.ServerInterceptor] = [ErrorMappingInterceptor(metrics)]  # type: ignore[arg-type]
-    if config.auth_token:
-        interceptors.append(AuthInterceptor(config.auth_token))
-    server = grpc.server(
-        ThreadPoolExecutor(config.max_workers, thread_name_prefix="search-grpc"),
-        interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0)],
+    shell = ServerShell(
+        config.shell_config(),
+        SERVICE_NAME,
+        lambda server: pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(backend), server),
+        metrics,
+        thread_name_prefix="search-grpc",
     )
-    pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(backend), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = bind(server, config.host, config.port, config.tls_cert, config.tls_key)
     sock = _bind_http(config.host, config.http_port)
-    app = create_app(backend, metrics, config.auth_token)
+    app = create_app(backend, metrics, tokens=shell.tokens, gate=shell.gate, ready=lambda: shell.serving)
     http = uvicorn.Server(
         uvicorn.Config(
             app,
             log_level="warning",
             ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
             ssl_keyfile=str(config.tls_key) if config.tls_key else None,
-            timeout_graceful_shutdown=int(config.grace_s),
+            timeout_graceful_shutdown=max(1, int(config.grace_s)),
         )
     )
     thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="search-http", daemon=True)
-    server.start()
+    out = SearchServer(shell, sock.getsockname()[1], backend, metrics, config.host, http, thread)
+    shell.on_stop.append(out._close_http)
+    shell.start()
     thread.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    out = SearchServer(
-        server, port, sock.getsockname()[1], backend, metrics, health_servicer, config.host, http, thread
-    )
+    shell.set_serving(True)
     logger.info(
         "search service listening",
         extra={
-            "grpc_port": port,
+            "grpc_port": out.port,
             "http_port": out.http_port,
             "collection": backend.collection,
             "tls": bool(config.tls_cert),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from imgtxt.errors import InvalidInput, LimitExceeded
+from imgtxt.serving.auth import TokenChecker
+from imgtxt.serving.interceptors import AdmissionGate, ServerStopping
 from search.backend import NotFound, SearchBackend, SearchResult, hit_fields
 from search.backend import Query as SearchQuery
 from search_service.prometheus import SearchMetrics
@@ -85,30 +86,54 @@ def _decode_b64(value: str, field: str) -> bytes:
         raise InvalidInput(f"{field} is not valid base64 ({exc})") from None
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
-def create_app(backend: SearchBackend, metrics: SearchMetrics, token: str | None = None) -> FastAPI:
-    """The HTTP application over `backend` (served by uvicorn in `search_service.server`)."""
+def create_app(
+    backend: SearchBackend,
+    metrics: SearchMetrics,
+    *,
+    tokens: TokenChecker | None = None,
+    gate: AdmissionGate | None = None,
+    ready: Callable[[], bool] = lambda: True,
+) -> FastAPI:
+    """The HTTP application over `backend` (served by uvicorn in `search_service.server`).
+
+    Args:
+        backend: The domain object.
+        metrics: Metrics of both protocols.
+        tokens: The server shell's token checker (None: no auth); checked before anything else of a request.
+        gate: The server shell's admission gate: once it closes, requests get 503 (retry elsewhere), while those
+            admitted before finish.
+        ready: Whether the shell reports SERVING (`/readyz` says 503 from the drain on).
+    """
     app = FastAPI(
         title="imgtxt search",
         version="1",
         description="Image–text search: one nearest-neighbour look-up per query, over images, captions or units.",
     )
-    expected = f"Bearer {token}".encode() if token else None
     started = time.time()
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
         t0 = time.perf_counter()
-        if expected is not None and path != "/" and not path.startswith(OPEN_PATHS):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):  # constant time, like the gRPC side
-                metrics.http(metrics.errors, path, "401").inc()
-                return _error(401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')", "auth")
-        response = await call_next(request)
+        guarded = path != "/" and not path.startswith(OPEN_PATHS)
+        if guarded and tokens is not None and not tokens.check(request.headers.get("authorization")):
+            metrics.http(metrics.errors, path, "401").inc()
+            return _error(401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')", "auth")
+        if guarded and gate is not None:
+            try:
+                gate.enter()
+            except ServerStopping as exc:
+                metrics.http(metrics.errors, path, "503").inc()
+                return _error(503, str(exc), "unavailable", headers={"Retry-After": "1"})
+        try:
+            response = await call_next(request)
+        finally:
+            if guarded and gate is not None:
+                gate.leave()
         route = request.scope.get("route")
         method = getattr(route, "path", path)
         metrics.http(metrics.requests, method).inc()
@@ -155,7 +180,9 @@ def create_app(backend: SearchBackend, metrics: SearchMetrics, token: str | None
 
     @app.get("/readyz", tags=["operations"])
     def readyz() -> JSONResponse:
-        """Readiness: the collection is open and holds points."""
+        """Readiness: the server is not stopping, and the collection is open and holds points."""
+        if not ready():
+            return JSONResponse({"status": "not ready", "reason": "draining: the server is stopping"}, status_code=503)
         try:
             points = backend.info()["points"]
         except Exception as exc:  # not ready is an answer, not an error

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
+from imgtxt.connection import KEEPALIVE, Keepalive
 from imgtxt.encoders.session import (
     CUDA,
     DEVICES,
@@ -67,9 +68,12 @@ class ServerConfig:
     auth_token: str | None = field(default=None, repr=False)
     """Bearer token every rpc but health must carry (`authorization: Bearer <token>`); None = no auth."""
     metrics_port: int | None = None
-    """Port of the Prometheus `/metrics` endpoint (0 = a free port); None = no endpoint."""
-    metrics_host: str = "0.0.0.0"
-    """Address of the metrics endpoint."""
+    """Port of the Prometheus `/metrics` endpoint (0 = a free port, reported in the log, on stdout and in
+    `--metrics-port-file`); None = no endpoint. With `auth_token`, scrapes need the same bearer token."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint (loopback unless widened: metrics reveal traffic and the served bundle)."""
+    keepalive: Keepalive = KEEPALIVE
+    """Keepalive pings accepted from clients (the project's clients send `KEEPALIVE`'s)."""
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "max_concurrent_rpcs", "max_batch", "max_queue", "max_message_bytes"):
@@ -157,21 +161,36 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
     s.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="queued items before overload")
     s.add_argument("--max-message-bytes", type=positive_int, default=d.max_message_bytes, help="gRPC message limit")
     s.add_argument("--stream-window", type=positive_int, default=d.stream_window, help="stream chunks in flight")
-    s.add_argument("--grace-s", type=float, default=d.grace_s, help="shutdown grace period, seconds")
-    s.add_argument(
-        "--drain-delay-s",
-        type=float,
-        default=d.drain_delay_s,
-        help="on SIGTERM, seconds health reports NOT_SERVING while rpcs are still answered (load balancers and "
-        "health-checking clients move away first), before new rpcs are refused with UNAVAILABLE",
-    )
+    add_lifecycle_flags(s, d.grace_s, d.drain_delay_s)
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS on when given with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key")
     s.add_argument("--auth-token", help="required bearer token (prefer the env variable: flags show in `ps`)")
-    s.add_argument("--metrics-port", type=non_negative_int, help="Prometheus /metrics port (0: free port; unset: off)")
-    s.add_argument("--metrics-host", default=d.metrics_host, help="metrics bind address")
+    s.add_argument(
+        "--metrics-port",
+        type=non_negative_int,
+        help="Prometheus /metrics port (0: free port; unset: off); needs --auth-token's token when one is set",
+    )
+    s.add_argument("--metrics-host", default=d.metrics_host, help="metrics bind address ([::] or 0.0.0.0: every one)")
+    s.add_argument("--metrics-port-file", type=Path, help="write the bound metrics port to this file once serving")
     add_logging_flags(parser)
     apply_env_defaults(parser)
+
+
+def add_lifecycle_flags(group: argparse._ArgumentGroup, grace_s: float, drain_delay_s: float) -> None:
+    """`--grace-s` and `--drain-delay-s`: the stop of every gRPC service (`imgtxt.serving.shell.ServerShell.stop`)."""
+    group.add_argument(
+        "--grace-s",
+        type=float,
+        default=grace_s,
+        help="on SIGTERM, seconds admitted calls get to finish after the drain",
+    )
+    group.add_argument(
+        "--drain-delay-s",
+        type=float,
+        default=drain_delay_s,
+        help="on SIGTERM, seconds health (and readiness) reports NOT_SERVING while calls are still answered (load "
+        "balancers and probes move away first), before new calls are refused with UNAVAILABLE (HTTP 503)",
+    )
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:

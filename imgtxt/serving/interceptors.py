@@ -1,13 +1,14 @@
 """Server interceptors: the ONE place exceptions become gRPC status codes, the admission gate of a stopping server,
-and bearer-token auth.
+bearer-token auth, and the check of requests that failed to parse.
 
-Order on the server (outermost first): `ErrorMappingInterceptor`, `AdmissionGate`, `AuthInterceptor`. The inner two
-raise domain exceptions into the first rather than aborting rpcs themselves.
+Order on the server (outermost first, as `imgtxt.serving.shell.ServerShell` installs them): `ErrorMappingInterceptor`,
+`AdmissionGate`, `AuthInterceptor`, `RequestCheckInterceptor`. The inner ones raise domain exceptions into the first
+rather than aborting rpcs themselves; the request check is innermost so that auth is decided before the request's
+content is judged (a caller without a token gets UNAUTHENTICATED, whatever it sent).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from imgtxt.errors import ImgTxtError, InvalidInput, LimitExceeded, Overloaded, Unauthenticated
-from imgtxt.serving.prometheus import ServiceMetrics
+from imgtxt.serving.auth import TokenChecker
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +194,16 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
     Handlers raise domain exceptions and never call `context.abort` themselves; unknown exceptions are logged with
     their traceback and answered INTERNAL with a generic message (no internals leak to callers). Request messages
     that fail to parse (corrupt protobuf, bytes that are not UTF-8 in a string field) are answered INVALID_ARGUMENT
-    here rather than INTERNAL by gRPC: the deserializer hands the handler a stand-in, which this interceptor
-    refuses; in a stream, at the message that failed.
+    here rather than INTERNAL by gRPC: the deserializer hands the handler a stand-in, which `RequestCheckInterceptor`
+    (innermost, after auth) refuses; in a stream, at the message that failed.
     """
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, metrics: Any) -> None:
+        """Counts into `metrics`.
+
+        Args:
+            metrics: `ServiceMetrics` or anything shaped like it (`requests`, `errors`, `request_seconds`, `labels`).
+        """
         self._metrics = metrics
 
     def intercept_service(
@@ -225,11 +231,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             context.abort(code, message)  # raises; on an rpc the client cancelled it only ends the handler
 
         def checked(request: Any) -> Any:
-            if request_streaming:
-                return _parsed(request)
-            if isinstance(request, _Unparsable):
-                raise request.invalid_input() from request.error
-            return request
+            # A unary request that failed to parse is refused by `RequestCheckInterceptor`, after auth.
+            return _parsed(request) if request_streaming else request
 
         def wrap(fn: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
             if streaming:
@@ -296,13 +299,19 @@ class AdmissionGate(grpc.ServerInterceptor):
         with self._cond:
             return self._cond.wait_for(lambda: self._active == 0, timeout)
 
-    def _enter(self) -> None:
+    def enter(self) -> None:
+        """Admits one call (pair with `leave()`).
+
+        Raises:
+            ServerStopping: The gate is closed.
+        """
         with self._cond:
             if not self._open:
                 raise ServerStopping("server is shutting down; retry (another replica, or this one once restarted)")
             self._active += 1
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
+        """Ends one admitted call."""
         with self._cond:
             self._active -= 1
             if not self._active:
@@ -319,20 +328,20 @@ class AdmissionGate(grpc.ServerInterceptor):
             if streaming:
 
                 def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    self._enter()
+                    self.enter()
                     try:
                         yield from fn(request, context)
                     finally:
-                        self._leave()
+                        self.leave()
 
                 return stream
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                self._enter()
+                self.enter()
                 try:
                     return fn(request, context)
                 finally:
-                    self._leave()
+                    self.leave()
 
             return unary
 
@@ -342,22 +351,15 @@ class AdmissionGate(grpc.ServerInterceptor):
 class AuthInterceptor(grpc.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every rpc except health checks (probes carry no secrets)."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    def _authorized(self, details: Any) -> bool:
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                # Constant-time comparison: the answer's timing must not reveal how much of the token matched.
-                return hmac.compare_digest(given, self._expected)
-        return False
+    def __init__(self, tokens: TokenChecker) -> None:
+        self._tokens = tokens
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
-        if handler is None or details.method.startswith(HEALTH_PREFIX) or self._authorized(details):
+        authorized = self._tokens.check_metadata(details.invocation_metadata)
+        if handler is None or details.method.startswith(HEALTH_PREFIX) or authorized:
             return handler
 
         def deny(fn: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
@@ -374,3 +376,34 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return raise_unauthenticated
 
         return _wrap_handler(handler, deny)
+
+
+class RequestCheckInterceptor(grpc.ServerInterceptor):
+    """Refuses a unary request that failed to parse (INVALID_ARGUMENT, naming what was wrong); innermost, so the
+    gate and auth answer first. Request streams are checked message by message as the handler reads them."""
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+
+        def check(fn: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+            if streaming:
+
+                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    if isinstance(request, _Unparsable):
+                        raise request.invalid_input() from request.error
+                    yield from fn(request, context)
+
+                return stream
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Unparsable):
+                    raise request.invalid_input() from request.error
+                return fn(request, context)
+
+            return unary
+
+        return _wrap_handler(handler, check)

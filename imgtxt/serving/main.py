@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from imgtxt.bundle import load_bundle
@@ -19,6 +15,7 @@ from imgtxt.errors import BundleError, ConfigError
 from imgtxt.logs import setup_logging
 from imgtxt.serving.config import add_server_flags, server_config_from_args, session_config_from_args
 from imgtxt.serving.server import EncoderServer
+from imgtxt.serving.shell import install_signal_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +66,7 @@ def run_service(
     except (BundleError, ConfigError) as exc:
         print(f"imgtxt serve-{modality}: error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():  # a second signal: the operator does not want to wait for the grace period
-            logger.error("received %s again: exiting without waiting", signal.Signals(signum).name)
-            os._exit(1)
-        logger.warning("received %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = install_signal_handlers()
     try:
         server.warm_up()
     except Exception:
@@ -89,6 +76,10 @@ def run_service(
     if args.port_file:
         args.port_file.write_text(f"{server.port}\n")
     print(f"listening on port {server.port}", flush=True)
+    if server.metrics_port is not None:
+        if args.metrics_port_file:
+            args.metrics_port_file.write_text(f"{server.metrics_port}\n")
+        print(f"metrics on port {server.metrics_port}", flush=True)
     stop.wait()
     server.stop()
     encoder.close()

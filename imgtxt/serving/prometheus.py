@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from imgtxt.serving.auth import TokenChecker
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +98,38 @@ class ServiceMetrics:
         """`metric.labels(modality, *values)`."""
         return metric.labels(self.modality, *values)
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, int]:
-        """Starts the `/metrics` endpoint in a daemon thread; returns the HTTP server and its port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, port: int, host: str = "127.0.0.1", tokens: TokenChecker | None = None) -> tuple[Any, int]:
+        """Starts the `/metrics` endpoint in a daemon thread; returns the HTTP server and its bound port.
+
+        Args:
+            port: Port (0: a free one).
+            host: Bind address.
+            tokens: With a token configured, scrapes must carry `Authorization: Bearer <token>` (401 otherwise).
+        """
+        app = make_wsgi_app(self.registry)
+
+        def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+            if tokens is not None and not tokens.check(environ.get("HTTP_AUTHORIZATION")):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+                return [b"missing or invalid bearer token (header 'Authorization: Bearer <token>')\n"]
+            return app(environ, start_response)
+
+        server = make_server(host.strip("[]"), port, guarded, _ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         bound = int(server.server_port)
-        logger.info("metrics endpoint listening", extra={"port": bound})
+        logger.info("metrics endpoint listening", extra={"host": host, "port": bound, "auth": tokens is not None})
         return server, bound
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug(format, *args)

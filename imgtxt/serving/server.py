@@ -1,82 +1,32 @@
-"""Building, running and stopping one encoder gRPC server: interceptors, health, reflection, TLS, metrics, draining."""
+"""Building one encoder gRPC server in the shared shell (`imgtxt.serving.shell`): batcher, servicer, metrics."""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from imgtxt.encoders.tower import TowerEncoder
 from imgtxt.errors import ConfigError
 from imgtxt.serving.batcher import DynamicBatcher, InlineRunner, Runner
 from imgtxt.serving.config import ServerConfig
-from imgtxt.serving.interceptors import AdmissionGate, AuthInterceptor, ErrorMappingInterceptor
+from imgtxt.serving.interceptors import AdmissionGate
 from imgtxt.serving.prometheus import ServiceMetrics
 from imgtxt.serving.servicer import EncoderServicerBase, EncodeService
+from imgtxt.serving.shell import HealthServicer, Lifecycle, ServerShell, ShellConfig
 
 logger = logging.getLogger(__name__)
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class _HealthServicer(health.HealthServicer):
-    """gRPC's health servicer, whose `Watch` streams a stopping server can end.
-
-    An open `Watch` is an rpc in flight: left open, a watcher that does not hang up when the server says goodbye (a
-    probe, a monitoring script, `grpcurl`) holds the server up for the whole grace period, then gets CANCELLED.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(experimental_non_blocking=True)
-        self._watches: set[Any] = set()
-        self._watches_lock = threading.Lock()
-        self._ended = False
-
-    def Watch(self, request: Any, context: Any, send_response_callback: Any = None) -> Any:
-        """Streams the service's status on every change (the first answer is the current status)."""
-        watcher = super().Watch(request, context, send_response_callback)
-        if watcher is None:  # non-blocking mode: the stream is driven by callbacks, not ended from here
-            return None
-        with self._watches_lock:
-            if self._ended:
-                watcher.close()
-            self._watches.add(watcher)
-        context.add_callback(lambda: self._forget(watcher))
-        return watcher
-
-    def _forget(self, watcher: Any) -> None:
-        with self._watches_lock:
-            self._watches.discard(watcher)
-
-    def end_watches(self) -> None:
-        """Ends every open `Watch` stream after the status it has sent (NOT_SERVING), and any opened later."""
-        with self._watches_lock:
-            self._ended = True
-            watches = list(self._watches)
-        for watcher in watches:
-            watcher.close()
 
 
 @dataclass
 class EncoderServer:
-    """A started server and what it owns; NOT_SERVING until `warm_up()`."""
+    """A started encoder server and what it owns; NOT_SERVING until `warm_up()`. Its lifecycle is the shell's."""
 
-    server: grpc.Server
-    """The gRPC server (already started)."""
-    port: int
-    """The bound gRPC port."""
-    service_name: str
-    """Full name of the served service, e.g. `imgtxt.v1.TextEncoder`."""
+    shell: ServerShell
+    """The gRPC server, its health, gate and stop."""
     config: ServerConfig
     """The configuration it was built with."""
     encoder: TowerEncoder[Any, Any]
@@ -85,19 +35,37 @@ class EncoderServer:
     """The dynamic batcher (or the inline runner when batching is off)."""
     metrics: ServiceMetrics
     """Its metrics registry."""
-    health: _HealthServicer
-    """Health servicer (overall status "" and the service's own name)."""
-    gate: AdmissionGate
-    """Refuses new rpcs (UNAVAILABLE) once the server stops."""
     metrics_port: int | None = None
     """Port of the `/metrics` endpoint, when one runs."""
-    _metrics_http: Any = None
+
+    @property
+    def server(self) -> grpc.Server:
+        """The gRPC server (already started)."""
+        return self.shell.server
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        return self.shell.port
+
+    @property
+    def service_name(self) -> str:
+        """Full name of the served service, e.g. `imgtxt.v1.TextEncoder`."""
+        return self.shell.service_name
+
+    @property
+    def health(self) -> HealthServicer:
+        """Health servicer (overall status "" and the service's own name)."""
+        return self.shell.health
+
+    @property
+    def gate(self) -> AdmissionGate:
+        """Refuses new rpcs (UNAVAILABLE) once the server stops."""
+        return self.shell.gate
 
     def set_serving(self, serving: bool) -> None:
         """Sets the health status of the server and of its service."""
-        status = SERVING if serving else NOT_SERVING
-        for name in ("", self.service_name):
-            self.health.set(name, status)
+        self.shell.set_serving(serving)
 
     def warm_up(self) -> None:
         """Runs a warm-up batch through the session, then reports SERVING."""
@@ -117,63 +85,31 @@ class EncoderServer:
 
     def drain(self) -> None:
         """Reports NOT_SERVING (load balancers stop sending) while rpcs keep being answered."""
-        self.health.enter_graceful_shutdown()
-        logger.info("draining", extra={"service": self.service_name})
+        self.shell.drain()
 
     def stop(self, grace: float | None = None) -> None:
-        """Stops in four steps, so that no rpc a client sent is lost and every refused one is retryable:
-
-        1. drain: health says NOT_SERVING, rpcs are still answered for `drain_delay_s` (load balancers and
-           health-checking client channels move away);
-        2. refuse: new rpcs get UNAVAILABLE from the admission gate, health `Watch` streams end, admitted rpcs
-           (streams included) get up to `grace` seconds to finish;
-        3. gRPC's own stop with what is left of the grace: the port closes, anything still running is cancelled;
-        4. the batcher runs what is queued and stops.
-
-        The drain is what keeps rpcs from being lost: gRPC's own stop answers CANCELLED, a status clients do not
-        retry, to rpcs it has accepted but not yet handed to a handler (grpc/grpc#41785), so clients must have
-        stopped sending by then. Health-checking client channels (round_robin with a `healthCheckConfig`) stop the
-        moment they see NOT_SERVING; a client that ignores health and keeps sending through the stop can still meet
-        that race. The gate makes everything this server refuses itself UNAVAILABLE.
+        """Stops in the shell's four steps (`ServerShell.stop`); the batcher runs what is queued and stops last.
 
         Args:
-            grace: Seconds in-flight rpcs get after the drain (default `grace_s`; 0: stop now — no drain, in-flight
-                rpcs cancelled at once, as a test or a second SIGTERM wants).
+            grace: Seconds in-flight rpcs get after the drain (default `grace_s`; 0: stop now).
         """
-        grace = self.config.grace_s if grace is None else grace
-        self.drain()
-        if self.config.drain_delay_s and grace > 0:
-            time.sleep(self.config.drain_delay_s)  # operational delay for load balancers to notice, not sync
-        deadline = time.monotonic() + grace
-        self.gate.close()
-        self.health.end_watches()
-        if not self.gate.wait_idle(grace):
-            logger.warning("grace period over: cancelling %d rpcs", self.gate.active)
-        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
-        self.runner.close()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-        logger.info("stopped", extra={"service": self.service_name})
+        self.shell.stop(grace)
 
 
-def bind(server: grpc.Server, host: str, port: int, tls_cert: Path | None, tls_key: Path | None) -> int:
-    """Binds `host:port` (TLS-only when a certificate and key are given) and returns the bound port.
-
-    Raises:
-        ConfigError: The address cannot be bound, or the TLS files are unreadable.
-    """
-    address = f"{host}:{port}"
-    try:
-        if tls_cert is not None and tls_key is not None:
-            creds = grpc.ssl_server_credentials([(tls_key.read_bytes(), tls_cert.read_bytes())])
-            bound = server.add_secure_port(address, creds)
-        else:
-            bound = server.add_insecure_port(address)
-    except (OSError, RuntimeError) as exc:
-        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
-    if bound == 0:
-        raise ConfigError(f"cannot listen on {address} (address in use or not available)")
-    return int(bound)
+def shell_config(config: ServerConfig) -> ShellConfig:
+    """The shell's part of an encoder server's configuration."""
+    return ShellConfig(
+        host=config.host,
+        port=config.port,
+        max_workers=config.max_workers,
+        lifecycle=Lifecycle(grace_s=config.grace_s, drain_delay_s=config.drain_delay_s),
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+        auth_token=config.auth_token,
+        max_concurrent_rpcs=config.max_concurrent_rpcs,
+        max_message_bytes=config.max_message_bytes,
+        keepalive=config.keepalive,
+    )
 
 
 ServicerFactory = Callable[[EncodeService[Any], int, int], EncoderServicerBase[Any]]
@@ -209,38 +145,20 @@ def build_server(
         )
     else:
         runner = InlineRunner(encoder.run, metrics)
-    gate = AdmissionGate()
-    # Outermost first: the error mapping answers what the gate and the auth check raise.
-    interceptors: list[grpc.ServerInterceptor] = [ErrorMappingInterceptor(metrics), gate]
-    if config.auth_token:
-        interceptors.append(AuthInterceptor(config.auth_token))
-    server = grpc.server(
-        ThreadPoolExecutor(config.max_workers, thread_name_prefix="grpc"),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-    )
     service = EncodeService(encoder, runner, metrics, config.max_batch)
-    add_to_server(make_servicer(service, config.max_message_bytes, config.stream_window), server)
-    health_servicer = _HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.port}"
+
+    def register(server: grpc.Server) -> None:
+        add_to_server(make_servicer(service, config.max_message_bytes, config.stream_window), server)
+
     try:
-        port = bind(server, config.host, config.port, config.tls_cert, config.tls_key)
+        shell = ServerShell(shell_config(config), service_name, register, metrics)
     except ConfigError:
         runner.close()
         raise
-    out = EncoderServer(server, port, service_name, config, encoder, runner, metrics, health_servicer, gate)
-    out.set_serving(False)
+    out = EncoderServer(shell, config, encoder, runner, metrics)
+    shell.on_stop.append(runner.close)
     if config.metrics_port is not None:
-        out._metrics_http, out.metrics_port = metrics.serve_http(config.metrics_port, config.metrics_host)
-    server.start()
-    logger.info(
-        "listening", extra={"address": address, "port": port, "tls": config.tls, "auth": bool(config.auth_token)}
-    )
+        metrics_http, out.metrics_port = metrics.serve_http(config.metrics_port, config.metrics_host, shell.tokens)
+        shell.on_stop.append(metrics_http.shutdown)
+    shell.start()
     return out

@@ -36,9 +36,11 @@ def test_config_validation_names_the_field() -> None:
 
 def test_retry_policy_is_grpcs_own() -> None:
     policy = json.loads(ConnectionConfig("localhost:1", retries=3).service_config())["methodConfig"][0]
-    assert {n["service"] for n in policy["name"]} == {"imgtxt.v1.ImageEncoder", "imgtxt.v1.TextEncoder"}
+    services = {n["service"] for n in policy["name"]}
+    assert services == {"imgtxt.v1.ImageEncoder", "imgtxt.v1.TextEncoder", "imgtxt.v1.SearchService"}
     assert policy["retryPolicy"]["maxAttempts"] == 4
-    assert policy["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+    # CANCELLED from a stopping server (grpc/grpc#41785) is retried like UNAVAILABLE.
+    assert policy["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"]
     assert (
         "retryPolicy" not in json.loads(ConnectionConfig("localhost:1", retries=0).service_config())["methodConfig"][0]
     )
@@ -70,7 +72,9 @@ def _serve(handler: _Flaky) -> tuple[grpc.Server, int]:
     return server, port
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED]
+)
 def test_retryable_codes_are_retried_by_the_channel(code: grpc.StatusCode) -> None:
     handler = _Flaky(fail=2, code=code)
     server, port = _serve(handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,11 +43,13 @@ def index(tmp_path_factory: pytest.TempPathFactory, encoder: BundleEncoder, tiny
     return data, root / "qdrant"
 
 
-def _serve(index: tuple[Path, Path], services: tuple[str, str], token: str | None) -> Iterator[SearchServer]:
+def _serve(
+    index: tuple[Path, Path], services: tuple[str, str], token: str | None, **config: Any
+) -> Iterator[SearchServer]:
     store = open_store(index[1])
     encoder = ServiceEncoder(*services)
     backend = SearchBackend(store, encoder, "search-test", SearchLimits(max_limit=20, max_text_chars=200))
-    server = create_search_server(SearchServerConfig(port=0, http_port=0, auth_token=token), backend)
+    server = create_search_server(SearchServerConfig(port=0, http_port=0, auth_token=token, **config), backend)
     try:
         yield server
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,11 +44,10 @@ def test_health_not_serving_until_warm_then_serving_then_draining(text_encoder: 
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             request = pb.EncodeTextsRequest(items=[pb.TextItem(text="still answered while draining")])
             assert pb_grpc.TextEncoderStub(channel).Encode(request, timeout=10).results[0].code == 0
-        # ... but the project's clients check health and move away: nothing of theirs meets the stop.
+        # ... the project's own client included: before, its channel watched health and failed the call with
+        # "backend unhealthy" while the server still answered it.
         with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0, timeout=5) as client:
-            with pytest.raises(grpc.RpcError) as err:
-                client.encode(["sent to a draining server"])
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "unhealthy" in err.value.details()
+            assert client.encode(["sent to a draining server"]).ok.all()
     finally:
         server.stop(grace=0)
 
@@ -72,6 +72,34 @@ def test_metrics_endpoint(text_encoder: TextEncoder) -> None:
     for stage in ("queue", "preprocess", "inference"):
         assert f'imgtxt_encoder_stage_seconds_count{{modality="text",stage="{stage}"}}' in body
     assert "imgtxt_encoder_batch_size_average" in body and "imgtxt_encoder_queue_depth" in body
+
+
+def test_metrics_bind_loopback_by_default_and_need_the_token(text_encoder: TextEncoder) -> None:
+    assert ServerConfig().metrics_host == "127.0.0.1"  # before: 0.0.0.0, every address, no auth
+    with serving(create_server, text_encoder, metrics_port=0, auth_token="s3cret") as server:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        for header in (None, "Bearer wrong"):
+            request = urllib.request.Request(url, headers={"Authorization": header} if header else {})
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(request, timeout=10)
+            assert err.value.code == 401
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret"})
+        assert b"imgtxt_encoder_requests" in urllib.request.urlopen(request, timeout=10).read()
+
+
+def test_a_malformed_request_without_a_token_is_unauthenticated_first(text_encoder: TextEncoder) -> None:
+    # Before, the request check ran before auth: a caller without the token learnt INVALID_ARGUMENT (and why).
+    with (
+        serving(create_server, text_encoder, auth_token="s3cret") as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        raw = channel.unary_unary(f"/{SERVICE_NAME}/Encode")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\x0a\x05\xff\xff", timeout=10)  # items[0] is 5 bytes long but 2 are sent
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\x0a\x05\xff\xff", timeout=10, metadata=(("authorization", "Bearer s3cret"),))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_bearer_token_auth(text_encoder: TextEncoder) -> None:

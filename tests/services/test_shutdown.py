@@ -103,9 +103,9 @@ def test_sigterm_under_load_loses_no_unary_call(tiny_bundle: Path, ort_cache: Pa
     """8 client threads send unary Encode calls back to back (about 1,000/s here); SIGTERM lands in the middle.
 
     Every call must be answered, or refused with a code the client's retry policy retries; `lost` counts the rest.
-    Without a drain period, or with clients that do not watch health, a few calls per stop come back CANCELLED:
-    gRPC's own stop cancels the calls it has accepted but not yet handed to a handler (grpc/grpc#41785). Health-
-    checking clients stop sending when the server says NOT_SERVING, so by the end of the drain there are none.
+    The clients keep sending through the whole stop (they do not watch health: a draining server still answers).
+    gRPC's own stop cancels the calls it has accepted but not yet handed to a handler (grpc/grpc#41785): their
+    CANCELLED is retried by the channel and ends as the stopped server's UNAVAILABLE.
     """
     flags = ("--device", "cpu", "--intra-op-threads", "1", "--cache-dir", str(ort_cache))
     flags += ("--drain-delay-s", "1", "--grace-s", "30")  # after start_service's own --drain-delay-s 0: last wins
@@ -114,7 +114,7 @@ def test_sigterm_under_load_loses_no_unary_call(tiny_bundle: Path, ort_cache: Pa
     per_thread_limit = 20_000  # bounds each loop even if the server never stopped
 
     def load(target: str) -> None:
-        with ConnectionConfig(target).channel() as channel:  # the clients' own channel: retries + health checking
+        with ConnectionConfig(target).channel() as channel:  # the clients' own channel: retries, keepalive
             encode = pb_grpc.TextEncoderStub(channel).Encode
             request = _request("a dog runs on the beach")
             for _ in range(per_thread_limit):
