@@ -9,26 +9,33 @@ the same token the gRPC side checks.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgtxt.errors import InvalidInput, LimitExceeded
 from imgtxt.serving.auth import TokenChecker
 from imgtxt.serving.interceptors import AdmissionGate, ServerStopping
-from search.backend import NotFound, SearchBackend, SearchResult, hit_fields
+from search.backend import NotFound, SearchBackend
 from search.backend import Query as SearchQuery
+from search_service.converters import (
+    SearchInfo,
+    embed_inputs_from_http,
+    embeddings_to_http,
+    query_from_http,
+    result_to_http,
+    search_info,
+)
+from search_service.models import EmbeddingsBody, ErrorDetail, ErrorOut, SearchBody, SearchOut
 from search_service.prometheus import SearchMetrics
 
 logger = logging.getLogger(__name__)
@@ -37,57 +44,23 @@ STATIC = resources.files("search_service") / "static"
 OPEN_PATHS = ("/healthz", "/readyz", "/static/", "/favicon.ico")
 
 
-class SearchBody(BaseModel):
-    """A search: exactly one of `text`, `image_base64`, `vector`, `point_id`."""
-
-    text: str | None = Field(None, description="text query")
-    image_base64: str | None = Field(None, description="encoded image file, base64")
-    vector: list[float] | None = Field(None, description="a vector of the collection's space")
-    point_id: str | None = Field(None, description="'more like this': an indexed point's id")
-    target: Literal["image", "text", "unit"] | None = Field(None, description="kind of points to search")
-    limit: int = Field(10, description="most hits")
-    filters: dict[str, str | int | bool] = Field(default_factory=dict, description="payload equality filters")
+def _error(
+    status: int, message: str, kind: str, headers: dict[str, str] | None = None, param: str | None = None
+) -> JSONResponse:
+    """The one error body (`models.ErrorOut`) of every HTTP error."""
+    body = ErrorOut(error=ErrorDetail(message=message, type=kind, param=param))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
-class HitOut(BaseModel):
-    """One hit."""
-
-    id: str
-    score: float
-    kind: str
-    key: str
-    image_key: str
-    caption: str
-    thumbnail: str | None = Field(None, description="URL of the hit's thumbnail, when it shows an image")
-    payload: dict[str, Any]
-
-
-class SearchOut(BaseModel):
-    """Hits, best first."""
-
-    hits: list[HitOut]
-    target: str
-    collection: str
-    latency_ms: float
-
-
-class EmbeddingsBody(BaseModel):
-    """OpenAI `POST /v1/embeddings` request. Extension: `input` items may be `{"image": "<base64 image file>"}`."""
-
-    input: str | list[str] | list[dict[str, str]]
-    model: str | None = Field(None, description="ignored unless set: must name the served bundle version")
-    encoding_format: Literal["float", "base64"] = "float"
-
-
-def _decode_b64(value: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(f"{field} is not valid base64 ({exc})") from None
-
-
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """FastAPI's validation errors as one message naming each field, and the first field."""
+    parts, first = [], None
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
+        name = ".".join(loc) or "body"
+        first = first or name
+        parts.append(f"{name}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is not valid", first
 
 
 def create_app(
@@ -154,18 +127,20 @@ def create_app(
     async def invalid(request: Request, exc: InvalidInput) -> JSONResponse:
         return _error(400, str(exc), "invalid_request_error")
 
+    @app.exception_handler(RequestValidationError)
+    async def unprocessable(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _error(422, message, "invalid_request_error", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error in %s", request.url.path, exc_info=exc)
         return _error(500, "internal error (logged on the server)", "internal")
-
-    def result_out(result: SearchResult) -> SearchOut:
-        hits = []
-        for h in result.hits:
-            f = hit_fields(h)
-            thumb = f"/v1/thumbnails/{h.id}" if f["payload"].get("image_path") else None
-            hits.append(HitOut(**f, thumbnail=thumb))
-        return SearchOut(hits=hits, target=result.target, collection=backend.collection, latency_ms=result.latency_ms)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -184,7 +159,7 @@ def create_app(
         if not ready():
             return JSONResponse({"status": "not ready", "reason": "draining: the server is stopping"}, status_code=503)
         try:
-            points = backend.info()["points"]
+            points = search_info(backend).points
         except Exception as exc:  # not ready is an answer, not an error
             return JSONResponse({"status": "not ready", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready", "collection": backend.collection, "points": points})
@@ -195,17 +170,14 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/info", tags=["search"])
-    def info() -> dict[str, Any]:
+    def info() -> SearchInfo:
         """The collection, bundle, points per kind and limits."""
-        return backend.info()
+        return search_info(backend)
 
     @app.post("/v1/search", tags=["search"])
     def search(body: SearchBody) -> SearchOut:
         """One search by text, image (base64), vector or point id."""
-        image = _decode_b64(body.image_base64, "image_base64") if body.image_base64 is not None else None
-        vector = np.asarray(body.vector, np.float32) if body.vector is not None else None
-        query = SearchQuery(body.text, image, vector, body.point_id, body.target, body.limit, dict(body.filters))
-        return result_out(backend.search(query))
+        return result_to_http(backend.search(query_from_http(body)), backend.collection)
 
     @app.post(
         "/v1/search/image",
@@ -227,7 +199,7 @@ def create_app(
         if not data:
             raise InvalidInput("the request body must be an image file")
         query = SearchQuery(image=data, target=target, limit=limit)
-        return result_out(await _run(backend.search, query))
+        return result_to_http(await _run(backend.search, query), backend.collection)
 
     @app.get("/v1/thumbnails/{point_id}", tags=["search"], response_class=Response)
     def thumbnail(point_id: str) -> Response:
@@ -237,28 +209,9 @@ def create_app(
     @app.post("/v1/embeddings", tags=["embeddings"])
     def embeddings(body: EmbeddingsBody) -> dict[str, Any]:
         """Embeddings in the OpenAI shape; `input` items `{"image": "<base64>"}` embed images (an extension)."""
-        if body.model is not None and body.model != backend.encoder.bundle_version:
-            raise InvalidInput(f"model {body.model!r} is not served here (this is {backend.encoder.bundle_version})")
-        items: list[Any] = [body.input] if isinstance(body.input, str) else list(body.input)
-        if items and all(isinstance(i, dict) for i in items):
-            images = [_decode_b64(i.get("image", ""), f"input[{n}].image") for n, i in enumerate(items)]
-            vectors, tokens = backend.embed(images=images)
-        elif all(isinstance(i, str) for i in items):
-            vectors, tokens = backend.embed(texts=items)
-        else:
-            raise InvalidInput("input items must be all strings or all {'image': base64} objects")
-        data = []
-        for n, v in enumerate(vectors):
-            emb: Any = (
-                base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" else v.tolist()
-            )
-            data.append({"object": "embedding", "index": n, "embedding": emb})
-        return {
-            "object": "list",
-            "data": data,
-            "model": backend.encoder.bundle_version,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        inputs = embed_inputs_from_http(body, backend.encoder.bundle_version, backend.encoder.dim)
+        vectors, tokens = backend.embed(texts=inputs.texts, images=inputs.images)
+        return embeddings_to_http(vectors, tokens, backend.encoder.bundle_version, body.encoding_format)
 
     return app
 

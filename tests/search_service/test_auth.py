@@ -15,6 +15,7 @@ from imgtxt.v1 import search_pb2 as pb
 from imgtxt.v1 import search_pb2_grpc as pb_grpc
 from search_service.server import SearchServer
 from tests.search_service.conftest import TOKEN
+from tests.search_service.test_protocol import _grpc_error
 from tests.search_service.test_service import _http, _stub
 
 
@@ -54,3 +55,21 @@ def test_tls_on_both_ports(secured_search_server: SearchServer, tmp_path: Path) 
         assert len(hits.hits) == 2
     finally:
         server.stop(grace=0)
+
+
+def test_a_malformed_request_without_a_token_is_refused_for_the_token_first(
+    secured_search_server: SearchServer,
+) -> None:
+    server = secured_search_server
+    # Before: INVALID_ARGUMENT (and what was wrong with the request) to a caller without the token.
+    err = _grpc_error(server, pb.SearchRequest(vector=pb.QueryVector(data=b"", dim=32)))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    err = _grpc_error(server, pb.SearchRequest(vector=pb.QueryVector(data=b"", dim=32)), metadata=auth)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as raw:
+        channel.unary_unary("/imgtxt.v1.SearchService/Search")(b"\x0a\x05ab", timeout=30)  # unparsable
+    assert raw.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for body in ({"text": "a dog", "limit": "many"}, {"vector": []}):
+        assert _http(server, "/v1/search", body)[0] == 401
+        assert _http(server, "/v1/search", body, token=TOKEN)[0] in (400, 422)
