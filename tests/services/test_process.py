@@ -7,6 +7,7 @@ import queue
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def _start(bundle: Path, cache: Path, *extra: str, env: dict[str, str] | None = 
 
 
 def test_sigterm_finishes_in_flight_stream_and_exits_0(tiny_bundle: Path, ort_cache: Path, tmp_path: Path) -> None:
-    port_file = tmp_path / "port"
+    port_file, metrics_file = tmp_path / "port", tmp_path / "metrics-port"
     flags = ("--device", "cpu", "--grace-s", "60", "--port-file", str(port_file))
+    flags += ("--metrics-port", "0", "--metrics-port-file", str(metrics_file))
     proc = _start(tiny_bundle, ort_cache, *flags, env={"IMGTXT_MAX_BATCH": "5"})
     try:
         assert proc.stdout is not None
@@ -44,6 +46,11 @@ def test_sigterm_finishes_in_flight_stream_and_exits_0(tiny_bundle: Path, ort_ca
         assert line.startswith("listening on port "), proc.stderr.read() if proc.stderr else line
         port = int(line.split()[-1])
         assert int(port_file.read_text()) == port
+        # --metrics-port 0 reports the port it bound (before: only the free port's number was never told).
+        metrics_port = int(proc.stdout.readline().removeprefix("metrics on port "))
+        assert int(metrics_file.read_text()) == metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as scrape:
+            assert b"imgtxt_encoder_requests" in scrape.read()
         chunks: queue.Queue[pb.EncodeTextsRequest | None] = queue.Queue()
 
         def requests() -> Iterator[pb.EncodeTextsRequest]:
