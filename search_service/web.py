@@ -4,7 +4,8 @@ Routes: `POST /v1/search` (JSON query), `POST /v1/search/image` (raw image bytes
 `POST /v1/embeddings` (the OpenAI request/response shape; images as a documented extension), `GET /v1/info`,
 `GET /healthz` (liveness), `GET /readyz` (readiness), `GET /metrics` (Prometheus), and the page at `/`.
 With a token, every route but health, readiness and the page's static files needs `Authorization: Bearer <token>`,
-the same token the gRPC side checks.
+checked first by the server shell's checker (the gRPC side's). Requests pass the shell's admission gate (503 once a
+stop refuses new calls); every error has the one body of `models.ErrorOut`. Bodies convert in `converters`.
 """
 
 from __future__ import annotations
