@@ -263,7 +263,8 @@ def install_signal_handlers() -> threading.Event:
     """Makes SIGTERM and SIGINT set the returned event (call from the main thread); a second one exits at once.
 
     The first signal starts the graceful stop (the caller waits on the event, then calls `stop()`); a second means
-    the operator does not want to wait for the grace period: the process exits 1 without it.
+    the operator does not want to wait for the grace period: the process exits 1 without it. For a service's own
+    process (`imgtxt serve-*`); a process that owns more (children to clean up) uses `wait_for_signal`.
     """
     stop = threading.Event()
 
@@ -280,6 +281,27 @@ def install_signal_handlers() -> threading.Event:
     return stop
 
 
-def wait_for_signal() -> None:
-    """Blocks until SIGTERM or SIGINT (call from the main thread); a second signal during the stop exits at once."""
-    install_signal_handlers().wait()
+def wait_for_signal() -> str:
+    """Blocks until SIGTERM or SIGINT (call from the main thread), then puts the previous handlers back.
+
+    For a process that runs a server among other things (`imgtxt demo`): a second signal during the stop gets the
+    process's own handling (Ctrl-C: KeyboardInterrupt, so its clean-up still runs).
+
+    Returns:
+        The signal's name.
+    """
+    received: list[str] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.warning("received %s: shutting down", received[0])
+    return received[0]
