@@ -93,9 +93,12 @@ def _containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc, Doc]]:
 
 
 def _env(container: Doc) -> dict[str, str]:
-    """The container's environment as the process sees it; values from a Secret or the downward API become
-    placeholders (their content is not in the manifests)."""
-    return {e["name"]: e.get("value", "from-" + next(iter(e.get("valueFrom", {"ref": 0})))) for e in container["env"]}
+    """The container's environment as the process sees it. Values from a Secret or the downward API are not in the
+    manifests: they become a placeholder naming their source (`from-secretKeyRef`)."""
+    env = {}
+    for e in container["env"]:
+        env[e["name"]] = e["value"] if "value" in e else "from-" + "-".join(e["valueFrom"])
+    return env
 
 
 # The parser each command of ours runs, and how its arguments start.
