@@ -96,7 +96,7 @@ def _env(container: Doc) -> dict[str, str]:
     """The container's environment as the process sees it. Values from a Secret or the downward API are not in the
     manifests: they become a placeholder naming their source (`from-secretKeyRef`)."""
     env = {}
-    for e in container["env"]:
+    for e in container.get("env", []):
         env[e["name"]] = e["value"] if "value" in e else "from-" + "-".join(e["valueFrom"])
     return env
 
@@ -315,6 +315,8 @@ def device_problems(overlay: str, docs: list[Doc]) -> list[str]:
         if "cpu" not in requests or "memory" not in limits:
             problems.append(f"{_name(d)}: no CPU request or memory limit")
         gpus = int(limits.get("nvidia.com/gpu", 0))
+        if getattr(args, "preprocess_threads", None) == 0:  # 0 = one decode thread per core of the node
+            problems.append(f"{_name(d)}: image decode threads follow the node's cores, not the CPU limit")
         if overlay == "gpu" and (args.device != "cuda" or gpus < 1 or args.batching != "on"):
             problems.append(f"{_name(d)}: device {args.device}, {gpus} GPU(s), batching {args.batching}")
         if overlay == "cpu":
@@ -343,6 +345,20 @@ def qdrant_problems(docs: list[Doc]) -> list[str]:
     config = next(c for c in _of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "qdrant")
     if not yaml.safe_load(config["data"]["production.yaml"])["cluster"]["enabled"]:
         problems.append("qdrant: cluster mode is off")
+    # Its NetworkPolicy admits every pod of ours that uses it, on the gRPC port they use.
+    admitted = [
+        rule["from"]
+        for policy in _of_kind(docs, "NetworkPolicy")
+        if policy["spec"]["podSelector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+        for rule in policy["spec"]["ingress"]
+        if any(p["port"] == 6334 for p in rule["ports"])
+    ]
+    for d, _, c in _containers(docs):
+        if _env(c).get("IMGTXT_STORE", "").startswith("qdrant://qdrant:6334"):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            peers = [p["podSelector"]["matchLabels"] for rule in admitted for p in rule]
+            if not any(m.items() <= labels.items() for m in peers):
+                problems.append(f"{_name(d)}: uses Qdrant, which its NetworkPolicy does not let it reach")
     return problems
 
 
@@ -427,8 +443,13 @@ def test_checks_catch_broken_manifests(cpu_docs: list[Doc]) -> None:
     assert image_problems(broken(lambda ds: encoder(ds).update(image="docker.io/library/python:3.11")))
     with pytest.raises(AssertionError, match="IMGTXT_MAX_BATCHES"):
         probe_problems(broken(lambda ds: _env_set(encoder(ds), "IMGTXT_MAX_BATCHES", "8")))
-    # More threads than the CPU limit.
+    # More threads than the CPU limit; decode threads left to the node's core count.
     assert device_problems("cpu", broken(lambda ds: _env_set(encoder(ds), "IMGTXT_INTRA_OP_THREADS", "4")))
+
+    def image_encoder(docs: list[Doc]) -> Doc:
+        return _first(docs, "Deployment", "image-encoder")["spec"]["template"]["spec"]["containers"][0]
+
+    assert device_problems("cpu", broken(lambda ds: _env_set(image_encoder(ds), "IMGTXT_PREPROCESS_THREADS", "0")))
 
     def job(docs: list[Doc]) -> Doc:
         return _first(docs, "Job", "index")
@@ -441,4 +462,6 @@ def test_checks_catch_broken_manifests(cpu_docs: list[Doc]) -> None:
         return change
 
     assert job_problems(broken(shards("3")))
+    # A client of Qdrant that its NetworkPolicy does not admit.
+    assert qdrant_problems(broken(lambda ds: job(ds)["spec"]["template"]["metadata"]["labels"].clear()))
     assert job_problems(broken(lambda ds: job(ds)["spec"].update(parallelism=2)))
