@@ -35,7 +35,7 @@ from benchmarks.samples import sample_items
 from imgtxt.bundle import load_bundle
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
 from imgtxt.encoders.image import ImageEncoder
-from imgtxt.encoders.session import SessionConfig
+from imgtxt.encoders.session import SessionConfig, cuda_available
 from imgtxt.encoders.text import TextEncoder
 from imgtxt.supervisor import run_services
 
@@ -49,13 +49,16 @@ ENCODERS: dict[str, Any] = {"image": ImageEncoder, "text": TextEncoder}
 
 
 def cuda_problem() -> str | None:
-    """Why this machine cannot run the CUDA check (torch without CUDA, or no device), or None when it can."""
+    """Why this machine cannot run the CUDA check (torch without CUDA, no device, an ONNX Runtime build without the
+    CUDA provider), or None when it can. Whether the provider's libraries load shows when the services start."""
     try:
         import torch
     except ModuleNotFoundError:
         return "torch is not installed (pip install '.[train]')"
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA device"
+    if not cuda_available():
+        return "this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
     return None
 
 
@@ -156,46 +159,64 @@ def _rates(client: Any, items: list[Any], clients: int) -> dict[str, float]:
 
 def serve_checks(
     args: argparse.Namespace, bundle: Path, items: dict[str, list[Any]]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Parity at fp32 and fp16, and throughput with batching on (at the serving precision) and off."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """Parity at fp32 and fp16, and throughput with batching on (at the serving precision) and off.
+
+    Returns:
+        The parity rows, the throughput rows, and why serving stopped early (a service that exited, e.g. with 2 when
+        CUDA failed to load, or never reported SERVING), or None; the rows measured until then are kept.
+    """
     reference = _reference(bundle, items)
     serving = "fp16" if args.device == "cuda" else "fp32"  # what `--precision auto` picks there
-    runs = [("fp32", "on"), ("fp16", "on"), (serving, "off")]
-    parity, speed = [], []
-    for precision, batching in runs:
+    parity: list[dict[str, Any]] = []
+    speed: list[dict[str, Any]] = []
+    for precision, batching in (("fp32", "on"), ("fp16", "on"), (serving, "off")):
         flags = ("--device", args.device, "--precision", precision, "--batching", batching, "--max-batch", "32")
-        with run_services(bundle, extra_args=flags, modalities=MODALITIES) as services:
-            for modality, svc in zip(MODALITIES, services, strict=True):
-                with CLIENTS[modality](svc.target, timeout=300) as client:
-                    provider = client.info().execution_provider
-                    if batching == "on":
-                        served = client.encode(items[modality]).embeddings
-                        cos = _cosines(served, reference[modality])
-                        parity.append(
-                            {
-                                "check": "parity",
-                                "modality": modality,
-                                "precision": precision,
-                                "provider": provider,
-                                "items": len(cos),
-                                "min_cosine": round(float(cos.min()), 6),
-                                "max_abs_diff": float(np.abs(served - reference[modality]).max()),
-                                "passed": bool(cos.min() >= MIN_COSINE),
-                            }
-                        )
-                    if precision == serving:
-                        rates = _rates(client, items[modality], args.clients)
-                        speed.append(
-                            {
-                                "check": "throughput",
-                                "modality": modality,
-                                "precision": precision,
-                                "batching": batching,
-                                "provider": provider,
-                                "items_per_s": {k: round(v, 1) for k, v in rates.items()},
-                            }
-                        )
-    return parity, speed
+        try:
+            with run_services(bundle, extra_args=flags, modalities=MODALITIES) as services:
+                for modality, svc in zip(MODALITIES, services, strict=True):
+                    with CLIENTS[modality](svc.target, timeout=300) as client:
+                        provider = client.info().execution_provider
+                        if batching == "on":
+                            parity.append(_parity(client, modality, precision, provider, items, reference))
+                        if precision == serving:
+                            rates = _rates(client, items[modality], args.clients)
+                            speed.append(
+                                {
+                                    "check": "throughput",
+                                    "modality": modality,
+                                    "precision": precision,
+                                    "batching": batching,
+                                    "provider": provider,
+                                    "items_per_s": {k: round(v, 1) for k, v in rates.items()},
+                                }
+                            )
+        except (RuntimeError, TimeoutError) as exc:
+            return parity, speed, f"serving {' '.join(flags)} failed: {exc}"
+    return parity, speed, None
+
+
+def _parity(
+    client: Any,
+    modality: str,
+    precision: str,
+    provider: str,
+    items: dict[str, list[Any]],
+    reference: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """What the service answers for every item against the fp32 graph on CPU."""
+    served = client.encode(items[modality]).embeddings
+    cos = _cosines(served, reference[modality])
+    return {
+        "check": "parity",
+        "modality": modality,
+        "precision": precision,
+        "provider": provider,
+        "items": len(cos),
+        "min_cosine": round(float(cos.min()), 6),
+        "max_abs_diff": float(np.abs(served - reference[modality]).max()),
+        "passed": bool(cos.min() >= MIN_COSINE),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,18 +244,44 @@ def main(argv: list[str] | None = None) -> int:
     args.items = args.items or (16 if args.smoke else 1024)
     args.train_images, args.val_images, args.batch_size = (16, 8, 8) if args.smoke else (512, 64, 128)
     report = Report("gpu_check_smoke" if args.smoke else "gpu_check", argv, args.results, module="gpu_check")
-    start = time.perf_counter()
+    start, stages = time.perf_counter(), {}
     with tempfile.TemporaryDirectory(prefix="imgtxt-gpu-check-") as tmp:
         data = args.data or write_manifest(Path(tmp) / "data", args.train_images, args.val_images)
         train, checkpoint = train_steps(args, data, Path(tmp) / "run")
+        stages["train_s"] = time.perf_counter() - start
         report.line(
             f"training: {train['recipe']} recipe, {train['steps']} steps on {train['device_name']}, autocast"
             f" {train['autocast']}: {train['steps_per_s']} steps/s, loss {train['loss']}"
             f" (finite: {train['loss_finite']})"
         )
         bundle = args.bundle or export_bundle(checkpoint, Path(tmp) / "bundle")
+        stages["export_s"] = time.perf_counter() - start - stages["train_s"]
         items = {m: sample_items(m, args.items)[0] for m in MODALITIES}
-        parity, speed = serve_checks(args, bundle, items)
+        parity, speed, failure = serve_checks(args, bundle, items)
+        if failure:
+            report.line(failure)
+        stages["serve_s"] = time.perf_counter() - start - stages["train_s"] - stages["export_s"]
+    _report_serving(report, parity, speed, args.clients)
+    elapsed = time.perf_counter() - start
+    passed = failure is None and all(p["passed"] for p in parity) and train["loss_finite"]
+    report.line(
+        f"total {elapsed:.0f} s (train {stages['train_s']:.0f}, export {stages['export_s']:.0f}, serve"
+        f" {stages['serve_s']:.0f}; budget {BUDGET_S:.0f} s); {'passed' if passed else 'FAILED'}"
+    )
+    summary = {
+        "check": "summary",
+        "elapsed_s": round(elapsed, 1),
+        "stages_s": {k.removesuffix("_s"): round(v, 1) for k, v in stages.items()},
+        "budget_s": BUDGET_S,
+        "error": failure,
+        "passed": passed,
+    }
+    report.save([train, *parity, *speed, summary])
+    return 0 if passed else 1
+
+
+def _report_serving(report: Report, parity: list[dict[str, Any]], speed: list[dict[str, Any]], clients: int) -> None:
+    """Prints the parity and throughput rows, and the batching on / off ratio of the concurrent clients."""
     for p in parity:
         report.line(
             f"parity {p['modality']:<5} {p['precision']} on {p['provider']}: min cosine {p['min_cosine']:.6f}"
@@ -243,19 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in speed:
         rates = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in s["items_per_s"].items())
         report.line(f"items/s {s['modality']:<5} {s['precision']} batching {s['batching']:<3}: {rates}")
-    on = {s["modality"]: s["items_per_s"] for s in speed if s["batching"] == "on"}
-    off = {s["modality"]: s["items_per_s"] for s in speed if s["batching"] == "off"}
-    key = f"{args.clients}_clients"
+    concurrent = {(s["modality"], s["batching"]): s["items_per_s"][f"{clients}_clients"] for s in speed}
     for m in MODALITIES:
-        report.line(f"ratio {m} {args.clients} clients batching on / off = {on[m][key] / off[m][key]:.2f}x")
-    elapsed = time.perf_counter() - start
-    passed = all(p["passed"] for p in parity) and train["loss_finite"]
-    report.line(
-        f"total {elapsed:.0f} s (budget {BUDGET_S:.0f} s); parity and finite loss: {'passed' if passed else 'FAILED'}"
-    )
-    summary = {"check": "summary", "elapsed_s": round(elapsed, 1), "budget_s": BUDGET_S, "passed": passed}
-    report.save([train, *parity, *speed, summary])
-    return 0 if passed else 1
+        if (m, "on") in concurrent and (m, "off") in concurrent:
+            ratio = concurrent[m, "on"] / concurrent[m, "off"]
+            report.line(f"ratio {m} {clients} clients batching on / off = {ratio:.2f}x")
 
 
 if __name__ == "__main__":

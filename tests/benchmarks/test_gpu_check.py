@@ -54,7 +54,24 @@ def test_smoke_run_writes_every_check(tmp_path: Path) -> None:
     for rates in speed.values():
         assert sorted(rates) == ["32_clients", "batch_1", "batch_32"] and min(rates.values()) > 0
     (summary,) = by_check["summary"]
-    assert summary["passed"] == all(p["passed"] for p in parity.values())
+    assert summary["passed"] == all(p["passed"] for p in parity.values()) and summary["error"] is None
+    assert sorted(summary["stages_s"]) == ["export", "serve", "train"]
     text = (tmp_path / "gpu_check_smoke.md").read_text()
     assert "Written by `benchmarks/gpu_check.py`" in text
     assert "ratio text 32 clients batching on / off" in text and "parity image fp16" in text
+
+
+def test_a_service_that_cannot_start_fails_the_check_and_keeps_what_ran(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The tiny bundle has no fp16 graphs: the fp16 services exit 2 at start (as `--device cuda` does when CUDA fails
+    to load), and the results file says so next to the fp32 figures measured before."""
+    argv = ["--device", "cpu", "--smoke", "--bundle", str(tiny_bundle), "--results", str(tmp_path)]
+    assert gpu_check.main(argv) == 1
+    rows = json.loads((tmp_path / "gpu_check_smoke.json").read_text())["rows"]
+    assert sorted((r["modality"], r["precision"]) for r in rows if r["check"] == "parity") == [
+        ("image", "fp32"),
+        ("text", "fp32"),
+    ]
+    (summary,) = [r for r in rows if r["check"] == "summary"]
+    assert summary["passed"] is False
+    assert "--precision fp16" in summary["error"] and "exited with code 2" in summary["error"]
+    assert "FAILED" in (tmp_path / "gpu_check_smoke.md").read_text()
