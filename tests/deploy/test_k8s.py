@@ -22,11 +22,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from image_encoder_service.server import SERVICE_NAME as IMAGE_SERVICE
 from imgtxt.config import env_name
 from imgtxt.serving.config import add_server_flags, server_config_from_args
 from indexer.cli import index_parser
 from search_service.__main__ import build_parser as search_parser
+from search_service.server import SERVICE_NAME as SEARCH_SERVICE
 from search_service.server import SearchServerConfig
+from text_encoder_service.server import SERVICE_NAME as TEXT_SERVICE
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -101,13 +104,14 @@ def _env(container: Doc) -> dict[str, str]:
     return env
 
 
-# The parser each command of ours runs, and how its arguments start.
+# The parser of each `imgtxt` sub-command the manifests run, and the gRPC service it serves (health's service names).
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "serve-image": lambda: _server_parser("image"),
     "serve-text": lambda: _server_parser("text"),
     "serve-search": search_parser,
     "index": index_parser,
 }
+SERVED = {"serve-image": IMAGE_SERVICE, "serve-text": TEXT_SERVICE, "serve-search": SEARCH_SERVICE}
 
 
 def _server_parser(modality: str) -> argparse.ArgumentParser:
@@ -159,6 +163,8 @@ def probe_problems(docs: list[Doc]) -> list[str]:
             for action in ("grpc", "httpGet"):
                 if action in probe and probe[action]["port"] != ports["grpc" if action == "grpc" else "http"]:
                     problems.append(f"{_name(d)}: {kind} {action} port {probe[action]['port']}, service on {ports}")
+            if probe.get("grpc", {}).get("service", "") not in ("", SERVED[c["command"][1]]):
+                problems.append(f"{_name(d)}: {kind} asks health for {probe['grpc']['service']!r}, not served here")
         declared = {p["containerPort"] for p in c["ports"]}
         if args.port not in declared:
             problems.append(f"{_name(d)}: gRPC port {args.port} is not a containerPort ({sorted(declared)})")
@@ -436,6 +442,10 @@ def test_checks_catch_broken_manifests(cpu_docs: list[Doc]) -> None:
 
     # The service moved to another port, the probes did not.
     assert probe_problems(broken(lambda ds: _env_set(encoder(ds), "IMGTXT_PORT", "6000")))
+    # Readiness asks health about the other tower's service.
+    assert probe_problems(
+        broken(lambda ds: encoder(ds)["readinessProbe"]["grpc"].update(service="imgtxt.v1.ImageEncoder"))
+    )
     # A longer drain than the pod's grace period leaves room for.
     assert grace_problems(broken(lambda ds: _env_set(encoder(ds), "IMGTXT_DRAIN_DELAY_S", "40")))
     # A token inlined, a foreign image, a typo in a variable.
