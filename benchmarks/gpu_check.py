@@ -10,8 +10,9 @@ On a machine with a GPU (the `[train]` extra installed, so torch has CUDA), in a
    with dynamic batching on and off.
 
 It writes `benchmarks/results/gpu_check.{md,json}` and exits 1 when a parity check fails or a service does not start
-(the file then says which, next to what was measured before). Without CUDA it refuses (exit 2) and writes nothing. `--device cpu --smoke` runs the same path on CPU with the `tiny` recipe and small counts (that is what the
-tests run; it writes `gpu_check_smoke.*`, never the GPU file).
+(the file then says which, next to what was measured before). Without CUDA it refuses (exit 2) and writes nothing.
+`--device cpu --smoke` runs the same path on CPU with the `tiny` recipe and small counts (that is what the tests run;
+it writes `gpu_check_smoke.*`, never the GPU file).
 
     python -m benchmarks.gpu_check [--data DATASET] [--bundle BUNDLE] [--results DIR]
     python -m benchmarks.gpu_check --device cpu --smoke --results /tmp/gpu-check
