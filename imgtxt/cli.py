@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve-search": ("search_service.__main__:main", "serve search over an index: gRPC, HTTP/JSON and a web page", ""),
     "index": ("indexer.cli:main", "encode images/captions/units and write them into Qdrant", ""),
     "search": ("search.cli:main", "search the index with a text or an image query", ""),
-    "bundle-info": ("imgtxt.bundle:main", "verify a model bundle and describe it", ""),
+    "bundle-info": ("imgtxt.bundle_info:main", "verify a model bundle and describe it", ""),
 }
 
 
