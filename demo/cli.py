@@ -208,8 +208,9 @@ def _serve(store: VectorStore, encoder: ServiceEncoder, args: argparse.Namespace
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:
-    """Makes the path flags absolute: the services and the train and export steps run as subprocesses in another
-    working directory, where a relative `--bundle bundles/x` or `--tls-cert cert.pem` would name nothing."""
+    """Makes the path flags absolute before they reach a subprocess: the train and export steps run in the
+    repository's directory, where a relative `--data data` or `--artifacts art` would name nothing, and the services
+    and the narration then name the same files whatever directory the demo was started from."""
     for name in ("data", "bundle", "artifacts", "tls_cert", "tls_key", "tls_ca"):
         value = getattr(args, name)
         if value is not None:
