@@ -21,7 +21,7 @@ from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.connection import ConnectionConfig
 from imgtxt.datasets import default_data_root, load_captioned_images
 from imgtxt.encoders.unit import UnitEncoder
-from imgtxt.errors import ImgTxtError, InvalidInput
+from imgtxt.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ImgTxtError, InvalidInput, exit_code
 from imgtxt.flags import HelpFormatter, add_json_flag, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.retrieval_metrics import format_metrics
@@ -207,21 +207,34 @@ def _serve(store: VectorStore, encoder: ServiceEncoder, args: argparse.Namespace
         server.stop(grace=2)
 
 
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """Makes the path flags absolute before they reach a subprocess: the train and export steps run in the
+    repository's directory, where a relative `--data data` or `--artifacts art` would name nothing, and the services
+    and the narration then name the same files whatever directory the demo was started from."""
+    for name in ("data", "bundle", "artifacts", "tls_cert", "tls_key", "tls_ca"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(args, name, Path(value).expanduser().absolute())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the demo; 0 on success, 2 when there is no data or bundle to run with, 1 on other errors."""
+    """Runs the demo; 0 on success, else `imgtxt.errors.exit_code`: 2 when there is no data or bundle to run with."""
     args = build_parser().parse_args(argv)
+    _absolute_paths(args)
     setup_logging(args.verbose, args.log_json)
     limit = args.limit or (QUICK_LIMIT if args.quick else None)
     data = args.data
     if not data.exists() or (data.is_dir() and not any(data.glob("dataset_*.json"))):
         print("imgtxt demo: error: " + NO_DATA.format(path=data), file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     store_dir = Path(args.store) if args.store else args.artifacts / "qdrant"
     started = time.perf_counter()
     n = _Narrator(to_stderr=args.json == "-")
     result: dict[str, Any] = {"store": str(store_dir), "queries": {}}
     try:
         n.step("model bundle")
+        if args.bundle is not None:
+            load_bundle(args.bundle, verify=False)  # a missing or malformed --bundle: a usage error, before any start
         bundle = args.bundle or ensure_bundle(data, args.artifacts, n)
         items = load_captioned_images(data, split="val", limit=limit)
         n.step("starting the image and text encoder services")
@@ -289,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             f"imgtxt demo: error: `{' '.join(map(str, exc.cmd[3:]))}` failed with exit code {exc.returncode}",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_FAILURE
     except (ImgTxtError, ValueError, OSError, RuntimeError, TimeoutError, grpc.RpcError) as exc:
         print(f"imgtxt demo: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     emit(args.json, result, lambda: n.say(f"done in {result['elapsed_s']:.1f} s"))
-    return 0
+    return EXIT_OK

@@ -23,7 +23,7 @@ import numpy as np
 from evaluation.judgments import FORMATS, graded_correlation, load_judgments
 from imgtxt.config import apply_env_defaults, positive_int
 from imgtxt.datasets import CaptionedImage, default_data_root, load_captioned_images
-from imgtxt.errors import ImgTxtError
+from imgtxt.errors import ConfigError, ImgTxtError, exit_code
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.retrieval_metrics import format_metrics, retrieval_metrics
 
@@ -142,7 +142,7 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
                 if args.reuse:
                     check_given(name, store.collection_config(name), args)
                 elif name != own and not args.recreate and _exists(store, name):
-                    raise ImgTxtError(
+                    raise ConfigError(  # EXIT_USAGE: the flags, not the run, are wrong
                         f"collection {name!r} exists in {location}: pass --reuse to evaluate it as it was built, or "
                         "--recreate to delete it (and every point in it) and index the split into it"
                     )
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _via_index(args, records) if args.via_index else _offline(args, records)
     except (ValueError, KeyError, ImgTxtError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt eval: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     from imgtxt.flags import emit
 
     emit(args.json, result, lambda: print(format_metrics(result)))

@@ -14,7 +14,7 @@ from evaluation.judgments import JudgedPairs
 from evaluation.offline import encode_all
 from imgtxt.datasets import CaptionedImage
 from imgtxt.encoders.types import Encoder
-from imgtxt.errors import ImgTxtError
+from imgtxt.errors import ImgTxtError, InvalidInput
 from imgtxt.retrieval_metrics import retrieval_metrics
 from indexer.ids import point_id
 from indexer.pipeline import IndexConfig, run_index
@@ -28,14 +28,14 @@ def check_holds_exactly(
     """Checks that the open collection holds exactly these image and text points, written by `bundle_version`.
 
     Raises:
-        ImgTxtError: Points of the split are missing, the collection holds other image or text points (another
+        InvalidInput: Points of the split are missing, the collection holds other image or text points (another
             split, another --limit), or they were indexed by another bundle; the message says which and how many.
     """
     n_images, n_texts = store.count({"kind": "image"}), store.count({"kind": "text"})
     found = store.retrieve(image_ids + text_ids)
     missing = len(image_ids) + len(text_ids) - len(found)
     if missing or n_images != len(image_ids) or n_texts != len(text_ids):
-        raise ImgTxtError(
+        raise InvalidInput(
             f"collection {collection!r} does not hold exactly the split's points: it has {n_images} image and "
             f"{n_texts} text points, the split {len(image_ids)} images and {len(text_ids)} captions, of which "
             f"{missing} are missing; index exactly this split into it (imgtxt index DATA --split SPLIT [--limit N]) "
@@ -43,7 +43,7 @@ def check_holds_exactly(
         )
     versions = sorted({str(p.get("bundle_version")) for p in found.values()})
     if versions != [bundle_version]:
-        raise ImgTxtError(
+        raise InvalidInput(
             f"collection {collection!r} was indexed with bundle(s) {', '.join(versions)}, but the queries are "
             f"encoded by {bundle_version}"
         )

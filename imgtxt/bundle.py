@@ -6,7 +6,6 @@ manifest states everything a server needs to reproduce training-time preprocessi
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -436,36 +435,3 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if verify and sha256_file(fpath) != digest:
             raise BundleError(f"bundle file {name!r} does not match its sha256 in the manifest (tampered or corrupt)")
     return Bundle(root.resolve(), manifest)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`imgtxt bundle-info`: verifies a bundle and prints its manifest summary."""
-    parser = argparse.ArgumentParser(prog="imgtxt bundle-info", description="Verify a model bundle and describe it.")
-    parser.add_argument("bundle", type=Path, help="bundle directory")
-    parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
-    args = parser.parse_args(argv)
-    try:
-        bundle = load_bundle(args.bundle)
-    except BundleError as exc:
-        parser.exit(1, f"error: {exc}\n")
-    m = bundle.manifest
-    if args.json:
-        print(json.dumps(m.to_dict(), indent=2, sort_keys=True))
-        return 0
-    print(f"bundle     {m.bundle_version}  sha256 {bundle.sha256}")
-    print(f"dim        {m.embedding_dim}  normalized={m.normalized}  distance={m.distance}  opset={m.onnx_opset}")
-    sv = m.serving
-    for precision, towers in sv.precisions.items():
-        for modality, variant in towers.items():
-            p = variant.parity
-            parity = f"max|d|={p.max_abs_diff:.2e} min cos={p.min_cosine:.6f}" if p else ""
-            print(f"{modality:<10} {precision}  {variant.file}  {parity}")
-    print(
-        f"serving    side {sv.image_size}px  flip_average={sv.flip_average}  trained for quantization="
-        f"{sv.quantization}  unit head={'trained' if sv.unit_head else 'none'}"
-    )
-    print(
-        f"image      {m.image_preprocess.image_size}px {m.image_preprocess.resize} {m.image_preprocess.interpolation}"
-    )
-    print(f"text       {m.text_config.tokenizer_file} max_tokens={m.text_config.max_tokens}")
-    return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module:function taking argv and returning an exit code, one-line help, extra needed)
@@ -20,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve-search": ("search_service.__main__:main", "serve search over an index: gRPC, HTTP/JSON and a web page", ""),
     "index": ("indexer.cli:main", "encode images/captions/units and write them into Qdrant", ""),
     "search": ("search.cli:main", "search the index with a text or an image query", ""),
-    "bundle-info": ("imgtxt.bundle:main", "verify a model bundle and describe it", ""),
+    "bundle-info": ("imgtxt.bundle_info:main", "verify a model bundle and describe it", ""),
 }
 
 
@@ -41,8 +42,20 @@ def _load(target: str, extra: str):  # type: ignore[no-untyped-def]
     return getattr(module, func)
 
 
+def process_defaults() -> None:
+    """Process-wide settings of every `imgtxt` process, applied before a sub-command imports grpc.
+
+    gRPC's fork support is switched off unless the environment says otherwise: no imgtxt process uses gRPC in a
+    forked child, and with it on, a fork() while channels are busy restarts gRPC's poller in the child, which then
+    aborts (`epoll_wait error: Bad file descriptor`, SIGABRT) when `close_fds` closes its epoll descriptor before exec
+    (grpc/grpc#43055). gRPC reads the variable when it is first imported. The services this process starts inherit it.
+    """
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses the sub-command and hands the remaining arguments to its owner."""
+    process_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="imgtxt",

@@ -8,6 +8,16 @@ import os
 ENV_PREFIX = "IMGTXT_"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The one help formatter of every `imgtxt` command: shows each option's default, except where there is none
+    to show (None, or off for a switch). Light to import (no grpc, no onnxruntime), so the trainer uses it too."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default in ([], {}):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def env_name(option: str) -> str:
     """The environment variable of a long option: `--max-batch` -> `IMGTXT_MAX_BATCH`."""
     return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()

@@ -16,6 +16,7 @@ from typing import Any
 
 from imgtxt.bundle import Bundle, load_bundle
 from imgtxt.client import ServiceEncoder
+from imgtxt.config import HelpFormatter as HelpFormatter  # defined with the env defaults; re-exported here
 from imgtxt.connection import add_connection_flags, connections_from_args
 from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.encoders.session import DEVICES, PRECISION_CHOICES, SessionConfig, default_cache_dir
@@ -33,15 +34,6 @@ def default_home(environ: dict[str, str] | None = None) -> Path:
     xdg = env.get("XDG_DATA_HOME")
     base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".local" / "share"
     return (base / "imgtxt").absolute()
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (None, or off for a switch)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default in ([], {}):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def emit(target: str | None, result: Any, human: Callable[[], None]) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgtxt.errors import ConfigError, InvalidInput, LimitExceeded
+from imgtxt.image_structure import JPEG_SIGNATURE, PNG_SIGNATURE, jpeg_damage, png_damage
 
 RESIZE_RULES = ("shorter_center_crop", "squash")
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -29,7 +30,7 @@ _ACCEPTED = ", ".join(ACCEPTED_FORMATS)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _FILE_OBJECT = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
 # How each accepted format's files begin (to name the format of bytes too broken for Pillow to open).
-_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a")}
+_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (PNG_SIGNATURE,), "GIF": (b"GIF87a", b"GIF89a")}
 
 # Our own (configurable) pixel limit is checked from the header before any pixel is decoded; Pillow's own guard
 # (an error at 2x Image.MAX_IMAGE_PIXELS) stays on as a second line.
@@ -108,7 +109,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
 
     Raises:
         InvalidInput: Empty, truncated, corrupt or non-image bytes, or an unaccepted format (the message says which
-            formats are accepted).
+            formats are accepted). A truncated or corrupt PNG or JPEG is named with the chunk or segment and its
+            byte offset; a PNG is refused when any chunk fails its CRC, even where Pillow would decode it.
         LimitExceeded: Over `max_image_bytes` or `max_image_pixels` (the message names the limit).
     """
     if not data:
@@ -116,6 +118,11 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
     if len(data) > limits.max_image_bytes:
         raise LimitExceeded(f"image data is {len(data)} bytes, over the limit max_image_bytes={limits.max_image_bytes}")
     fmt: str | None = None
+    if data.startswith(PNG_SIGNATURE):
+        # Checked before Pillow, which reads a PNG whose IHDR fails its CRC as "no image" and skips IDAT CRCs.
+        damage = png_damage(data)
+        if damage:
+            raise InvalidInput(f"PNG image data ({len(data)} bytes) is {damage}")
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
         fmt = img.format
@@ -140,18 +147,27 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), draft_size: i
             f"image is over the limit max_image_pixels={limits.max_image_pixels} (decompression bomb: {exc})"
         ) from exc
     except UnidentifiedImageError as exc:
+        _raise_if_damaged(data, exc)
         raise InvalidInput(
             f"image data ({len(data)} bytes, starting {data[:8]!r}) is not an image file in an accepted format "
             f"({_ACCEPTED})"
         ) from exc
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad bytes
         detail = _FILE_OBJECT.sub("", f"{type(exc).__name__}: {exc}")
+        _raise_if_damaged(data, exc)
         fmt = fmt or _sniff(data)
         what = f"{fmt} image data" if fmt else "image data"
         raise InvalidInput(
             f"{what} ({len(data)} bytes) could not be decoded: it is truncated or corrupt ({detail}); "
             f"accepted formats: {_ACCEPTED}"
         ) from exc
+
+
+def _raise_if_damaged(data: bytes, exc: Exception) -> None:
+    """Raises InvalidInput naming where a JPEG that Pillow failed on is truncated or corrupt, if its framing says."""
+    damage = jpeg_damage(data) if data.startswith(JPEG_SIGNATURE) else None
+    if damage:
+        raise InvalidInput(f"JPEG image data ({len(data)} bytes) is {damage}") from exc
 
 
 def _sniff(data: bytes) -> str | None:

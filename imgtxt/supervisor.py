@@ -40,6 +40,16 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
 
+def read_port_file(port_file: Path) -> int | None:
+    """The port a service wrote to its `--port-file`, or None while the file is absent or not yet complete (the
+    service writes `PORT\\n`: a read racing the write may see an empty or partial line)."""
+    try:
+        text = port_file.read_text()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.endswith("\n") and text.strip().isdigit() else None
+
+
 def _wait_serving(svc: ServiceProcess, port_file: Path, timeout_s: float, tls_ca: Path | None = None) -> None:
     """Polls the port file, then the gRPC health check, until SERVING; fails fast if the process exits."""
     deadline = time.monotonic() + timeout_s
@@ -49,8 +59,9 @@ def _wait_serving(svc: ServiceProcess, port_file: Path, timeout_s: float, tls_ca
             code = svc.process.poll()
             if code is not None:
                 raise RuntimeError(f"the {svc.modality} service exited with code {code} before serving")
-            if channel is None and port_file.is_file() and port_file.read_text().strip():
-                svc.port = int(port_file.read_text().strip())
+            port = read_port_file(port_file) if channel is None else None
+            if port is not None:
+                svc.port = port
                 channel = (
                     grpc.secure_channel(svc.target, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
                     if tls_ca is not None
@@ -88,15 +99,27 @@ def stop_service(svc: ServiceProcess, timeout_s: float = 30.0) -> int:
 def start_service(
     modality: str, bundle: Path, workdir: Path, extra_args: tuple[str, ...] = ()
 ) -> tuple[ServiceProcess, Path]:
-    """Launches `imgtxt serve-<modality>` on 127.0.0.1 and a free port; returns the process and its port file."""
-    port_file = Path(workdir) / f"{modality}.port"
+    """Launches `imgtxt serve-<modality>` on 127.0.0.1 and a free port; returns the process and its port file.
+
+    The service runs in the caller's working directory, so relative paths in `bundle` and `extra_args` (`--tls-cert`,
+    `--cache-dir`...) mean what they mean to the caller; `-P` keeps that directory off the service's import path (the
+    project is found through PYTHONPATH). Its stdin is /dev/null and it inherits no descriptor but stdout and stderr
+    (`close_fds`).
+
+    It is started by vfork + exec: no `preexec_fn`, user or group, which would make CPython fork() instead. A fork()
+    of a process with live gRPC channels runs gRPC's fork handlers in the child, whose restarted poller then fails on
+    the descriptors `close_fds` closes: `epoll_wait error: Bad file descriptor` and SIGABRT before exec
+    (grpc/grpc#43055), seen as a service that aborted at start-up.
+    """
+    port_file = Path(workdir).absolute() / f"{modality}.port"
     cmd = [
         sys.executable,
+        "-P",
         "-m",
         "imgtxt.cli",
         f"serve-{modality}",
         "--bundle",
-        str(bundle),
+        str(Path(bundle).absolute()),
         "--host",
         "127.0.0.1",
         "--port",
@@ -108,7 +131,7 @@ def start_service(
         *extra_args,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
     return ServiceProcess(modality, proc), port_file
 
 

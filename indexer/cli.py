@@ -13,7 +13,7 @@ import grpc
 from imgtxt.bundle import Bundle
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.encoders.unit import FALLBACK, UnitEncoder
-from imgtxt.errors import ImgTxtError
+from imgtxt.errors import EXIT_FAILURE, EXIT_OK, ImgTxtError, exit_code
 from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag, build_encoder, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from indexer.ids import KINDS
@@ -182,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         encoder, bundle = build_encoder(args, needs=("image",) * need_images + ("text",) * need_texts)
     except (ValueError, ImgTxtError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt index: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     try:
         fusion, fusion_warnings = resolve_fusion(args.kinds, bundle, args.untrained_fusion)
         config, warnings = collection_config(args, encoder.dim, bundle)
     except ValueError as exc:
         encoder.close()
         print(f"imgtxt index: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     store = open_store(store_loc, api_key=args.api_key, timeout=args.store_timeout, retries=args.retries)
     try:
         collection = store.resolve(args.collection or encoder.bundle_version)
@@ -245,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                 report.alias = args.alias
     except (CollectionMismatch, ImgTxtError, ValueError, KeyError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt index: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     finally:
         store.close()
         encoder.close()
     emit(args.json, report.to_dict(), lambda: _print_report(report))
-    return 1 if failed else 0
+    return EXIT_FAILURE if failed else EXIT_OK

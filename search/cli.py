@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from imgtxt.config import apply_env_defaults, positive_int
-from imgtxt.errors import ImgTxtError
+from imgtxt.errors import ImgTxtError, exit_code
 from imgtxt.flags import HelpFormatter, add_encoder_flags, add_filter_flag, add_json_flag, build_encoder, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from indexer.ids import KINDS
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder, _ = build_encoder(args, needs=("text",) if args.text is not None else ("image",))
     except (ValueError, ImgTxtError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt search: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     store = open_store(str(args.store), api_key=args.api_key, timeout=args.store_timeout, retries=args.retries)
     try:
         searcher = Searcher(store, encoder, args.collection or encoder.bundle_version)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             hits = searcher.search_image(args.image, target, args.top_k, **kw)
     except (KeyError, ImgTxtError, ValueError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt search: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     finally:
         store.close()
         encoder.close()

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
-from imgtxt.errors import ImgTxtError
-from imgtxt.flags import add_encoder_flags, build_encoder
+from imgtxt.errors import ImgTxtError, exit_code
+from imgtxt.flags import HelpFormatter, add_encoder_flags, build_encoder
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.serving.config import add_lifecycle_flags
 from imgtxt.serving.shell import install_signal_handlers
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imgtxt serve-search",
         description="Serve search over an index: gRPC imgtxt.v1.SearchService, HTTP/JSON (OpenAPI) and a web page.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host, help="bind address of both ports")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serves until SIGTERM/SIGINT; 0 after a clean stop, 2 when the index or the encoders are unusable."""
+    """Serves until SIGTERM/SIGINT; 0 after a clean stop, else `imgtxt.errors.exit_code` of what stopped it."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.log_json)
     try:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         server = create_search_server(config, backend)
     except (ImgTxtError, ValueError, KeyError, OSError, grpc.RpcError) as exc:
         print(f"imgtxt serve-search: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     stop = install_signal_handlers()  # before the port is reported: a supervisor may signal at once
     if args.port_file:
         args.port_file.write_text(f"{server.port} {server.http_port}\n")

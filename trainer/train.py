@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from imgtxt.config import apply_env_defaults
+from imgtxt.config import HelpFormatter, apply_env_defaults
 from imgtxt.datasets import default_data_root, load_captioned_images
-from imgtxt.errors import ConfigError
+from imgtxt.errors import EXIT_OK, ConfigError, fail
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.preprocess import ImagePreprocessConfig
 from imgtxt.retrieval_metrics import retrieval_metrics
@@ -490,7 +490,9 @@ def _seed_everything(seed: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `imgtxt train`."""
-    parser = argparse.ArgumentParser(prog="imgtxt train", description="Train the image and text towers.")
+    parser = argparse.ArgumentParser(
+        prog="imgtxt train", description="Train the image and text towers.", formatter_class=HelpFormatter
+    )
     parser.add_argument("--recipe", choices=("tiny", "quick", "default"), default=None, help="starting config")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of config keys (over the recipe)")
     parser.add_argument("--data", type=str, default=None, help="dataset file or directory (sets config key `data`)")
@@ -516,13 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"data={args.data}"] if args.data else [])
     try:
         cfg = load_config(args.recipe, args.config, overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"imgtxt train: {exc}") from exc
-    trainer = Trainer(cfg, args.out, resume=args.resume).setup()
+        trainer = Trainer(cfg, args.out, resume=args.resume).setup()
+    except (ConfigError, OSError) as exc:  # e.g. a missing --config or data path: EXIT_USAGE, as in every command
+        return fail("imgtxt train", exc)
     try:
         best = trainer.fit()
     finally:
         trainer.close()
     if trainer.rank == 0:
         print(json.dumps({"run": str(args.out), "best": best}, indent=2))
-    return 0
+    return EXIT_OK

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from imgtxt.bundle import load_bundle
+from imgtxt.config import HelpFormatter
 from imgtxt.encoders.tower import TowerEncoder
-from imgtxt.errors import BundleError, ConfigError
+from imgtxt.errors import EXIT_FAILURE, EXIT_OK, BundleError, ConfigError, fail
 from imgtxt.logs import setup_logging
 from imgtxt.serving.config import add_server_flags, server_config_from_args, session_config_from_args
 from imgtxt.serving.server import EncoderServer
@@ -39,12 +39,14 @@ def run_service(
         encoder_options: Modality-specific encoder constructor arguments from the parsed flags.
 
     Returns:
-        0 after a graceful shutdown; 2 when the configuration, bundle or device is unusable.
+        0 after a graceful shutdown; 2 when the configuration, bundle or device is unusable; 1 when warm-up fails
+        (`imgtxt.errors.exit_code`).
     """
     modality = encoder_class.modality
     parser = argparse.ArgumentParser(
         prog=f"imgtxt serve-{modality}",
         description=f"Serve the {modality} tower of a model bundle over gRPC (imgtxt.v1).",
+        formatter_class=HelpFormatter,
     )
     add_server_flags(parser, modality)
     args = parser.parse_args(argv)
@@ -64,15 +66,14 @@ def run_service(
         encoder = encoder_class.from_session_config(bundle, session_config, args.precision, **encoder_options(args))
         server = create_server(config, encoder)
     except (BundleError, ConfigError) as exc:
-        print(f"imgtxt serve-{modality}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"imgtxt serve-{modality}", exc)
     stop = install_signal_handlers()
     try:
         server.warm_up()
     except Exception:
         logger.exception("warm-up failed")
         server.stop(grace=0)
-        return 1
+        return EXIT_FAILURE
     if args.port_file:
         args.port_file.write_text(f"{server.port}\n")
     print(f"listening on port {server.port}", flush=True)
@@ -83,4 +84,4 @@ def run_service(
     stop.wait()
     server.stop()
     encoder.close()
-    return 0
+    return EXIT_OK

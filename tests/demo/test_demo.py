@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,23 +85,29 @@ def test_demo_ends_serving_the_search_page_until_ctrl_c(tmp_path: Path, tiny_bun
             proc.wait()
 
 
-def test_demo_runs_a_secured_deployment(tmp_path: Path, tiny_bundle: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_demo_runs_a_secured_deployment_from_relative_paths(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_bundle: Path, capsys, monkeypatch
+) -> None:
     from tests.services.conftest import self_signed_cert
 
-    cert, key = self_signed_cert(tmp_path, "demo")
-    data = make_dataset(tmp_path / "data", 6, captions=2)
+    # Every path as a user types it, relative to a directory that is not the repository.
+    shutil.copytree(tiny_bundle, tmp_path / "bundles" / "x")
+    (tmp_path / "tls").mkdir()
+    self_signed_cert(tmp_path / "tls", "demo")
+    make_dataset(tmp_path / "data", 6, captions=2)
+    monkeypatch.chdir(tmp_path)
     argv = [
         "--bundle",
-        str(tiny_bundle),
+        "bundles/x",
         "--data",
-        str(data),
+        "data",
         "--artifacts",
-        str(tmp_path / "art"),
+        "art",
         "--no-serve",
         "--tls-cert",
-        str(cert),
+        "tls/demo.crt",
         "--tls-key",
-        str(key),
+        "tls/demo.key",
         "--auth-token",
         "demo-t0ken",
     ]

@@ -94,14 +94,14 @@ def test_eval_reuses_a_collection_an_indexing_job_built(tmp_path: Path, tiny_bun
     for key in ("rsum", "i2t_r1", "t2i_r5", "i2t_medr"):
         assert reused[key] == pytest.approx(fresh[key], abs=1e-9), key
     # It must hold exactly the split's points: here 6 images, not the first 4 the evaluation asks for.
-    assert main([*own, "--store", str(store), "--reuse", "--limit", "4"]) == 1
+    assert main([*own, "--store", str(store), "--reuse", "--limit", "4"]) == 2  # EXIT_USAGE
     err = capsys.readouterr().err
     assert "does not hold exactly the split's points: it has 6 image and 12 text points, the split 4 images" in err
     # Given collection flags must match the collection as built.
-    assert main([*own, "--store", str(store), "--reuse", "--quantization", "int8"]) == 1
+    assert main([*own, "--store", str(store), "--reuse", "--quantization", "int8"]) == 2
     assert "was built with quantization 'none', not 'int8' (--quantization)" in capsys.readouterr().err
     # Without --reuse, a named existing collection is not silently deleted.
-    assert main([*own, "--store", str(store), "--collection", "tiny-d32-s0"]) == 1
+    assert main([*own, "--store", str(store), "--collection", "tiny-d32-s0"]) == 2
     assert "pass --reuse to evaluate it as it was built, or --recreate" in capsys.readouterr().err
 
 

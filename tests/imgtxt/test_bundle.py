@@ -168,10 +168,18 @@ def test_bundle_info_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["bundle-info", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "test-1" in out and "min cos=0.999990" in out
+    # `--json PATH|-` as in every command: `-` prints only the manifest, PATH writes it and prints the summary.
+    assert main(["bundle-info", str(tmp_path / "b"), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle_version"] == "test-1"
+    assert main(["bundle-info", str(tmp_path / "b"), "--json", str(tmp_path / "m.json")]) == 0
+    assert "test-1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text()) == load_bundle(tmp_path / "b").manifest.to_dict()
+    with pytest.raises(SystemExit) as exc:  # the old switch, without a value
+        main(["bundle-info", str(tmp_path / "b"), "--json"])
+    assert exc.value.code == 2 and "--json: expected one argument" in capsys.readouterr().err
     (tmp_path / "b" / "image_tower.onnx").write_bytes(b"x")
-    with pytest.raises(SystemExit) as exc:
-        main(["bundle-info", str(tmp_path / "b")])
-    assert exc.value.code == 1
+    assert main(["bundle-info", str(tmp_path / "b")]) == 2  # imgtxt.errors.EXIT_USAGE, as every command
+    assert "does not match its sha256" in capsys.readouterr().err
 
 
 def test_trained_quantization_reads_the_flat_and_the_grouped_training_layout() -> None:

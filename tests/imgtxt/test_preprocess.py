@@ -102,7 +102,7 @@ ACCEPTED = r"JPEG, PNG, WEBP, GIF"
             InvalidInput,
             rf"image data \(27 bytes, starting b'this is '\) is not an image file in an accepted format \({ACCEPTED}\)",
         ),
-        (None, InvalidInput, rf"could not be decoded: it is truncated or corrupt .*; accepted formats: {ACCEPTED}"),
+        (None, InvalidInput, r"JPEG image data \(200 bytes\) is truncated: segment \w+ at byte offset \d+ declares"),
         (_png_claiming_size(100_000, 100_000), LimitExceeded, "max_image_pixels=40000000"),
         (b"\xff" * 2048, LimitExceeded, "max_image_bytes=1024"),
     ],
@@ -114,6 +114,74 @@ def test_bad_bytes_raise_clear_errors(data: bytes | None, error: type[Exception]
     with pytest.raises(error, match=message) as err:
         decode_image(data, limits)
     assert "BytesIO" not in str(err.value) and " at 0x" not in str(err.value)
+
+
+def _noise(fmt: str, **kw: object) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    return _encode(Image.fromarray(pixels), fmt, **kw)
+
+
+def _png_chunks(data: bytes) -> dict[bytes, tuple[int, int]]:
+    """Each chunk type of a PNG -> (byte offset of its chunk, its data length), read independently of the code."""
+    out, pos = {}, 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        out.setdefault(kind, (pos, length))
+        pos += 12 + length
+    return out
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    broken = bytearray(data)
+    broken[offset] ^= 0xFF
+    return bytes(broken)
+
+
+def test_png_with_a_bad_crc_names_the_chunk_and_its_offset() -> None:
+    png = _noise("PNG")
+    (ihdr_at, ihdr_len), (idat_at, idat_len) = _png_chunks(png)[b"IHDR"], _png_chunks(png)[b"IDAT"]
+    # The header's CRC: Pillow alone called this "not an image file in an accepted format".
+    with pytest.raises(
+        InvalidInput,
+        match=rf"^PNG image data \({len(png)} bytes\) is corrupt: chunk 'IHDR' at byte "
+        rf"offset {ihdr_at} \(13 data bytes\) fails its CRC check \(stored 0x[0-9a-f]{{8}}, computed",
+    ):
+        decode_image(_flip(png, ihdr_at + 8 + ihdr_len))
+    # A flipped pixel-data byte: Pillow alone decoded a wrong picture without a word.
+    with pytest.raises(InvalidInput, match=f"is corrupt: chunk 'IDAT' at byte offset {idat_at} .* fails its CRC check"):
+        decode_image(_flip(png, idat_at + 8 + idat_len // 2))
+    assert decode_image(png + b"trailing bytes after IEND").size == (32, 24)  # as libpng allows
+
+
+def test_truncated_png_names_where_it_ends() -> None:
+    png = _noise("PNG")
+    chunks = _png_chunks(png)
+    (idat, idat_len), iend = chunks[b"IDAT"], chunks[b"IEND"][0]
+    with pytest.raises(InvalidInput, match="truncated: chunk 'IHDR' at byte offset 8 declares 13 data bytes"):
+        decode_image(png[:20])
+    cut = idat + 30
+    with pytest.raises(
+        InvalidInput,
+        match=f"truncated: chunk 'IDAT' at byte offset {idat} declares {idat_len} data bytes .* at byte {cut}",
+    ):
+        decode_image(png[:cut])
+    # Only IEND missing: Pillow alone decoded it.
+    with pytest.raises(InvalidInput, match=f"after chunk 'IDAT' at byte offset {idat}, without the IEND chunk"):
+        decode_image(png[:iend])
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_truncated_jpeg_names_where_it_ends(progressive: bool) -> None:
+    jpeg = _noise("JPEG", progressive=progressive)
+    scan = jpeg.rindex(b"\xff\xda")  # the last start-of-scan segment (a progressive JPEG has several)
+    scan_data = scan + 2 + struct.unpack(">H", jpeg[scan + 2 : scan + 4])[0]
+    with pytest.raises(InvalidInput, match=r"^JPEG image data \(3 bytes\) is truncated: it ends at byte 3"):
+        decode_image(jpeg[:3])  # Pillow alone: "not an image file in an accepted format"
+    with pytest.raises(InvalidInput, match=f"is truncated: segment SOS at byte offset {scan} declares"):
+        decode_image(jpeg[: scan + 6])
+    cut = len(jpeg) - 2  # no end-of-image marker
+    with pytest.raises(InvalidInput, match=f"scan data starting at byte offset {scan_data} ends at byte {cut} without"):
+        decode_image(jpeg[:cut])
 
 
 def test_unaccepted_format_is_rejected() -> None:

@@ -76,10 +76,10 @@ def test_an_existing_collection_with_other_options_is_an_error_until_recreated(
     assert index_main(_argv(data, tiny_bundle, store)) == 0
     capsys.readouterr()
     for extra in (["--quantization", "int8"], ["--quantization", "int8", "--restart"], ["--hnsw-m", "8"]):
-        assert index_main(_argv(data, tiny_bundle, store, *extra)) == 1
+        assert index_main(_argv(data, tiny_bundle, store, *extra)) == 2  # EXIT_USAGE
         err = capsys.readouterr().err
         assert "collection 'tiny-d32-s0' exists with" in err and "--recreate" in err, extra
-    assert index_main(_argv(data, tiny_bundle, store, "--quantization", "int8")) == 1
+    assert index_main(_argv(data, tiny_bundle, store, "--quantization", "int8")) == 2
     assert "quantization 'none', not the requested 'int8' (--quantization)" in capsys.readouterr().err
     # --recreate deletes the collection (all its points) and its checkpoints, then builds it with the new options.
     small = make_dataset(tmp_path / "small", 2, captions=1)
@@ -160,7 +160,7 @@ def test_alias_switches_searches_to_a_new_bundle_in_one_step(
     assert search_main([*query, "--bundle", str(int8_bundle), "--in-process", "--store", str(store)]) == 0
     assert json.loads(capsys.readouterr().out)[0]["payload"]["bundle_version"] == "tiny-int8"
     # Queries encoded by another bundle than the collection's are refused, not answered from the wrong space.
-    assert search_main([*query, "--bundle", str(tiny_bundle), "--in-process", "--store", str(store)]) == 1
+    assert search_main([*query, "--bundle", str(tiny_bundle), "--in-process", "--store", str(store)]) == 2  # EXIT_USAGE
     assert "was indexed with bundle tiny-int8, but the queries are encoded by tiny-d32-s0" in capsys.readouterr().err
     assert (store / "tiny-d32-s0" / "edge_config.json").is_file()
 

@@ -54,6 +54,8 @@ def test_each_bad_image_fails_alone(image_client: ImageEncoderClient, image_enco
         ItemCode.RESOURCE_EXHAUSTED,  # over max_image_bytes
         ItemCode.RESOURCE_EXHAUSTED,  # decompression bomb
     ]
+    corrupt = "item 2: PNG image data (308 bytes) is corrupt: the chunk at byte offset 8 has an invalid type"
+    assert result.outcomes[2].message.startswith(corrupt)
     assert "item 4" in result.outcomes[4].message and "empty" in result.outcomes[4].message
     assert "item 5" in result.outcomes[5].message and "max_image_bytes=100000" in result.outcomes[5].message
     assert "item 6" in result.outcomes[6].message and "max_image_pixels=1000000" in result.outcomes[6].message

@@ -7,15 +7,19 @@ import argparse
 import time
 from pathlib import Path
 
-from imgtxt.config import apply_env_defaults
-from imgtxt.errors import BundleError
+from imgtxt.config import HelpFormatter, apply_env_defaults
+from imgtxt.errors import EXIT_OK, BundleError, ConfigError, fail
 from imgtxt.logs import add_logging_flags, setup_logging
 from trainer.export.bundle import export_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `imgtxt export`."""
-    parser = argparse.ArgumentParser(prog="imgtxt export", description="Export a trained checkpoint to a model bundle.")
+    parser = argparse.ArgumentParser(
+        prog="imgtxt export",
+        description="Export a trained checkpoint to a model bundle.",
+        formatter_class=HelpFormatter,
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run directory (its checkpoints/best.pt is exported)")
     src.add_argument("--checkpoint", type=Path, help="checkpoint file to export")
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt_path = args.checkpoint or args.run / "checkpoints" / "best.pt"
     if not ckpt_path.is_file():
-        raise SystemExit(f"imgtxt export: checkpoint {ckpt_path} not found")
+        return fail("imgtxt export", FileNotFoundError(f"checkpoint {ckpt_path} not found"))
     ckpt = load_checkpoint(ckpt_path)
     version = args.version or f"{ckpt_path.parent.parent.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     images: list[Path] = []
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         source = args.calibration_data or (ckpt.config.get("data") or {}).get("path")
         if not source:
-            raise SystemExit("imgtxt export --int8: give --calibration-data (the run's training data is not recorded)")
+            return fail(
+                "imgtxt export",
+                ConfigError("--int8: give --calibration-data (the run's training data is not recorded)"),
+            )
         train_split = (ckpt.config.get("data") or {}).get("train_split", "train")
         records = load_captioned_images(Path(source), split=train_split, limit=args.calibration_images)
         calibration = [r.path for r in records]
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
         )
     except BundleError as exc:
-        raise SystemExit(f"imgtxt export: {exc}") from exc
+        return fail("imgtxt export", exc)
     m = bundle.manifest
     for precision, towers in m.serving.precisions.items():
         for name, variant in towers.items():
@@ -99,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
             figures = f"max|d|={p.max_abs_diff:.2e}  min cos={p.min_cosine:.6f}" if p else ""
             print(f"{name:<6} {precision:<5} {variant.file}  {figures}")
     print(f"bundle {m.bundle_version} written to {bundle.path} (sha256 {bundle.sha256})")
-    return 0
+    return EXIT_OK
