@@ -94,8 +94,8 @@ def bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baked_text_image(images: dict[str, str], bundle: Path, podman_env: dict[str, str]) -> str:
-    """The text encoder image with the bundle baked in (bake.sh), instead of mounted."""
+def baked_text_image(images: dict[str, str], bundle: Path, podman_env: dict[str, str]) -> Iterator[str]:
+    """The text encoder image with the bundle baked in (bake.sh), instead of mounted; removed afterwards."""
     result = subprocess.run(
         [str(CONTAINERS / "bake.sh"), "text-encoder", str(bundle)],
         env=podman_env,
@@ -104,7 +104,9 @@ def baked_text_image(images: dict[str, str], bundle: Path, podman_env: dict[str,
         check=False,
     )
     assert result.returncode == 0, f"bake.sh failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout.strip().splitlines()[-1]
+    image = result.stdout.strip().splitlines()[-1]
+    yield image
+    _podman(podman_env, "rmi", image, check=False)
 
 
 class Container:
