@@ -7,7 +7,7 @@
 #   IMGTXT_CONTAINER_CACHE   where the base root filesystem tarball is cached (default: artifacts/containers)
 #   IMGTXT_DEBIAN_SUITE      Debian suite of the base (default: bookworm)
 #   IMGTXT_DEBIAN_MIRROR     Debian mirror (default: http://deb.debian.org)
-#   IMGTXT_ONNXRUNTIME       onnxruntime (CPU build, default) or onnxruntime-gpu; the tag gets a -gpu suffix for the latter
+#   IMGTXT_ONNXRUNTIME       onnxruntime (the CPU build, default) or onnxruntime-gpu (tagged <version>-gpu)
 #   IMGTXT_IMAGE_TAG         tag of the images (default: the version in pyproject.toml)
 # Needs podman, mmdebstrap and runc (Debian packages of the same names) and root (rootful podman).
 set -euo pipefail
@@ -51,7 +51,8 @@ if [[ ! -s "$tarball" ]]; then
   echo "== mmdebstrap $suite (minbase + $packages) -> $tarball"
   mkdir -p "$cache"
   start=$SECONDS
-  if ! mmdebstrap --format=tar "${mmdebstrap_args[@]}" "$suite" "$tarball.tmp" "${sources[@]}" >"$tarball.log" 2>&1; then
+  if ! mmdebstrap --format=tar "${mmdebstrap_args[@]}" "$suite" "$tarball.tmp" "${sources[@]}" \
+    >"$tarball.log" 2>&1; then
     tail -n 40 "$tarball.log" >&2
     exit 1
   fi
@@ -72,5 +73,6 @@ for target in "${targets[@]}"; do
     --build-arg BASE="$base" --build-arg ONNXRUNTIME="$onnxruntime" \
     --label org.opencontainers.image.version="$version" \
     --target "$target" --tag "$image" "$root" >/dev/null
-  echo "   $image: $((SECONDS - start)) s, $(podman image inspect --format '{{.Size}}' "$image" | numfmt --to=iec) bytes"
+  size="$(podman image inspect --format '{{.Size}}' "$image" | numfmt --to=si --suffix=B)"
+  echo "   $image: $((SECONDS - start)) s, $size"
 done

@@ -1,12 +1,15 @@
 """The three service images, built by deploy/containers/build.sh and run as containers on loopback (real podman).
 
-Slow (the first build takes minutes), so opt-in: `pytest -m slow tests/deploy/test_containers.py`; `.ci/run` runs it
-after `make test`. It skips where podman is absent, except in CI (`CI=true`), where that is a failure.
+The container tests are slow (the first build takes minutes), so opt-in: `make test-containers`
+(`pytest -m slow tests/deploy/test_containers.py`); `.ci/run` runs them after `make test`. They skip where podman
+is absent, except in CI (`CI=true`), where that is a failure. The images' requirements list is checked in the
+default suite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import queue
@@ -27,16 +30,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
 from imgtxt.encoders.bundle import BundleEncoder
-from imgtxt.encoders.unit import UnitEncoder
-from indexer.pipeline import IndexConfig, run_index
-from indexer.reader import read_records
-from indexer.stores.base import CollectionConfig
 from indexer.stores.factory import open_store
 from search.backend import Query, SearchBackend
-from tests.conftest import make_dataset
+from tests.search_service.conftest import index  # noqa: F401  (the search tests' index: 12 images x 2 captions)
 from tests.services.conftest import make_image
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS = ROOT / "deploy" / "containers"
@@ -208,27 +205,6 @@ def _http_json(url: str, body: dict | None = None) -> dict:
         return dict(json.loads(response.read()))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, encoder: BundleEncoder) -> Path:
-    """An embedded Qdrant store indexed from the host by the in-process indexer (6 images x 2 captions)."""
-    root = tmp_path_factory.mktemp("container-store")
-    data = make_dataset(root / "data", 6, captions=2)
-    s = open_store(root / "qdrant")
-    try:
-        run_index(
-            read_records(data, split="val"),
-            encoder,
-            s,
-            encoder.bundle_version,
-            CollectionConfig(dim=encoder.dim),
-            IndexConfig(progress=False),
-            fusion=UnitEncoder(encoder.bundle),
-        )
-    finally:
-        s.close()
-    return root / "qdrant"
-
-
 @contextlib.contextmanager
 def _removing(containers: list[Container]) -> Iterator[list[Container]]:
     try:
@@ -238,9 +214,43 @@ def _removing(containers: list[Container]) -> Iterator[list[Container]]:
             c.remove()
 
 
+COLLECTION = "search-test"  # the index fixture's
 QUERY = "photo 3 shows thing 1 in colour 10"
 
 
+def _requirements_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("container_requirements", CONTAINERS / "requirements.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("onnxruntime", ["onnxruntime", "onnxruntime-gpu"])
+def test_requirements_name_one_onnxruntime(onnxruntime: str) -> None:
+    """The image's requirements are pyproject's dependencies with exactly the chosen ONNX Runtime, its range kept."""
+    import tomllib
+
+    from pip._vendor.packaging.requirements import Requirement
+
+    reqs = [
+        Requirement(r) for r in _requirements_module().serving_requirements(str(ROOT / "pyproject.toml"), onnxruntime)
+    ]
+    ort = [r for r in reqs if r.name in ("onnxruntime", "onnxruntime-gpu")]
+    assert [r.name for r in ort] == [onnxruntime]
+    declared = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    assert ort[0].specifier == next(d.specifier for d in declared if d.name == "onnxruntime-gpu")
+    assert all(r.marker is None for r in reqs)
+    assert {r.name for r in reqs} - {onnxruntime} == {d.name for d in declared} - {"onnxruntime", "onnxruntime-gpu"}
+
+
+def test_requirements_refuse_another_package() -> None:
+    """A misspelt ONNXRUNTIME build argument stops the build, naming the choices."""
+    with pytest.raises(SystemExit, match=r"onnxruntime, onnxruntime-gpu, got 'onnxruntime-cpu'"):
+        _requirements_module().serving_requirements(str(ROOT / "pyproject.toml"), "onnxruntime-cpu")
+
+
+@pytest.mark.slow
 def test_images_are_non_root_and_torch_free(images: dict[str, str], podman_env: dict[str, str]) -> None:
     """Each image runs as uid 10001 and holds the serving install: no torch, exactly one ONNX Runtime package."""
     probe = (
@@ -254,11 +264,12 @@ def test_images_are_non_root_and_torch_free(images: dict[str, str], podman_env: 
         assert out == [10001, False, ["onnxruntime"]], f"{image}: {out}"
 
 
+@pytest.mark.slow
 def test_services_in_containers(
     images: dict[str, str],
     baked_text_image: str,
     bundle: Path,
-    store: Path,
+    index: tuple[Path, Path],  # noqa: F811  (the imported fixture)
     encoder: BundleEncoder,
     podman_env: dict[str, str],
 ) -> None:
@@ -266,9 +277,10 @@ def test_services_in_containers(
     image_bytes, caption = make_image(7, size=(64, 48)), "a dog runs through the grass"
     expected_image = encoder.encode_images([image_bytes]).embeddings
     expected_text = encoder.encode_texts([caption]).embeddings
+    store = index[1]  # indexed from the host by the in-process indexer
     s = open_store(store)  # the embedded engine is opened by one process at a time: ask it before the container does
     try:
-        expected_hits = SearchBackend(s, encoder, encoder.bundle_version).search(Query(text=QUERY, limit=5)).hits
+        expected_hits = SearchBackend(s, encoder, COLLECTION).search(Query(text=QUERY, limit=5)).hits
     finally:
         s.close()
 
@@ -303,6 +315,8 @@ def test_services_in_containers(
                 "--env",
                 "IMGTXT_HTTP_PORT=0",
                 "--env",
+                f"IMGTXT_COLLECTION={COLLECTION}",
+                "--env",
                 f"IMGTXT_IMAGE_SERVICE=127.0.0.1:{image_port}",
                 "--env",
                 f"IMGTXT_TEXT_SERVICE=127.0.0.1:{text_port}",
@@ -313,7 +327,7 @@ def test_services_in_containers(
         assert http_port is not None
         assert _health(search_port) == health_pb2.HealthCheckResponse.SERVING
         answer = _http_json(f"http://127.0.0.1:{http_port}/v1/search", {"text": QUERY, "limit": 5})
-        assert answer["collection"] == encoder.bundle_version
+        assert answer["collection"] == COLLECTION
         assert [h["id"] for h in answer["hits"]] == [h.id for h in expected_hits]
         np.testing.assert_allclose([h["score"] for h in answer["hits"]], [h.score for h in expected_hits], atol=1e-5)
 
