@@ -283,6 +283,7 @@ def test_services_in_containers(
         expected_hits = SearchBackend(s, encoder, COLLECTION).search(Query(text=QUERY, limit=5)).hits
     finally:
         s.close()
+    assert len(expected_hits) == 5
 
     fast_stop = ("--env", "IMGTXT_DRAIN_DELAY_S=0.5", "--env", "IMGTXT_GRACE_S=5")
     with _removing([]) as running:
