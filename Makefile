@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra `imgtxt demo` arguments, e.g. `make demo DEMO_ARGS="--limit 200"`.
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint format protos clean
+.PHONY: install demo test lint format protos containers test-containers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ format: $(STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python -m imgtxt.protogen
+
+# The three service images (localhost/imgtxt-{image-encoder,text-encoder,search}:VERSION); needs root, podman,
+# mmdebstrap and runc (docs/deployment.md, "Local containers").
+containers:
+	deploy/containers/build.sh
+
+# Builds them and runs them as containers against the in-process encoders (slow; .ci/run runs it).
+test-containers: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests/deploy/test_containers.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
