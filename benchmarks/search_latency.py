@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import Report, add_results_flag
-from indexer.ids import point_id
-from indexer.stores.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions, VectorStore
-from indexer.stores.edge import EdgeStore
-from indexer.stores.factory import open_store
+from store.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions, VectorStore
+from store.edge import EdgeStore
+from store.factory import open_store
+from store.ids import point_id
 
 DIM = 512
 K = 10

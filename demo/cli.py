@@ -26,13 +26,11 @@ from imgtxt.flags import HelpFormatter, add_json_flag, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.retrieval_metrics import format_metrics
 from imgtxt.supervisor import REPO_ROOT, run_services
-from indexer.ids import KINDS
-from indexer.pipeline import IndexConfig, IndexReport, run_index
-from indexer.reader import read_records, source_fingerprint
-from indexer.shard_checkpoint import checkpoint_path
-from indexer.stores.base import CollectionConfig, CollectionMismatch, VectorStore
-from indexer.stores.factory import open_store
+from indexer import IndexConfig, IndexReport, checkpoint_path, read_records, run_index, source_fingerprint
 from search.searcher import Searcher
+from store.base import CollectionConfig, CollectionMismatch, VectorStore
+from store.factory import open_store
+from store.ids import KINDS
 
 QUICK_LIMIT = 100
 TEXT_QUERIES = (

@@ -31,7 +31,7 @@ from imgtxt.retrieval_metrics import format_metrics, retrieval_metrics
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `imgtxt eval` (all modes)."""
     from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag
-    from indexer.options import add_collection_flags, add_search_flags, add_store_flags
+    from store.options import add_collection_flags, add_search_flags, add_store_flags
 
     parser = argparse.ArgumentParser(
         prog="imgtxt eval",
@@ -126,8 +126,8 @@ def _offline(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[st
 def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[str, Any]:
     from evaluation.via_index import evaluate_via_index
     from imgtxt.flags import build_encoder
-    from indexer.options import DEFAULT_STORE, check_given, collection_config, search_options
-    from indexer.stores.factory import open_store
+    from store.factory import open_store
+    from store.options import DEFAULT_STORE, check_given, collection_config, search_options
 
     encoder, bundle = build_encoder(args)
     try:

@@ -16,10 +16,9 @@ from imgtxt.datasets import CaptionedImage
 from imgtxt.encoders.types import Encoder
 from imgtxt.errors import ImgTxtError
 from imgtxt.retrieval_metrics import retrieval_metrics
-from indexer.ids import point_id
-from indexer.pipeline import IndexConfig, run_index
-from indexer.reader import SourceRecord
-from indexer.stores.base import DEFAULT_SEARCH, CollectionConfig, SearchOptions, VectorStore
+from indexer import IndexConfig, SourceRecord, run_index
+from store.base import DEFAULT_SEARCH, CollectionConfig, SearchOptions, VectorStore
+from store.ids import point_id
 
 
 def check_holds_exactly(

@@ -14,24 +14,25 @@ from imgtxt.bundle import Bundle
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.encoders.unit import FALLBACK, UnitEncoder
 from imgtxt.errors import ImgTxtError
-from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag, build_encoder, emit
+from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag, build_encoder, default_home, emit
 from imgtxt.logs import add_logging_flags, setup_logging
-from indexer.ids import KINDS
-from indexer.options import (
-    DEFAULT_CHECKPOINTS,
+from indexer.pipeline import IndexConfig, IndexReport, run_index
+from indexer.plan import needs
+from indexer.reader import SOURCE_KINDS, detect_kind, read_records, source_fingerprint
+from indexer.shard_checkpoint import checkpoint_path, unfinished_shards
+from store.base import CollectionMismatch
+from store.factory import is_url, open_store
+from store.ids import KINDS
+from store.options import (
     add_collection_flags,
     add_store_flags,
     collection_config,
     refuse_server_only,
 )
-from indexer.pipeline import IndexConfig, IndexReport, run_index
-from indexer.plan import needs
-from indexer.reader import SOURCE_KINDS, detect_kind, read_records, source_fingerprint
-from indexer.shard_checkpoint import checkpoint_path, unfinished_shards
-from indexer.stores.base import CollectionMismatch
-from indexer.stores.factory import is_url, open_store
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINTS = default_home() / "checkpoints"
 
 SPLIT_HELP = (
     "dataset split to index: train, val, test, restval, or all (default: val, the split `imgtxt eval` and "

@@ -21,12 +21,12 @@ from tqdm import tqdm
 from imgtxt.encoders.types import EncodeJob, Encoder, EncodeResult
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.stages import stage as stage_of
-from indexer.ids import KINDS
 from indexer.plan import BatchPlan, needs
 from indexer.reader import LoadedRecord, SourceRecord, load_record
 from indexer.shard_checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from indexer.stores.base import CollectionConfig, VectorStore
 from indexer.writer import RejectsFile, build_points
+from store.base import CollectionConfig, VectorStore
+from store.ids import KINDS
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from imgtxt.encoders.types import Encoder, EncodeResult
 from imgtxt.errors import InvalidInput, LimitExceeded
-from indexer.ids import KINDS
-from indexer.stores.base import Hit, SearchOptions, VectorStore
 from search.searcher import Searcher
+from store.base import Hit, SearchOptions, VectorStore
+from store.ids import KINDS
 
 THUMBNAIL_SIDE = 256
 """Longest side of a served thumbnail, in pixels."""

@@ -9,8 +9,8 @@ import numpy as np
 
 from imgtxt.encoders.types import Encoder
 from imgtxt.errors import InvalidInput
-from indexer.ids import KINDS
-from indexer.stores.base import DEFAULT_SEARCH, Hit, SearchOptions, VectorStore
+from store.base import DEFAULT_SEARCH, Hit, SearchOptions, VectorStore
+from store.ids import KINDS
 
 
 class Searcher:

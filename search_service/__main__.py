@@ -13,10 +13,10 @@ from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.errors import ImgTxtError
 from imgtxt.flags import add_encoder_flags, build_encoder
 from imgtxt.logs import add_logging_flags, setup_logging
-from indexer.options import add_search_flags, add_store_flags, search_options
-from indexer.stores.factory import open_store
 from search.backend import SearchBackend, SearchLimits
 from search_service.server import SearchServerConfig, create_search_server, wait_for_signal
+from store.factory import open_store
+from store.options import add_search_flags, add_store_flags, search_options
 
 logger = logging.getLogger(__name__)
 

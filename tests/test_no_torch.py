@@ -28,10 +28,10 @@ PARTS = {
     "text service": (["text_encoder_service.__main__", "text_encoder_service.server"], ["torch"]),
     "serving": (["imgtxt.serving.main", "imgtxt.serving.server", "imgtxt.supervisor"], ["torch"]),
     "indexer": (
-        ["indexer.cli", "indexer.pipeline", "indexer.plan", "indexer.writer", "indexer.stores.factory"],
+        ["indexer.cli", "indexer.pipeline", "indexer.plan", "indexer.writer", "store.factory"],
         ["torch"],
     ),
-    "stores": (["indexer.stores.edge", "indexer.stores.client"], ["torch"]),
+    "stores": (["store.edge", "store.client"], ["torch"]),
     "search": (["search.cli", "search.searcher", "search.backend"], ["torch"]),
     "search service": (["search_service.__main__", "search_service.server", "search_service.web"], ["torch"]),
     "evaluation": (["evaluation.cli", "evaluation.via_index", "evaluation.offline"], ["torch"]),

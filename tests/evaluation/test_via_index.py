@@ -13,8 +13,8 @@ from evaluation.via_index import evaluate_via_index
 from imgtxt.datasets import load_captioned_images
 from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.retrieval_metrics import retrieval_metrics
-from indexer.stores.base import CollectionConfig, SearchOptions
-from indexer.stores.factory import open_store
+from store.base import CollectionConfig, SearchOptions
+from store.factory import open_store
 from tests.conftest import make_dataset
 
 

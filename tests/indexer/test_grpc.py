@@ -12,9 +12,9 @@ from imgtxt.client import ServiceEncoder
 from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.encoders.types import EncodeJob
 from indexer.cli import main as index_main
-from indexer.ids import point_id
-from indexer.stores.factory import open_store
 from search.cli import main as search_main
+from store.factory import open_store
+from store.ids import point_id
 
 
 @pytest.fixture(scope="module")

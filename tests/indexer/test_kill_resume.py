@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.cli import main as index_main
-from indexer.stores.factory import open_store
+from store.factory import open_store
 from tests.conftest import make_dataset
 
 REPO = Path(__file__).resolve().parents[2]

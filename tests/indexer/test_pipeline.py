@@ -17,11 +17,11 @@ from imgtxt.encoders.types import EncodeJob, EncodeResult, ItemCode, ItemOutcome
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.errors import InvalidInput
 from indexer.cli import main as index_main
-from indexer.ids import point_id, shard_of
 from indexer.pipeline import IndexConfig, run_index
-from indexer.reader import SourceRecord, read_records
-from indexer.stores.base import CollectionConfig, DimensionMismatch
-from indexer.stores.factory import open_store
+from indexer.reader import SourceRecord, read_records, shard_of
+from store.base import CollectionConfig, DimensionMismatch
+from store.factory import open_store
+from store.ids import point_id
 from tests.conftest import make_dataset
 
 DIM = 8

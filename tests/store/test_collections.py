@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from indexer.cli import main as index_main
-from indexer.stores.client import ClientStore
-from indexer.stores.factory import open_store
 from search.cli import main as search_main
+from store.client import ClientStore
+from store.factory import open_store
 from tests.conftest import make_dataset
 from tests.indexer.bundles import bundle_variant
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.stores.base import CollectionConfig, PointData, SearchOptions
-from indexer.stores.edge import EdgeStore
+from store.base import CollectionConfig, PointData, SearchOptions
+from store.edge import EdgeStore
 
 DIM = 64
 N = 1500  # points per kind

@@ -13,7 +13,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from imgtxt.bundle import DISTANCE
-from indexer.stores.base import (
+from store.base import (
     DEFAULT_SEARCH,
     FLAGS,
     SERVER_ONLY,

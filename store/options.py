@@ -11,13 +11,12 @@ import logging
 from imgtxt.bundle import Bundle
 from imgtxt.config import positive_int
 from imgtxt.flags import default_home
-from indexer.stores.base import FLAGS, QUANTIZATIONS, CollectionConfig, SearchOptions
+from store.base import FLAGS, QUANTIZATIONS, CollectionConfig, SearchOptions
 
 logger = logging.getLogger(__name__)
 
 
 DEFAULT_STORE = str(default_home() / "qdrant")
-DEFAULT_CHECKPOINTS = default_home() / "checkpoints"
 # Collection defaults, shown in --help (the flags default to None: "not given", so a reused collection is checked
 # only against what was asked for).
 COLLECTION_DEFAULTS = CollectionConfig(dim=1)
@@ -182,7 +181,7 @@ def check_given(name: str, existing: CollectionConfig, args: argparse.Namespace)
     Raises:
         CollectionMismatch: A given flag differs from the collection's option, naming both values.
     """
-    from indexer.stores.base import CollectionMismatch
+    from store.base import CollectionMismatch
 
     given = {f: getattr(args, _COLLECTION_DESTS[f]) for f in given_collection_options(args)}
     diffs = [

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.ids import point_id
-from indexer.stores.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions
-from indexer.stores.edge import EdgeStore
+from store.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions
+from store.edge import EdgeStore
+from store.ids import point_id
 
 DIM = 8
 BATCH = 100  # points per upsert: 3200 bytes of vectors

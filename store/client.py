@@ -10,7 +10,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from imgtxt.bundle import DISTANCE
-from indexer.stores.base import (
+from store.base import (
     DEFAULT_SEARCH,
     VECTOR_NAMES,
     CollectionConfig,
@@ -19,7 +19,7 @@ from indexer.stores.base import (
     SearchOptions,
     check_congruent,
 )
-from indexer.stores.retry import call_with_retry
+from store.retry import call_with_retry
 
 logger = logging.getLogger(__name__)
 

@@ -172,7 +172,7 @@ class PointData:
     """One point to write: deterministic id, named vectors and payload."""
 
     id: str
-    """uuid5 string (see `indexer.ids.point_id`)."""
+    """uuid5 string (see `store.ids.point_id`)."""
     vectors: dict[str, np.ndarray]
     """Named (D,) float32 vectors: any of `image`, `text`, `unit`."""
     payload: dict[str, Any] = field(default_factory=dict)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from qdrant_client import models
 
-from indexer.ids import point_id
-from indexer.stores.base import (
+from store.base import (
     CollectionConfig,
     CollectionMismatch,
     DimensionMismatch,
@@ -20,9 +19,10 @@ from indexer.stores.base import (
     SearchOptions,
     VectorStore,
 )
-from indexer.stores.client import ClientStore, config_from_info
-from indexer.stores.factory import open_store
-from indexer.stores.retry import call_with_retry, is_retryable
+from store.client import ClientStore, config_from_info
+from store.factory import open_store
+from store.ids import point_id
+from store.retry import call_with_retry, is_retryable
 
 DIM = 16
 BACKENDS = ["edge", ":memory:"]
