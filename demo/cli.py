@@ -129,8 +129,9 @@ def _index(
     collection = b.version
     cp = checkpoint_path(store_dir / "_checkpoints", collection, 0, 1)
     # Units only from a trained unit head: the demo does not opt in to the untrained normalize(v+t) fusion.
-    kinds = KINDS if b.manifest.serving.unit_head else ("image", "text")
-    fusion = UnitEncoder(b if b.manifest.serving.unit_head else None)
+    trained_head = b.manifest.serving.unit_provenance == "trained"
+    kinds = KINDS if trained_head else ("image", "text")
+    fusion = UnitEncoder(b if trained_head else None)
     job = {
         "source": str(data.resolve()),
         "fingerprint": source_fingerprint(data),

@@ -129,9 +129,9 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
     from store.factory import open_store
     from store.options import DEFAULT_STORE, check_given, collection_config, search_options
 
-    encoder, bundle = build_encoder(args)
+    encoder, _ = build_encoder(args)
     try:
-        config, warnings = collection_config(args, encoder.dim, bundle)
+        config, warnings = collection_config(args, encoder.identity)
         own = f"{encoder.bundle_version}-eval-{args.split}"
         with tempfile.TemporaryDirectory(prefix="imgtxt-eval-") as tmp:
             location = args.store or (DEFAULT_STORE if args.reuse else tmp)
@@ -163,14 +163,14 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
 
                     owners = np.asarray([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int64)
                     cols, rows = example_queries(len(records), len(owners))
-                    sim = example_sims_via_index(records, encoder, store, search_options(args), cols, rows)
+                    sim = example_sims_via_index(records, encoder, store, collection, search_options(args), cols, rows)
                     report_path = write_report(args.report, records, sim, owners, {"source": name, **metrics})
                     metrics = {**metrics, "report": str(report_path)}
                 if args.judgments is not None:
                     from evaluation.via_index import judged_scores_via_index
 
                     pairs = load_judgments(args.judgments, records, args.judgments_format)
-                    scores = judged_scores_via_index(pairs, records, encoder, store, search_options(args))
+                    scores = judged_scores_via_index(pairs, records, encoder, store, collection, search_options(args))
                     metrics = {**metrics, **graded_correlation(scores, pairs)}
                 stored = store.collection_config(collection).to_dict()
             finally:

@@ -144,7 +144,8 @@ def resolve_fusion(kinds: tuple[str, ...], bundle: Bundle | None, untrained: boo
     Raises:
         UsageError: Units are asked for (by default too) without a trained head and without `--untrained-fusion`.
     """
-    trained = bundle is not None and bundle.manifest.serving.unit_head
+    # "Trained" only when a unit loss with positive weight trained the head; an untrained head is no head.
+    trained = bundle is not None and bundle.manifest.serving.unit_provenance == "trained"
     if "unit" not in kinds:
         return UnitEncoder(None), []
     if untrained:
@@ -160,7 +161,8 @@ def resolve_fusion(kinds: tuple[str, ...], bundle: Bundle | None, untrained: boo
         )
     if not trained:
         raise UsageError(
-            f"bundle {bundle.version} has no trained unit head (serving.unit_head is false): pass --untrained-fusion "
+            f"bundle {bundle.version} has no trained unit head (unit head: {bundle.manifest.serving.unit_provenance}): "
+            "pass --untrained-fusion "
             f"to make unit points with {FALLBACK}, or --kinds image,text"
         )
     return UnitEncoder(bundle), []
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         fusion, fusion_warnings = resolve_fusion(args.kinds, bundle, args.untrained_fusion)
-        config, warnings = collection_config(args, encoder.dim, bundle)
+        config, warnings = collection_config(args, encoder.identity)
     except ValueError as exc:
         encoder.close()
         print(f"imgtxt index: error: {exc}", file=sys.stderr)

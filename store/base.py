@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from imgtxt.bundle import QUANTIZATIONS
+from imgtxt.bundle import QUANTIZATIONS, BundleIdentity
 
 VECTOR_NAMES = ("image", "text", "unit")
 # Options a reopened collection must have as requested: anything else would silently serve another index.
@@ -196,24 +196,29 @@ class Hit:
 
 
 class VectorStore(Protocol):
-    """What the indexer and search need from a vector store; `EdgeStore` and `ClientStore` implement it."""
+    """What the indexer and search need from a vector store; `EdgeStore` and `ClientStore` implement it.
 
-    def ensure_collection(self, name: str, config: CollectionConfig) -> bool:
-        """Creates the collection (True), or opens an existing one (False) after checking it has the requested
-        options (`check_congruent`: DimensionMismatch, CollectionMismatch). `name` may be an alias."""
+    Every data-plane call names its collection (as qdrant-client's methods take `collection_name`); a name may be an
+    alias, resolved by the store at the call. A store keeps no "open collection".
+    """
+
+    def ensure_collection(self, name: str, config: CollectionConfig, identity: BundleIdentity) -> bool:
+        """Creates the collection recording `identity` (True), or checks an existing one (False): its dimension,
+        that `identity` is the bundle that wrote it, and its options (`store.identity.check_reopen`:
+        DimensionMismatch, BundleMismatch, CollectionMismatch). `name` may be an alias."""
         ...
 
     def collection_config(self, name: str) -> CollectionConfig:
         """The options an existing collection (or alias) was created with (KeyError when absent)."""
         ...
 
+    def collection_identity(self, name: str) -> BundleIdentity | None:
+        """The bundle that created the collection (or alias); None when it recorded none (KeyError when absent)."""
+        ...
+
     def delete_collection(self, name: str) -> None:
         """Deletes a collection (an alias: the collection it points at), its points and the aliases pointing at it
         (nothing when absent)."""
-        ...
-
-    def open_collection(self, name: str) -> int:
-        """Opens an existing collection (or alias) for reading and returns its dimension (KeyError when absent)."""
         ...
 
     def set_alias(self, alias: str, collection: str) -> None:
@@ -224,24 +229,29 @@ class VectorStore(Protocol):
         """The collection an alias points at, or `name` itself when it is no alias."""
         ...
 
-    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Payloads of those `ids` that exist in the open collection."""
+    def aliases_of(self, collection: str) -> list[str]:
+        """The aliases pointing at `collection`, sorted."""
         ...
 
-    def upsert(self, points: list[PointData]) -> None:
+    def retrieve(self, collection: str, ids: list[str], with_vectors: bool = False) -> dict[str, PointData]:
+        """Those of `ids` that exist in the collection, with their payloads (and named vectors when asked)."""
+        ...
+
+    def upsert(self, collection: str, points: list[PointData]) -> None:
         """Writes points (overwriting same ids); returns once the store has applied them."""
         ...
 
-    def flush(self) -> None:
+    def flush(self, collection: str) -> None:
         """Makes every applied write durable; a checkpoint is written only after this returns."""
         ...
 
-    def optimize(self) -> None:
+    def optimize(self, collection: str) -> None:
         """Builds search indexes (HNSW) over what was written."""
         ...
 
     def search(
         self,
+        collection: str,
         vectors: np.ndarray,
         using: str,
         limit: int,
@@ -252,11 +262,11 @@ class VectorStore(Protocol):
         """Nearest neighbours of each row of `vectors` (Q, D) by the named vector `using`, best first."""
         ...
 
-    def count(self, filters: dict[str, Any] | None = None) -> int:
+    def count(self, collection: str, filters: dict[str, Any] | None = None) -> int:
         """Number of points (matching the payload filters)."""
         ...
 
-    def dump(self) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    def dump(self, collection: str) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
         """Every point as id -> (payload, named vectors): for tests and small collections only."""
         ...
 

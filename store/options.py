@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from imgtxt.bundle import Bundle
+from imgtxt.bundle import BundleIdentity
 from imgtxt.config import positive_int
 from imgtxt.flags import default_home
 from store.base import FLAGS, QUANTIZATIONS, CollectionConfig, SearchOptions
@@ -119,26 +119,36 @@ def given_collection_options(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(f for f, dest in _COLLECTION_DESTS.items() if getattr(args, dest, None) is not None)
 
 
-def collection_config(
-    args: argparse.Namespace, dim: int, bundle: Bundle | None = None
-) -> tuple[CollectionConfig, list[str]]:
+def collection_config(args: argparse.Namespace, identity: BundleIdentity) -> tuple[CollectionConfig, list[str]]:
     """The collection options from parsed flags, with the bundle's decisions as defaults.
 
+    The bundle's decisions come with its identity, from the bundle itself or from the encoder services' `Info`, so
+    a collection indexed through the services follows the bundle as one indexed with `--bundle` does.
+
     Returns:
-        The config, and the warnings to report: every flag that overrides what the bundle decided.
+        The config, and the warnings to report: every flag that overrides what the bundle decided, and a bundle
+        whose trained quantisation the services do not report (servers older than `Info.quantization`).
     """
-    trained = bundle.manifest.serving.quantization if bundle is not None else "none"
-    quantization = args.quantization or trained
     warnings = []
-    if bundle is not None and quantization != trained:
+    trained = identity.quantization
+    if not trained:
+        trained = "none"
+        if args.quantization is None:
+            warnings.append(
+                f"the encoder services do not report bundle {identity.version}'s trained quantization (a server "
+                "older than Info.quantization): the collection gets quantization none; pass --quantization or --bundle"
+            )
+    quantization = args.quantization or trained
+    if identity.quantization and quantization != trained:
         warnings.append(
-            f"--quantization {quantization} overrides bundle {bundle.version}'s serving.quantization {trained!r} "
+            f"--quantization {quantization} overrides bundle {identity.version}'s serving.quantization {trained!r} "
             "(the mode its towers were trained for)"
         )
-        logger.warning(warnings[-1])
+    for w in warnings:
+        logger.warning(w)
     d = COLLECTION_DEFAULTS
     config = CollectionConfig(
-        dim=dim,
+        dim=identity.dim,
         hnsw_m=args.hnsw_m or d.hnsw_m,
         hnsw_ef_construct=args.hnsw_ef_construct or d.hnsw_ef_construct,
         full_scan_threshold=args.full_scan_threshold_kb or d.full_scan_threshold,

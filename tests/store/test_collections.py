@@ -87,8 +87,7 @@ def test_an_existing_collection_with_other_options_is_an_error_until_recreated(
     report = json.loads(capsys.readouterr().out)
     assert report["created"] and report["collection_config"]["quantization"] == "int8" and report["resumed_from"] == 0
     s = open_store(store)
-    s.open_collection("tiny-d32-s0")
-    assert s.count() == 6  # only the new job's 2 images, 2 captions, 2 units: the old points are gone
+    assert s.count("tiny-d32-s0") == 6  # only the new job's 2 images, 2 captions, 2 units: the old points are gone
     s.close()
 
 
@@ -161,8 +160,26 @@ def test_alias_switches_searches_to_a_new_bundle_in_one_step(
     assert json.loads(capsys.readouterr().out)[0]["payload"]["bundle_version"] == "tiny-int8"
     # Queries encoded by another bundle than the collection's are refused, not answered from the wrong space.
     assert search_main([*query, "--bundle", str(tiny_bundle), "--in-process", "--store", str(store)]) == 1
-    assert "was indexed with bundle tiny-int8, but the queries are encoded by tiny-d32-s0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "collection 'tiny-int8' belongs to bundle tiny-int8" in err and "the search uses bundle tiny-d32-s0" in err
     assert (store / "tiny-d32-s0" / "edge_config.json").is_file()
+
+
+def test_a_second_bundle_is_refused_by_an_existing_collection_naming_both(
+    data: Path, tmp_path: Path, tiny_bundle: Path, int8_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "q"
+    assert index_main(_argv(data, tiny_bundle, store)) == 0
+    capsys.readouterr()
+    # The issue's case: another bundle into the same collection, with its own quantisation and --restart.
+    extra = ["--collection", "tiny-d32-s0", "--quantization", "int8", "--restart"]
+    assert index_main(_argv(data, int8_bundle, store, *extra)) == 1
+    err = capsys.readouterr().err
+    assert "collection 'tiny-d32-s0' belongs to bundle tiny-d32-s0" in err and "the write uses bundle tiny-int8" in err
+    s = open_store(store)
+    versions = {p["bundle_version"] for p, _ in s.dump("tiny-d32-s0").values()}
+    s.close()
+    assert versions == {"tiny-d32-s0"}  # nothing of the second bundle was written
 
 
 def test_a_sharded_job_switches_the_alias_when_its_last_shard_is_done(
@@ -190,8 +207,7 @@ def test_units_need_a_trained_head_or_the_explicit_opt_in(
     report = json.loads(capsys.readouterr().out)
     assert report["fusion"] == "normalize(v+t)" and report["indexed"]["unit"] == 4
     s = open_store(tmp_path / "q")
-    s.open_collection("tiny-headless")
-    assert {p["fusion"] for p, _ in s.dump().values() if p["kind"] == "unit"} == {"normalize(v+t)"}
+    assert {p["fusion"] for p, _ in s.dump("tiny-headless").values() if p["kind"] == "unit"} == {"normalize(v+t)"}
     s.close()
     # With a trained head, the opt-in overrides it, and says so.
     assert index_main(_argv(data, tiny_bundle, tmp_path / "t", "--untrained-fusion", "--json", "-")) == 0
@@ -199,3 +215,18 @@ def test_units_need_a_trained_head_or_the_explicit_opt_in(
     assert (
         report["fusion"] == "normalize(v+t)" and "not bundle tiny-d32-s0's trained unit head" in report["warnings"][0]
     )
+
+
+def test_an_untrained_unit_head_needs_the_explicit_opt_in_as_no_head_does(
+    data: Path, tmp_path: Path, tiny_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """A head no unit loss trained (unit_loss_weight=0) is not indexed as trained."""
+    untrained = bundle_variant(tiny_bundle, tmp_path / "u", "tiny-untrained", unit_head_trained=False)
+    assert index_main(_argv(data, untrained, tmp_path / "q")) == 2
+    err = capsys.readouterr().err
+    assert (
+        "bundle tiny-untrained has no trained unit head (unit head: untrained)" in err and "--untrained-fusion" in err
+    )
+    assert index_main(_argv(data, untrained, tmp_path / "q", "--untrained-fusion", "--json", "-")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fusion"] == "normalize(v+t)" and report["warnings"] == []
