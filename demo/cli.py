@@ -31,6 +31,7 @@ from search.searcher import Searcher
 from store.base import CollectionConfig, CollectionMismatch, VectorStore
 from store.factory import open_store
 from store.ids import KINDS
+from store.options import recreate_collection
 
 QUICK_LIMIT = 100
 TEXT_QUERIES = (
@@ -153,8 +154,8 @@ def _index(
         report = run_index(read_records(data, split="val", limit=limit), encoder, store, collection, config, **kwargs)
     except (InvalidInput, CollectionMismatch):
         # The collection holds another selection of val (e.g. an earlier --limit), or was built with other options:
-        # it is the demo's own, so rebuild it from scratch.
-        store.delete_collection(collection)
+        # it is the demo's own, so rebuild it from scratch (refused while aliases point at it).
+        recreate_collection(store, collection)
         records = read_records(data, split="val", limit=limit)
         report = run_index(records, encoder, store, collection, config, restart=True, **kwargs)
     per_kind = ", ".join(f"{k} {v}" for k, v in report.indexed.items())

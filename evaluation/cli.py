@@ -127,7 +127,7 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
     from evaluation.via_index import evaluate_via_index
     from imgtxt.flags import build_encoder
     from store.factory import open_store
-    from store.options import DEFAULT_STORE, check_given, collection_config, search_options
+    from store.options import DEFAULT_STORE, check_given, collection_config, recreate_collection, search_options
 
     encoder, _ = build_encoder(args)
     try:
@@ -146,6 +146,8 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
                         f"collection {name!r} exists in {location}: pass --reuse to evaluate it as it was built, or "
                         "--recreate to delete it (and every point in it) and index the split into it"
                     )
+                if not args.reuse and _exists(store, name):
+                    recreate_collection(store, name)  # refused while aliases point at it
                 metrics: dict[str, Any] = evaluate_via_index(
                     records,
                     encoder,

@@ -27,7 +27,9 @@ from store.options import (
     add_collection_flags,
     add_store_flags,
     collection_config,
-    refuse_server_only,
+    collection_for,
+    recreate_collection,
+    refuse_misplaced,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     store_loc = str(args.store)
     embedded = not (is_url(store_loc) or store_loc == ":memory:" or store_loc.startswith("local:"))
     try:
-        if embedded:
-            refuse_server_only(args, store_loc)
+        refuse_misplaced(args, embedded, store_loc)
         split = resolve_split(args.source, args.source_kind, args.split)
         need_images, need_texts = needs(args.kinds)
         encoder, bundle = build_encoder(args, needs=("image",) * need_images + ("text",) * need_texts)
@@ -214,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             "fusion": fusion.kind if "unit" in args.kinds else None,
         }
         if args.recreate:
-            logger.warning("--recreate: deleting collection %s and every point in it", collection)
-            store.delete_collection(collection)
+            recreate_collection(store, collection)  # refused while aliases point at it
             shutil.rmtree(cp.parent, ignore_errors=True)  # every shard's progress in the deleted collection
+        config = collection_for(store, collection, args, config, encoder.identity)
         records = read_records(args.source, args.source_kind, split, args.limit, args.shard_index, args.num_shards)
         report = run_index(
             records,

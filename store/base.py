@@ -13,24 +13,102 @@ import numpy as np
 from imgtxt.bundle import QUANTIZATIONS, BundleIdentity
 
 VECTOR_NAMES = ("image", "text", "unit")
-# Options a reopened collection must have as requested: anything else would silently serve another index.
-CHECKED = ("dim", "quantization", "hnsw_m", "hnsw_ef_construct", "full_scan_threshold", "on_disk")
-# The flag that sets each option, for messages.
-FLAGS = {
-    "dim": "the bundle's embedding_dim",
-    "quantization": "--quantization",
-    "hnsw_m": "--hnsw-m",
-    "hnsw_ef_construct": "--hnsw-ef-construct",
-    "full_scan_threshold": "--full-scan-threshold-kb",
-    "indexing_threshold": "--indexing-threshold-kb",
-    "on_disk": "--on-disk",
-    "shard_number": "--shards",
-    "replication_factor": "--replication-factor",
-    "write_consistency_factor": "--write-consistency",
-}
-SERVER_ONLY = ("shard_number", "replication_factor", "write_consistency_factor")
 # KB of vectors per segment of the embedded engine: 100k vectors at dim 512 (see `CollectionConfig.max_segment_size`).
 DEFAULT_MAX_SEGMENT_SIZE = 200_000
+# Where an option applies.
+BOTH, SERVER, EMBEDDED = "both", "server", "embedded"
+
+
+@dataclass(frozen=True)
+class CollectionOption:
+    """One collection option, declared once: the argparse flag, its environment variable, the reopen checks and the
+    docs table (docs/indexing-and-search.md) are all generated from `COLLECTION_OPTIONS`."""
+
+    field: str
+    """The `CollectionConfig` field it sets."""
+    flag: str
+    """Its flag, in every command that creates collections (`index`, `eval --via-index`)."""
+    help: str
+    """What it does (the default is added from `default`)."""
+    default: str
+    """The default, as help and docs show it."""
+    kind: str = "int"
+    """`int` (a positive number), `bool` (`--x` / `--no-x`) or `choice` (one of `choices`)."""
+    choices: tuple[str, ...] = ()
+    """The values of a `choice` option."""
+    applies: str = BOTH
+    """`both` backends, `server` only (the embedded engine refuses it) or `embedded` only (a server refuses it)."""
+    search_checked: bool = True
+    """A search depends on it, so the store checks it on every reopen even when it was not given; every option that
+    is given for an existing collection must match it (it cannot take effect there), checked or not."""
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+COLLECTION_OPTIONS = (
+    CollectionOption("hnsw_m", "--hnsw-m", "HNSW edges per node", "16"),
+    CollectionOption("hnsw_ef_construct", "--hnsw-ef-construct", "HNSW build candidates", "100"),
+    CollectionOption(
+        "full_scan_threshold",
+        "--full-scan-threshold-kb",
+        "a search whose filter is estimated to match fewer KB of vectors than this (per segment; KB * 1024 / "
+        "(4 * dim) vectors) is answered by an exact scan, not the HNSW graph; lower it for the graph to answer "
+        "small filtered sets",
+        "10000",
+    ),
+    CollectionOption(
+        "indexing_threshold",
+        "--indexing-threshold-kb",
+        "KB of vectors in a segment before its HNSW graph is built",
+        "the engine's",
+        search_checked=False,
+    ),
+    CollectionOption(
+        "max_segment_size",
+        "--max-segment-size-kb",
+        "KB of vectors per segment; building an index holds one segment's worth of memory, not the collection's",
+        f"{DEFAULT_MAX_SEGMENT_SIZE}, 100k vectors at 512-d",
+        applies=EMBEDDED,
+        search_checked=False,
+    ),
+    CollectionOption("on_disk", "--on-disk", "keep original vectors on disk (mmap)", "in RAM", kind="bool"),
+    CollectionOption(
+        "quantization",
+        "--quantization",
+        "vector quantisation, searched with rescoring; a value other than the bundle's overrides it, with a warning",
+        "the bundle's serving.quantization, the mode its towers were trained for",
+        kind="choice",
+        choices=QUANTIZATIONS,
+    ),
+    CollectionOption(
+        "shard_number", "--shards", "shards of the collection", "the server's", applies=SERVER, search_checked=False
+    ),
+    CollectionOption(
+        "replication_factor",
+        "--replication-factor",
+        "copies of each shard",
+        "the server's",
+        applies=SERVER,
+        search_checked=False,
+    ),
+    CollectionOption(
+        "write_consistency_factor",
+        "--write-consistency",
+        "replicas that must confirm a write (write_consistency_factor)",
+        "the server's",
+        applies=SERVER,
+        search_checked=False,
+    ),
+)
+OPTIONS_BY_FIELD = {o.field: o for o in COLLECTION_OPTIONS}
+# Options a reopened collection must have as requested: anything else would silently serve another index.
+CHECKED = ("dim", *(o.field for o in COLLECTION_OPTIONS if o.search_checked))
+# The flag that sets each option, for messages.
+FLAGS = {"dim": "the bundle's embedding_dim", **{o.field: o.flag for o in COLLECTION_OPTIONS}}
+SERVER_ONLY = tuple(o.field for o in COLLECTION_OPTIONS if o.applies == SERVER)
 
 
 class CollectionMismatch(ValueError):

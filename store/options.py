@@ -6,20 +6,30 @@ One grammar: a flag means the same thing, with the same type and variable, in ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+from typing import Any
 
 from imgtxt.bundle import BundleIdentity
-from imgtxt.config import positive_int
+from imgtxt.config import env_name, positive_int
 from imgtxt.flags import default_home
-from store.base import FLAGS, QUANTIZATIONS, CollectionConfig, SearchOptions
+from store.base import (
+    COLLECTION_OPTIONS,
+    EMBEDDED,
+    OPTIONS_BY_FIELD,
+    SERVER,
+    CollectionConfig,
+    CollectionMismatch,
+    CollectionOption,
+    SearchOptions,
+    VectorStore,
+)
+from store.identity import check_identity
 
 logger = logging.getLogger(__name__)
 
 
 DEFAULT_STORE = str(default_home() / "qdrant")
-# Collection defaults, shown in --help (the flags default to None: "not given", so a reused collection is checked
-# only against what was asked for).
-COLLECTION_DEFAULTS = CollectionConfig(dim=1)
 
 
 def add_store_flags(parser: argparse.ArgumentParser, default: str | None = DEFAULT_STORE) -> None:
@@ -37,58 +47,26 @@ def add_store_flags(parser: argparse.ArgumentParser, default: str | None = DEFAU
     g.add_argument("--retries", type=positive_int, default=5, help="attempts on retryable Qdrant errors")
 
 
+RECREATE_HELP = (
+    "delete the collection, DESTROYING every point in it, and build it anew with these options; refused while "
+    "aliases point at it (index into a new collection with --alias instead: the alias moves in one step)"
+)
+
+
 def add_collection_flags(parser: argparse.ArgumentParser) -> None:
-    """Collection options: set when a collection is created, checked against it when it exists."""
-    d = COLLECTION_DEFAULTS
-    g = parser.add_argument_group("collection (set on creation; an existing collection must match)")
-    g.add_argument("--hnsw-m", type=positive_int, help=f"HNSW edges per node (default: {d.hnsw_m})")
-    g.add_argument(
-        "--hnsw-ef-construct", type=positive_int, help=f"HNSW build candidates (default: {d.hnsw_ef_construct})"
-    )
-    g.add_argument(
-        "--full-scan-threshold-kb",
-        type=positive_int,
-        help="a search whose filter is estimated to match fewer KB of vectors than this (per segment; KB * 1024 / "
-        "(4 * dim) vectors) is answered by an exact scan, not the HNSW graph; lower it for the graph to answer "
-        f"small filtered sets (default: {d.full_scan_threshold})",
-    )
-    g.add_argument(
-        "--indexing-threshold-kb",
-        type=positive_int,
-        help="KB of vectors in a segment before its HNSW graph is built (default: the engine's)",
-    )
-    g.add_argument(
-        "--max-segment-size-kb",
-        type=positive_int,
-        help="embedded engine: KB of vectors per segment; building an index holds one segment's worth of memory, "
-        f"not the collection's (default: {d.max_segment_size}, 100k vectors at 512-d; a reopened collection keeps "
-        "its own)",
-    )
-    g.add_argument(
-        "--on-disk", action=argparse.BooleanOptionalAction, help="keep original vectors on disk (default: in RAM)"
-    )
-    g.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        help="vector quantisation, searched with rescoring (default: the bundle's serving.quantization, the mode its "
-        "towers were trained for; none without --bundle); a different value overrides the bundle, with a warning",
-    )
-    g.add_argument("--shards", type=positive_int, help="Qdrant server only: shard_number (default: the server's)")
-    g.add_argument(
-        "--replication-factor",
-        type=positive_int,
-        help="Qdrant server only: copies of each shard (default: the server's)",
-    )
-    g.add_argument(
-        "--write-consistency",
-        type=positive_int,
-        help="Qdrant server only: replicas that must confirm a write (write_consistency_factor; default: the server's)",
-    )
-    g.add_argument(
-        "--recreate",
-        action="store_true",
-        help="delete the collection, DESTROYING every point in it, and build it anew with these options",
-    )
+    """Collection options, generated from `store.base.COLLECTION_OPTIONS`: set when a collection is created; given
+    for an existing collection, each must match it (it cannot take effect there)."""
+    g = parser.add_argument_group("collection (set on creation; given for an existing collection, must match it)")
+    for o in COLLECTION_OPTIONS:
+        where = {SERVER: "Qdrant server only: ", EMBEDDED: "embedded engine only: "}.get(o.applies, "")
+        text = f"{where}{o.help} (default: {o.default})"
+        if o.kind == "bool":
+            g.add_argument(o.flag, dest=o.dest, action=argparse.BooleanOptionalAction, help=text)
+        elif o.kind == "choice":
+            g.add_argument(o.flag, dest=o.dest, choices=o.choices, help=text)
+        else:
+            g.add_argument(o.flag, dest=o.dest, type=positive_int, help=text)
+    g.add_argument("--recreate", action="store_true", help=RECREATE_HELP)
 
 
 def add_search_flags(parser: argparse.ArgumentParser) -> None:
@@ -100,27 +78,13 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--oversampling", type=float, help="with quantisation: candidates per result before rescoring")
 
 
-# Collection option -> its flag's dest (the fields a reused collection is checked on when the flag was given).
-_COLLECTION_DESTS = {
-    "hnsw_m": "hnsw_m",
-    "hnsw_ef_construct": "hnsw_ef_construct",
-    "full_scan_threshold": "full_scan_threshold_kb",
-    "indexing_threshold": "indexing_threshold_kb",
-    "on_disk": "on_disk",
-    "quantization": "quantization",
-    "shard_number": "shards",
-    "replication_factor": "replication_factor",
-    "write_consistency_factor": "write_consistency",
-}
-
-
-def given_collection_options(args: argparse.Namespace) -> tuple[str, ...]:
-    """The collection options given by flag or variable (a reused collection must have them as given)."""
-    return tuple(f for f, dest in _COLLECTION_DESTS.items() if getattr(args, dest, None) is not None)
+def given_collection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The collection options given by flag or variable, by `CollectionConfig` field."""
+    return {o.field: getattr(args, o.dest) for o in COLLECTION_OPTIONS if getattr(args, o.dest, None) is not None}
 
 
 def collection_config(args: argparse.Namespace, identity: BundleIdentity) -> tuple[CollectionConfig, list[str]]:
-    """The collection options from parsed flags, with the bundle's decisions as defaults.
+    """The options of a collection to create, from parsed flags, with the bundle's decisions as defaults.
 
     The bundle's decisions come with its identity, from the bundle itself or from the encoder services' `Info`, so
     a collection indexed through the services follows the bundle as one indexed with `--bundle` does.
@@ -138,7 +102,8 @@ def collection_config(args: argparse.Namespace, identity: BundleIdentity) -> tup
                 f"the encoder services do not report bundle {identity.version}'s trained quantization (a server "
                 "older than Info.quantization): the collection gets quantization none; pass --quantization or --bundle"
             )
-    quantization = args.quantization or trained
+    given = given_collection_options(args)
+    quantization = str(given.get("quantization", trained))
     if identity.quantization and quantization != trained:
         warnings.append(
             f"--quantization {quantization} overrides bundle {identity.version}'s serving.quantization {trained!r} "
@@ -146,59 +111,115 @@ def collection_config(args: argparse.Namespace, identity: BundleIdentity) -> tup
         )
     for w in warnings:
         logger.warning(w)
-    d = COLLECTION_DEFAULTS
-    config = CollectionConfig(
-        dim=identity.dim,
-        hnsw_m=args.hnsw_m or d.hnsw_m,
-        hnsw_ef_construct=args.hnsw_ef_construct or d.hnsw_ef_construct,
-        full_scan_threshold=args.full_scan_threshold_kb or d.full_scan_threshold,
-        indexing_threshold=args.indexing_threshold_kb,
-        max_segment_size=args.max_segment_size_kb or d.max_segment_size,
-        on_disk=bool(args.on_disk),
-        quantization=quantization,
-        shard_number=args.shards,
-        replication_factor=args.replication_factor,
-        write_consistency_factor=args.write_consistency,
-    )
-    return config, warnings
+    return CollectionConfig(**{**given, "dim": identity.dim, "quantization": quantization}), warnings
 
 
-def refuse_server_only(args: argparse.Namespace, store: str) -> None:
-    """Refuses `--shards`, `--replication-factor`, `--write-consistency` (other than 1) for the embedded engine.
+def refuse_misplaced(args: argparse.Namespace, embedded: bool, store: str) -> None:
+    """Refuses options given for a backend they do not apply to: server-only ones (other than 1) for the embedded
+    engine, embedded-only ones for a server.
 
     Raises:
         ValueError: One was given, naming it.
     """
-    given = [
-        f"{flag} {v}"
-        for flag, v in (
-            ("--shards", args.shards),
-            ("--replication-factor", args.replication_factor),
-            ("--write-consistency", args.write_consistency),
-        )
-        if v not in (None, 1)
-    ]
-    if given:
+    given = given_collection_options(args)
+    if embedded:
+        wrong = [
+            f"{OPTIONS_BY_FIELD[f].flag} {v}"
+            for f, v in given.items()
+            if OPTIONS_BY_FIELD[f].applies == SERVER and v != 1
+        ]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: the embedded engine (--store {store}) holds a collection in one shard with no "
+                "replicas; shards, replication and write consistency need a Qdrant server (--store qdrant://host:6334)"
+            )
+        return
+    wrong = [f"{OPTIONS_BY_FIELD[f].flag} {v}" for f, v in given.items() if OPTIONS_BY_FIELD[f].applies == EMBEDDED]
+    if wrong:
         raise ValueError(
-            f"{', '.join(given)}: the embedded engine (--store {store}) holds a collection in one shard with no "
-            "replicas; shards, replication and write consistency need a Qdrant server (--store qdrant://host:6334)"
+            f"{', '.join(wrong)}: applies to the embedded engine only; a Qdrant server (--store {store}) sizes its own "
+            "segments"
         )
 
 
 def check_given(name: str, existing: CollectionConfig, args: argparse.Namespace) -> None:
-    """Checks a reused collection against the collection flags that were given (each must match).
+    """Checks an existing collection against every collection option that was given: none can take effect on an
+    existing collection, so each must match it (an option not given takes the collection's own value).
 
     Raises:
-        CollectionMismatch: A given flag differs from the collection's option, naming both values.
+        CollectionMismatch: A given option differs from the collection's, naming the flag and both values.
     """
-    from store.base import CollectionMismatch
-
-    given = {f: getattr(args, _COLLECTION_DESTS[f]) for f in given_collection_options(args)}
     diffs = [
-        f"{f} {getattr(existing, f)!r}, not {v!r} ({FLAGS[f]})" for f, v in given.items() if getattr(existing, f) != v
+        f"{f} {getattr(existing, f)!r}, not the given {v!r} ({OPTIONS_BY_FIELD[f].flag})"
+        for f, v in given_collection_options(args).items()
+        if getattr(existing, f) != v
     ]
     if diffs:
-        raise CollectionMismatch(f"collection {name!r} was built with {'; '.join(diffs)}")
+        raise CollectionMismatch(
+            f"collection {name!r} exists with {'; '.join(diffs)}: options cannot change on an existing collection; "
+            "index into another --collection, drop the flag, or pass --recreate to delete it (and every point in it) "
+            "and rebuild it"
+        )
+
+
+def collection_for(
+    store: VectorStore, name: str, args: argparse.Namespace, create: CollectionConfig, identity: BundleIdentity
+) -> CollectionConfig:
+    """The config to write collection `name` with: for an existing collection its own options (after checking that
+    `identity` is the bundle that wrote it, then the given options against it, `check_given`), else `create` (from
+    `collection_config`).
+
+    Raises:
+        BundleMismatch: Another bundle wrote the existing collection (named before any option).
+        CollectionMismatch: A given option differs from the existing collection's.
+    """
+    try:
+        existing = store.collection_config(name)
+    except KeyError:
+        return create
+    if existing.dim == identity.dim:  # another dimension: the store's own check names both dimensions
+        check_identity(store.resolve(name), store.collection_identity(name), identity, "write")
+    check_given(name, existing, args)
+    # The dimension is the bundle's: a collection of another dimension is refused by the store, naming both.
+    return dataclasses.replace(existing, dim=create.dim)
+
+
+def recreate_collection(store: VectorStore, name: str) -> None:
+    """Deletes collection `name` (`--recreate`) so it can be built anew, refusing while aliases point at it: an alias
+    would otherwise serve a collection being rebuilt (or, after a rebuild by another bundle, another space).
+
+    Raises:
+        CollectionMismatch: Aliases point at the collection, naming them.
+    """
+    aliases = store.aliases_of(name)
+    if aliases:
+        raise CollectionMismatch(
+            f"--recreate refused: alias(es) {', '.join(aliases)} point at collection {store.resolve(name)!r}, and "
+            "deleting it would leave them serving a collection being rebuilt; index into a new collection with "
+            "--alias ALIAS instead (the alias moves in one step once the job is done)"
+        )
+    logger.warning("--recreate: deleting collection %s and every point in it", name)
+    store.delete_collection(name)
+
+
+def _value(o: CollectionOption) -> str:
+    if o.kind == "choice":
+        return " \\| ".join(o.choices)
+    return "on / off" if o.kind == "bool" else "KB" if o.flag.endswith("-kb") else "N"
+
+
+def options_table() -> str:
+    """The docs table of the collection options (docs/indexing-and-search.md embeds it; a test compares them)."""
+    rows = [
+        "| flag | value | variable | option | default | applies to | on an existing collection |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for o in COLLECTION_OPTIONS:
+        reopen = "checked on every reopen; if given, must match" if o.search_checked else "if given, must match"
+        rows.append(
+            f"| `{o.flag}` | {_value(o)} | `{env_name(o.flag)}` | `{o.field}` | {o.default} | {o.applies} | {reopen} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def search_options(args: argparse.Namespace) -> SearchOptions:

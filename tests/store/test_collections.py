@@ -80,7 +80,7 @@ def test_an_existing_collection_with_other_options_is_an_error_until_recreated(
         err = capsys.readouterr().err
         assert "collection 'tiny-d32-s0' exists with" in err and "--recreate" in err, extra
     assert index_main(_argv(data, tiny_bundle, store, "--quantization", "int8")) == 1
-    assert "quantization 'none', not the requested 'int8' (--quantization)" in capsys.readouterr().err
+    assert "quantization 'none', not the given 'int8' (--quantization)" in capsys.readouterr().err
     # --recreate deletes the collection (all its points) and its checkpoints, then builds it with the new options.
     small = make_dataset(tmp_path / "small", 2, captions=1)
     assert index_main(_argv(small, tiny_bundle, store, "--quantization", "int8", "--recreate", "--json", "-")) == 0
@@ -230,3 +230,44 @@ def test_an_untrained_unit_head_needs_the_explicit_opt_in_as_no_head_does(
     assert index_main(_argv(data, untrained, tmp_path / "q", "--untrained-fusion", "--json", "-")) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fusion"] == "normalize(v+t)" and report["warnings"] == []
+
+
+def test_options_given_for_an_existing_collection_must_match_and_options_not_given_keep_its_own(
+    data: Path, tmp_path: Path, tiny_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "q"
+    built = ["--hnsw-m", "8", "--indexing-threshold-kb", "3", "--max-segment-size-kb", "50"]
+    assert index_main(_argv(data, tiny_bundle, store, *built)) == 0
+    capsys.readouterr()
+    # Not given: the collection's own options, whatever the defaults are (no flag is blamed that was not given).
+    assert index_main(_argv(data, tiny_bundle, store, "--restart")) == 0
+    capsys.readouterr()
+    # Given, even those no search depends on, they cannot take effect on it: refused, never silently ignored.
+    for flag, value, ours in (("--indexing-threshold-kb", "5", 3), ("--max-segment-size-kb", "60", 50)):
+        assert index_main(_argv(data, tiny_bundle, store, flag, value)) == 1
+        err = capsys.readouterr().err
+        assert f"{ours}, not the given {value} ({flag})" in err and "cannot change on an existing collection" in err
+    assert index_main(_argv(data, tiny_bundle, store, "--hnsw-m", "8", "--indexing-threshold-kb", "3")) == 0
+    capsys.readouterr()
+    server = f"local:{tmp_path / 'local'}"
+    assert index_main(_argv(data, tiny_bundle, server, "--shards", "2", "--kinds", "image")) == 0
+    capsys.readouterr()
+    assert index_main(_argv(data, tiny_bundle, server, "--shards", "3", "--kinds", "image")) == 1
+    assert "shard_number 2, not the given 3 (--shards)" in capsys.readouterr().err
+    # An embedded-only option is refused for a server (it sizes its own segments).
+    assert index_main(_argv(data, tiny_bundle, server, "--max-segment-size-kb", "50", "--kinds", "image")) == 2
+    assert "--max-segment-size-kb 50: applies to the embedded engine only" in capsys.readouterr().err
+
+
+def test_recreate_is_refused_while_aliases_point_at_the_collection(
+    data: Path, tmp_path: Path, tiny_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "q"
+    assert index_main(_argv(data, tiny_bundle, store, "--alias", "live")) == 0
+    capsys.readouterr()
+    assert index_main(_argv(data, tiny_bundle, store, "--recreate")) == 1
+    err = capsys.readouterr().err
+    assert "--recreate refused: alias(es) live point at collection 'tiny-d32-s0'" in err and "--alias" in err
+    s = open_store(store)
+    assert s.count("tiny-d32-s0") == 12 and s.aliases_of("tiny-d32-s0") == ["live"]  # nothing was deleted
+    s.close()
