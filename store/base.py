@@ -353,6 +353,14 @@ class VectorStore(Protocol):
         ...
 
 
+def stored_point(record: Any) -> PointData:
+    """A point read back from either backend (its records both have `id`, `vector`: named vectors or None, and
+    `payload`)."""
+    named = record.vector if isinstance(record.vector, dict) else {}
+    vectors = {k: np.asarray(v, np.float32) for k, v in named.items()}
+    return PointData(str(record.id), vectors, dict(record.payload or {}))
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """Reads a small JSON metadata file, `{}` when absent."""
     return json.loads(path.read_text()) if path.is_file() else {}

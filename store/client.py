@@ -17,6 +17,7 @@ from store.base import (
     Hit,
     PointData,
     SearchOptions,
+    stored_point,
 )
 from store.identity import check_reopen
 from store.retry import call_with_retry
@@ -236,11 +237,7 @@ class ClientStore:
             records = self._call(
                 lambda c=chunk: self.client.retrieve(collection, c, with_payload=True, with_vectors=with_vectors)
             )
-            for r in records:
-                vec = r.vector if with_vectors and isinstance(r.vector, dict) else {}
-                out[str(r.id)] = PointData(
-                    str(r.id), {k: np.asarray(v, np.float32) for k, v in vec.items()}, dict(r.payload or {})
-                )
+            out.update((p.id, p) for p in map(stored_point, records))
         return out
 
     def upsert(self, collection: str, points: list[PointData]) -> None:
@@ -312,9 +309,7 @@ class ClientStore:
             records, offset = self.client.scroll(
                 collection, offset=offset, limit=1000, with_payload=True, with_vectors=True
             )
-            for r in records:
-                vec = r.vector if isinstance(r.vector, dict) else {}
-                out[str(r.id)] = (dict(r.payload or {}), {k: np.asarray(v, np.float32) for k, v in vec.items()})
+            out.update((p.id, (p.payload, p.vectors)) for p in map(stored_point, records))
             if offset is None:
                 return out
 

@@ -27,6 +27,7 @@ from store.base import (
     PointData,
     SearchOptions,
     read_metadata,
+    stored_point,
     write_metadata,
 )
 from store.identity import IDENTITY_KEY, check_reopen
@@ -271,11 +272,7 @@ class EdgeStore:
         out: dict[str, PointData] = {}
         for start in range(0, len(ids), 1000):
             chunk: list[int | uuid.UUID | str] = list(ids[start : start + 1000])
-            for r in shard.retrieve(chunk, True, with_vectors):
-                vec = r.vector if with_vectors and isinstance(r.vector, dict) else {}
-                out[str(r.id)] = PointData(
-                    str(r.id), {k: np.asarray(v, np.float32) for k, v in vec.items()}, dict(r.payload or {})
-                )
+            out.update((p.id, p) for p in map(stored_point, shard.retrieve(chunk, True, with_vectors)))
         return out
 
     def upsert(self, collection: str, points: list[PointData]) -> None:
@@ -356,9 +353,7 @@ class EdgeStore:
             records, offset = shard.scroll(
                 qe.ScrollRequest(offset=offset, limit=1000, with_payload=True, with_vector=True)
             )
-            for r in records:
-                vec = r.vector if isinstance(r.vector, dict) else {}
-                out[str(r.id)] = (dict(r.payload or {}), {k: np.asarray(v, np.float32) for k, v in vec.items()})
+            out.update((p.id, (p.payload, p.vectors)) for p in map(stored_point, records))
             if offset is None:
                 return out
 

@@ -181,3 +181,13 @@ def test_the_store_layer_owns_ids_and_stores() -> None:
     assert not (ROOT / "indexer" / "stores").exists()
     assert not (ROOT / "indexer" / "ids.py").exists() and not (ROOT / "indexer" / "options.py").exists()
     assert {"store.base", "store.edge", "store.client", "store.factory", "store.ids", "store.options"} <= set(MODULES)
+
+
+def test_benchmarks_reach_the_indexer_only_through_its_public_entry_point() -> None:
+    wrong = sorted(
+        f"{path.name} -> {dep}"
+        for path in (ROOT / "benchmarks").glob("*.py")
+        for dep in _imports(path)
+        if dep.startswith("indexer.")
+    )
+    assert wrong == []

@@ -142,3 +142,14 @@ def test_more_like_this_uses_the_points_stored_vector_not_its_file(tmp_path: Pat
     finally:
         srv.stop(grace=0)
         store.close()
+
+
+def test_serve_search_refuses_another_bundles_collection_before_serving(
+    store_root: Path, tiny_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from search_service.__main__ import main as serve_main
+
+    argv = ["--bundle", str(tiny_bundle), "--in-process", "--device", "cpu", "--store", str(store_root)]
+    assert serve_main([*argv, "--collection", "c", "--port", "0", "--http-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "collection 'c' belongs to bundle tiny-other" in err and "the search uses bundle tiny-d32-s0" in err
