@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -381,27 +382,31 @@ class StoreLocked(ImgTxtError):
 
 
 def _holders(path: Path) -> list[str]:
-    """The processes holding a lock on a file under `path` (`pid (command)`), read from /proc/locks (Linux)."""
+    """The processes holding a lock on a file under `path` (`pid (command)`), read from /proc/locks (Linux only;
+    elsewhere, or when it cannot be read, none are named)."""
     # The engine locks its write-ahead log's directory (flock); any file or directory of the collection counts.
-    inodes = {f.stat().st_ino for f in [path, *path.rglob("*")]}
-    found = []
+    ids = set()
+    for f in [path, *path.rglob("*")]:
+        st = f.stat()
+        ids.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
     try:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return []
+    found = set()
     for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF": the pid, then major:minor:inode of the locked file.
         parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF": pid, then major:minor:inode.
-        fields = [p for p in parts if p.count(":") == 2]
-        pid_index = parts.index(fields[0]) - 1 if fields else -1
-        if fields and int(fields[0].rsplit(":", 1)[1]) in inodes and parts[pid_index].isdigit():
-            pid = parts[pid_index]
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            except OSError:
-                command = "?"
-            found.append(f"pid {pid} ({command[:120]})")
-    return sorted(set(found))
+        at = next((i for i, p in enumerate(parts) if p.count(":") == 2), None)
+        if at is None or parts[at] not in ids or not parts[at - 1].isdigit():
+            continue
+        pid = parts[at - 1]
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            command = "?"
+        found.add(f"pid {pid} ({command[:120]})")
+    return sorted(found)
 
 
 def _held(path: Path, open_shard: Callable[[], qe.EdgeShard]) -> qe.EdgeShard:
