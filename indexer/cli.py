@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             if pending:
                 report.warnings.append(f"alias {args.alias} not switched yet: shards {pending} are not done")
             else:
+                # The job is done with the collection: let go of it first, so a reader in another process that
+                # follows the alias can open it at once (the embedded engine lets one process hold a collection).
+                store.release(collection)
                 store.set_alias(args.alias, collection)
                 report.alias = args.alias
     except (CollectionMismatch, ImgTxtError, ValueError, KeyError, OSError, grpc.RpcError) as exc:

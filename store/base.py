@@ -348,6 +348,11 @@ class VectorStore(Protocol):
         """Every point as id -> (payload, named vectors): for tests and small collections only."""
         ...
 
+    def release(self, name: str) -> None:
+        """Lets go of what the store holds of one collection (the embedded engine's loaded shard, and with it the
+        engine's lock, so another process can open it); a later call on it loads it again."""
+        ...
+
     def close(self) -> None:
         """Releases the store."""
         ...

@@ -313,6 +313,9 @@ class ClientStore:
             if offset is None:
                 return out
 
+    def release(self, name: str) -> None:
+        """Nothing to do: the server holds the collection."""
+
     def close(self) -> None:
         """Closes the client."""
         self.client.close()

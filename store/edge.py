@@ -236,11 +236,7 @@ class EdgeStore:
     def delete_collection(self, name: str) -> None:
         """Closes and removes the collection's shard directory, and the aliases pointing at it."""
         path = self._path(name)
-        with self._lock:
-            shard = self._shards.pop(path.name, None)
-            self._seals.pop(path.name, None)
-            if shard is not None:
-                shard.close()
+        self.release(name)
         aliases = self._aliases()
         kept = {a: c for a, c in aliases.items() if c != path.name}
         if kept != aliases:
@@ -357,6 +353,15 @@ class EdgeStore:
             out.update((p.id, (p.payload, p.vectors)) for p in map(stored_point, records))
             if offset is None:
                 return out
+
+    def release(self, name: str) -> None:
+        """Flushes and closes the collection's shard, releasing the engine's lock on it (nothing when not loaded)."""
+        target = self.resolve(self._check_name(name))
+        with self._lock:
+            shard = self._shards.pop(target, None)
+            self._seals.pop(target, None)
+        if shard is not None:
+            shard.close()
 
     def shard_info(self, collection: str) -> Any:
         """The engine's description of the collection's shard (segments, points, indexed vectors)."""

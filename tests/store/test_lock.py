@@ -16,6 +16,7 @@ from search.cli import main as search_main
 from store.base import CollectionConfig, PointData
 from store.edge import EdgeStore, StoreLocked
 from store.ids import point_id
+from tests.store.identities import identity
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLD = """
@@ -76,3 +77,17 @@ def test_a_command_on_a_held_store_exits_with_the_message(
     assert search_main(argv) == 1
     err = capsys.readouterr().err
     assert f"is in use by pid {proc.pid}" in err and "Traceback" not in err
+
+
+def test_release_lets_another_opener_have_the_collection(tmp_path: Path) -> None:
+    """What `imgtxt index --alias` does before it switches the alias: a reader following it can open the collection."""
+    writer, reader = EdgeStore(tmp_path / "q"), EdgeStore(tmp_path / "q")
+    bundle = identity("b1", 4)
+    writer.ensure_collection("c", CollectionConfig(dim=4), bundle)
+    writer.upsert("c", [PointData(point_id("image", "a"), {"image": np.ones(4, np.float32)}, {"kind": "image"})])
+    with pytest.raises(StoreLocked):  # the engine's lock holds within one process too (one per opener)
+        reader.count("c")
+    writer.release("c")
+    assert reader.count("c") == 1  # the released writes are durable
+    writer.close()
+    reader.close()
