@@ -23,10 +23,9 @@ from imgtxt.client import ImageEncoderClient, ServiceEncoder
 from imgtxt.datasets import default_data_root
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.supervisor import run_services
-from indexer.pipeline import IndexConfig, run_index
-from indexer.reader import read_records
-from indexer.stores.base import CollectionConfig
-from indexer.stores.factory import open_store
+from indexer import IndexConfig, read_records, run_index
+from store.base import CollectionConfig
+from store.factory import open_store
 
 
 def make_bundle(out: Path) -> Path:

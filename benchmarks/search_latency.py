@@ -34,13 +34,16 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import Report, add_results_flag
-from indexer.ids import point_id
-from indexer.stores.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions, VectorStore
-from indexer.stores.edge import EdgeStore
-from indexer.stores.factory import open_store
+from imgtxt.bundle import BundleIdentity
+from store.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions, VectorStore
+from store.edge import EdgeStore
+from store.factory import open_store
+from store.ids import point_id
 
 DIM = 512
 K = 10
+# The generated vectors' "bundle": the collection records it as every collection records the bundle that wrote it.
+BENCH_IDENTITY = BundleIdentity("bench-synthetic", "", DIM)
 CHUNK = 10_000
 GB = 1024**3
 Row = dict[str, Any]
@@ -182,18 +185,19 @@ def fill(store: VectorStore, n: int, centers: np.ndarray, config: CollectionConf
         the final `optimize()`).
     """
     t0 = time.perf_counter()
-    store.ensure_collection("bench", config)
+    store.ensure_collection("bench", config, BENCH_IDENTITY)
     for start, vectors in chunks(n, centers, seed=1):
         for s in range(0, len(vectors), batch):
             store.upsert(
+                "bench",
                 [
                     PointData(point_id("image", str(start + i)), {"image": vectors[i]}, {"kind": "image"})
                     for i in range(s, min(s + batch, len(vectors)))
-                ]
+                ],
             )
-    store.flush()
+    store.flush("bench")
     t1 = time.perf_counter()
-    store.optimize()
+    store.optimize("bench")
     t2 = time.perf_counter()
     index_s = store.optimize_seconds if isinstance(store, EdgeStore) else t2 - t1
     return t2 - t0 - index_s, index_s
@@ -204,7 +208,7 @@ def measure(store: VectorStore, queries: np.ndarray, options: SearchOptions) -> 
     ids, lat = [], []
     for q in queries:
         t0 = time.perf_counter()
-        (hits,) = store.search(q[None], "image", K, None, options, with_payload=False)
+        (hits,) = store.search("bench", q[None], "image", K, None, options, with_payload=False)
         lat.append((time.perf_counter() - t0) * 1000)
         ids.append([h.id for h in hits])
     return ids, np.array(lat)
@@ -255,7 +259,7 @@ def run(backend: str, n: int, quantization: str, s: Settings, tmp: Path, watch: 
     peaks: dict[str, Peak] = {}
     with watch.phase(peaks, "build"):
         ingest_s, index_s = fill(store, n, centers, config, s.batch)
-    segments = store.shard.info().segments_count if isinstance(store, EdgeStore) and store.shard else 1
+    segments = store.shard_info("bench").segments_count if isinstance(store, EdgeStore) else 1
     factors = s.oversampling if quantization != "none" else [1.0]
     measured = []
     with watch.phase(peaks, "search"):

@@ -28,12 +28,11 @@ from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.encoders.session import SessionConfig
 from imgtxt.v1 import search_pb2 as pb
 from imgtxt.v1 import search_pb2_grpc as pb_grpc
-from indexer.pipeline import IndexConfig, run_index
-from indexer.reader import read_records
-from indexer.stores.base import CollectionConfig
-from indexer.stores.factory import open_store
+from indexer import IndexConfig, read_records, run_index
 from search.backend import Query, SearchBackend
 from search_service.server import SearchServerConfig, create_search_server
+from store.base import CollectionConfig
+from store.factory import open_store
 
 
 def _load(call: Callable[[str], object], queries: list[str], clients: int) -> np.ndarray:

@@ -26,13 +26,12 @@ from imgtxt.flags import HelpFormatter, add_json_flag, emit
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.retrieval_metrics import format_metrics
 from imgtxt.supervisor import REPO_ROOT, run_services
-from indexer.ids import KINDS
-from indexer.pipeline import IndexConfig, IndexReport, run_index
-from indexer.reader import read_records, source_fingerprint
-from indexer.shard_checkpoint import checkpoint_path
-from indexer.stores.base import CollectionConfig, CollectionMismatch, VectorStore
-from indexer.stores.factory import open_store
+from indexer import IndexConfig, IndexReport, checkpoint_path, read_records, run_index, source_fingerprint
 from search.searcher import Searcher
+from store.base import CollectionConfig, CollectionMismatch, VectorStore
+from store.factory import open_store
+from store.ids import KINDS
+from store.options import recreate_collection
 
 QUICK_LIMIT = 100
 TEXT_QUERIES = (
@@ -131,8 +130,9 @@ def _index(
     collection = b.version
     cp = checkpoint_path(store_dir / "_checkpoints", collection, 0, 1)
     # Units only from a trained unit head: the demo does not opt in to the untrained normalize(v+t) fusion.
-    kinds = KINDS if b.manifest.serving.unit_head else ("image", "text")
-    fusion = UnitEncoder(b if b.manifest.serving.unit_head else None)
+    trained_head = b.manifest.serving.unit_provenance == "trained"
+    kinds = KINDS if trained_head else ("image", "text")
+    fusion = UnitEncoder(b if trained_head else None)
     job = {
         "source": str(data.resolve()),
         "fingerprint": source_fingerprint(data),
@@ -154,8 +154,8 @@ def _index(
         report = run_index(read_records(data, split="val", limit=limit), encoder, store, collection, config, **kwargs)
     except (InvalidInput, CollectionMismatch):
         # The collection holds another selection of val (e.g. an earlier --limit), or was built with other options:
-        # it is the demo's own, so rebuild it from scratch.
-        store.delete_collection(collection)
+        # it is the demo's own, so rebuild it from scratch (refused while aliases point at it).
+        recreate_collection(store, collection)
         records = read_records(data, split="val", limit=limit)
         report = run_index(records, encoder, store, collection, config, restart=True, **kwargs)
     per_kind = ", ".join(f"{k} {v}" for k, v in report.indexed.items())

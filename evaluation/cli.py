@@ -31,7 +31,7 @@ from imgtxt.retrieval_metrics import format_metrics, retrieval_metrics
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `imgtxt eval` (all modes)."""
     from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag
-    from indexer.options import add_collection_flags, add_search_flags, add_store_flags
+    from store.options import add_collection_flags, add_search_flags, add_store_flags
 
     parser = argparse.ArgumentParser(
         prog="imgtxt eval",
@@ -126,12 +126,12 @@ def _offline(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[st
 def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[str, Any]:
     from evaluation.via_index import evaluate_via_index
     from imgtxt.flags import build_encoder
-    from indexer.options import DEFAULT_STORE, check_given, collection_config, search_options
-    from indexer.stores.factory import open_store
+    from store.factory import open_store
+    from store.options import DEFAULT_STORE, check_given, collection_config, recreate_collection, search_options
 
-    encoder, bundle = build_encoder(args)
+    encoder, _ = build_encoder(args)
     try:
-        config, warnings = collection_config(args, encoder.dim, bundle)
+        config, warnings = collection_config(args, encoder.identity)
         own = f"{encoder.bundle_version}-eval-{args.split}"
         with tempfile.TemporaryDirectory(prefix="imgtxt-eval-") as tmp:
             location = args.store or (DEFAULT_STORE if args.reuse else tmp)
@@ -146,6 +146,8 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
                         f"collection {name!r} exists in {location}: pass --reuse to evaluate it as it was built, or "
                         "--recreate to delete it (and every point in it) and index the split into it"
                     )
+                if not args.reuse and _exists(store, name):
+                    recreate_collection(store, name)  # refused while aliases point at it
                 metrics: dict[str, Any] = evaluate_via_index(
                     records,
                     encoder,
@@ -163,14 +165,14 @@ def _via_index(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[
 
                     owners = np.asarray([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int64)
                     cols, rows = example_queries(len(records), len(owners))
-                    sim = example_sims_via_index(records, encoder, store, search_options(args), cols, rows)
+                    sim = example_sims_via_index(records, encoder, store, collection, search_options(args), cols, rows)
                     report_path = write_report(args.report, records, sim, owners, {"source": name, **metrics})
                     metrics = {**metrics, "report": str(report_path)}
                 if args.judgments is not None:
                     from evaluation.via_index import judged_scores_via_index
 
                     pairs = load_judgments(args.judgments, records, args.judgments_format)
-                    scores = judged_scores_via_index(pairs, records, encoder, store, search_options(args))
+                    scores = judged_scores_via_index(pairs, records, encoder, store, collection, search_options(args))
                     metrics = {**metrics, **graded_correlation(scores, pairs)}
                 stored = store.collection_config(collection).to_dict()
             finally:

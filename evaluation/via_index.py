@@ -16,23 +16,21 @@ from imgtxt.datasets import CaptionedImage
 from imgtxt.encoders.types import Encoder
 from imgtxt.errors import ImgTxtError, InvalidInput
 from imgtxt.retrieval_metrics import retrieval_metrics
-from indexer.ids import point_id
-from indexer.pipeline import IndexConfig, run_index
-from indexer.reader import SourceRecord
-from indexer.stores.base import DEFAULT_SEARCH, CollectionConfig, SearchOptions, VectorStore
+from indexer import IndexConfig, SourceRecord, run_index
+from store.base import DEFAULT_SEARCH, CollectionConfig, SearchOptions, VectorStore
+from store.identity import check_identity
+from store.ids import point_id
 
 
-def check_holds_exactly(
-    store: VectorStore, collection: str, image_ids: list[str], text_ids: list[str], bundle_version: str
-) -> None:
-    """Checks that the open collection holds exactly these image and text points, written by `bundle_version`.
+def check_holds_exactly(store: VectorStore, collection: str, image_ids: list[str], text_ids: list[str]) -> None:
+    """Checks that the collection holds exactly these image and text points.
 
     Raises:
-        InvalidInput: Points of the split are missing, the collection holds other image or text points (another
-            split, another --limit), or they were indexed by another bundle; the message says which and how many.
+        InvalidInput: Points of the split are missing, or the collection holds other image or text points (another
+            split, another --limit); the message says which and how many.
     """
-    n_images, n_texts = store.count({"kind": "image"}), store.count({"kind": "text"})
-    found = store.retrieve(image_ids + text_ids)
+    n_images, n_texts = store.count(collection, {"kind": "image"}), store.count(collection, {"kind": "text"})
+    found = store.retrieve(collection, image_ids + text_ids)
     missing = len(image_ids) + len(text_ids) - len(found)
     if missing or n_images != len(image_ids) or n_texts != len(text_ids):
         raise InvalidInput(
@@ -40,12 +38,6 @@ def check_holds_exactly(
             f"{n_texts} text points, the split {len(image_ids)} images and {len(text_ids)} captions, of which "
             f"{missing} are missing; index exactly this split into it (imgtxt index DATA --split SPLIT [--limit N]) "
             "or evaluate without --reuse"
-        )
-    versions = sorted({str(p.get("bundle_version")) for p in found.values()})
-    if versions != [bundle_version]:
-        raise InvalidInput(
-            f"collection {collection!r} was indexed with bundle(s) {', '.join(versions)}, but the queries are "
-            f"encoded by {bundle_version}"
         )
 
 
@@ -56,6 +48,7 @@ MISSING = -2.0
 
 def _ranked_sims(
     store: VectorStore,
+    collection: str,
     queries: np.ndarray,
     target: str,
     columns: dict[str, int],
@@ -67,7 +60,7 @@ def _ranked_sims(
     limit = min(depth or len(columns), len(columns))
     for start in range(0, len(queries), QUERY_BATCH):
         batch = queries[start : start + QUERY_BATCH]
-        results = store.search(batch, target, limit, {"kind": target}, options, with_payload=False)
+        results = store.search(collection, batch, target, limit, {"kind": target}, options, with_payload=False)
         for row, hits in enumerate(results, start):
             for h in hits:
                 col = columns.get(h.id)
@@ -127,15 +120,20 @@ def evaluate_via_index(
         if report.skipped or report.failed:
             raise ImgTxtError(f"{report.skipped + report.failed} evaluation items could not be indexed")
     else:
-        store.open_collection(collection)
-        check_holds_exactly(store, collection, list(image_cols), list(text_cols), encoder.bundle_version)
+        # The reader's side of the collection contract: the bundle that wrote it encodes the queries.
+        check_identity(collection, store.collection_identity(collection), encoder.identity, "search")
+        check_holds_exactly(store, collection, list(image_cols), list(text_cols))
     text_image_ids = np.array([i for _, _, i in texts])
     image_queries = encode_all(
         lambda chunk: encoder.encode_images([p.read_bytes() for p in chunk]), [it.path for it in items], batch_size
     )
     text_queries = encode_all(encoder.encode_texts, [t for _, t, _ in texts], batch_size)
-    i2t = retrieval_metrics(_ranked_sims(store, image_queries, "text", text_cols, options, depth), text_image_ids)
-    t2i = retrieval_metrics(_ranked_sims(store, text_queries, "image", image_cols, options, depth).T, text_image_ids)
+    i2t = retrieval_metrics(
+        _ranked_sims(store, collection, image_queries, "text", text_cols, options, depth), text_image_ids
+    )
+    t2i = retrieval_metrics(
+        _ranked_sims(store, collection, text_queries, "image", image_cols, options, depth).T, text_image_ids
+    )
     out = {k: v for k, v in i2t.items() if k.startswith("i2t")} | {k: v for k, v in t2i.items() if k.startswith("t2i")}
     if depth is not None and depth < min(len(image_cols), len(text_cols)):
         out = {k: v for k, v in out.items() if not k.endswith(("medr", "meanr"))}
@@ -144,7 +142,12 @@ def evaluate_via_index(
 
 
 def judged_scores_via_index(
-    pairs: JudgedPairs, items: list[CaptionedImage], encoder: Encoder, store: VectorStore, options: SearchOptions
+    pairs: JudgedPairs,
+    items: list[CaptionedImage],
+    encoder: Encoder,
+    store: VectorStore,
+    collection: str,
+    options: SearchOptions,
 ) -> np.ndarray:
     """The store's score of each judged (image, caption) pair: the judged image is the query, and the search is
     restricted to the judged caption's point (`key` filter), so the score is what the index serves for that pair."""
@@ -153,7 +156,9 @@ def judged_scores_via_index(
     query = dict(zip(rows, images, strict=True))
     out = np.full(len(pairs), MISSING, np.float64)
     for n, (row, (_, caption_image, k)) in enumerate(zip(pairs.rows.tolist(), pairs.keys, strict=True)):
-        (hits,) = store.search(query[row][None], "text", 1, {"kind": "text", "key": f"{caption_image}#{k}"}, options)
+        (hits,) = store.search(
+            collection, query[row][None], "text", 1, {"kind": "text", "key": f"{caption_image}#{k}"}, options
+        )
         if hits:
             out[n] = hits[0].score
     return out
@@ -163,6 +168,7 @@ def example_sims_via_index(
     items: list[CaptionedImage],
     encoder: Encoder,
     store: VectorStore,
+    collection: str,
     options: SearchOptions,
     text_examples: list[int],
     image_examples: list[int],
@@ -176,9 +182,9 @@ def example_sims_via_index(
     text_cols = {point_id("text", key): n for n, (key, _) in enumerate(texts)}
     sim = np.full((len(records), len(texts)), MISSING, np.float64)
     captions = encode_all(encoder.encode_texts, [texts[c][1] for c in text_examples])
-    sim[:, text_examples] = _ranked_sims(store, captions, "image", image_cols, options).T
+    sim[:, text_examples] = _ranked_sims(store, collection, captions, "image", image_cols, options).T
     images = encode_all(
         lambda chunk: encoder.encode_images([items[r].path.read_bytes() for r in chunk]), image_examples
     )
-    sim[image_examples] = _ranked_sims(store, images, "text", text_cols, options)
+    sim[image_examples] = _ranked_sims(store, collection, images, "text", text_cols, options)
     return sim

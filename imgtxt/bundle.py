@@ -30,6 +30,10 @@ MODALITIES = ("image", "text", "unit")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Vector-store quantisations the towers can be trained for (the collection's default quantisation).
 QUANTIZATIONS = ("none", "int8", "binary")
+# Where a bundle's unit head stands (`ServingSpec.unit_provenance`).
+UNIT_HEADS = ("trained", "untrained", "none")
+# The trainer's default unit loss weight (`trainer.config.LossConfig.unit_weight`), for configs that name none.
+DEFAULT_UNIT_LOSS_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,11 @@ class ServingSpec:
     quantization: str = "none"
     """Vector-store quantisation the towers were trained for (`none`, `int8`, `binary`): a new collection's default."""
     unit_head: bool = False
-    """The bundle has a trained fusion head for image+caption `unit` vectors."""
+    """The bundle has a fusion head (a `unit` tower) for image+caption `unit` vectors."""
+    unit_head_trained: bool = False
+    """A unit loss with positive weight trained that head; an export of a head no loss trained says False, and
+    indexing units with it then needs the explicit `--untrained-fusion`, as for a bundle with no head. Manifests
+    written before this field existed are read from their training config (see `trained_unit_head`)."""
     precisions: dict[str, dict[str, GraphVariant]] = field(default_factory=dict)
     """Precision (`fp32`, `fp16`, `int8`) -> modality -> graph; fp32 holds every tower (int8: image and text)."""
 
@@ -108,6 +116,12 @@ class ServingSpec:
             raise BundleError(f"serving.precisions has unknown precision(s) {unknown}; known: {PRECISIONS}")
         if "fp32" not in self.precisions:
             raise BundleError("serving.precisions must hold the fp32 graphs")
+
+    @property
+    def unit_provenance(self) -> str:
+        """`trained` (a unit loss with positive weight trained the head), `untrained` (a head no loss trained) or
+        `none` (no head)."""
+        return UNIT_HEADS[0] if self.unit_head_trained else UNIT_HEADS[1] if self.unit_head else UNIT_HEADS[2]
 
     def graph(self, modality: str, precision: str) -> GraphVariant:
         """The graph of `modality` at `precision`.
@@ -151,6 +165,15 @@ def trained_quantization(training: dict[str, Any]) -> str:
     return str((kwargs.get("quantization") or {}).get("mode", "int8"))
 
 
+def trained_unit_head(training: dict[str, Any], has_head: bool) -> bool:
+    """Whether a training config trained its unit head: a unit loss weight above 0 (flat `unit_loss_weight`, or
+    grouped `loss.unit_weight`). A config that names no weight used the trainer's default, 0.1, so its head was
+    trained when it has one (how manifests written before `serving.unit_head_trained` existed are read)."""
+    loss: dict[str, Any] = training["loss"] if isinstance(training.get("loss"), dict) else {}
+    weight = training.get("unit_loss_weight", loss.get("unit_weight", DEFAULT_UNIT_LOSS_WEIGHT))
+    return has_head and float(weight) > 0
+
+
 # Placeholder default of `Manifest.serving`: replaced in `__post_init__` by the section derived from the other fields.
 _DERIVE = ServingSpec(image_size=0, precisions={"fp32": {}})
 
@@ -176,6 +199,7 @@ def _legacy_serving(d: dict[str, Any], image: TowerSpec, text: TowerSpec, unit: 
         flip_average=bool(exported.get("flip_average", False)),
         quantization=trained_quantization(training),
         unit_head=unit is not None,
+        unit_head_trained=trained_unit_head(training, unit is not None),
         precisions=precisions,
     )
 
@@ -242,6 +266,8 @@ class Manifest:
                 f"serving.image_size {sv.image_size} differs from image_preprocess.image_size "
                 f"{self.image_preprocess.image_size}"
             )
+        if sv.unit_head_trained and not sv.unit_head:
+            raise BundleError("serving.unit_head_trained is true but the bundle has no unit head")
         if sv.unit_head != (self.unit is not None):
             raise BundleError(
                 f"serving.unit_head is {sv.unit_head} but the bundle {'has' if self.unit else 'has no'} unit tower"
@@ -298,7 +324,11 @@ class Manifest:
             image, text = TowerSpec.from_dict(d["image"]), TowerSpec.from_dict(d["text"])
             unit = TowerSpec.from_dict(d["unit"]) if d.get("unit") else None
             if d.get("serving"):
-                serving = ServingSpec.from_dict(d["serving"])
+                recorded = d["serving"]
+                if "unit_head_trained" not in recorded:  # written before the field: read the training config
+                    trained = trained_unit_head(d.get("training") or {}, bool(recorded.get("unit_head")))
+                    recorded = {**recorded, "unit_head_trained": trained}
+                serving = ServingSpec.from_dict(recorded)
             elif d.get("schema_version", SCHEMA_VERSION) == 1:
                 serving = _legacy_serving(d, image, text, unit)
             else:
@@ -336,6 +366,57 @@ def bundle_digest(files: dict[str, str]) -> str:
 
 
 @dataclass(frozen=True)
+class BundleIdentity:
+    """What identifies the bundle that encodes a vector space: a collection records the one that wrote it, and
+    every writer and reader compares its own with it (`store.identity`)."""
+
+    version: str
+    """Bundle version string."""
+    sha256: str
+    """Digest of the bundle's files (`bundle_digest`); empty when the source does not report it."""
+    dim: int
+    """Embedding dimension."""
+    distance: str = DISTANCE
+    """Distance the space was trained for."""
+    quantization: str = "none"
+    """Vector-store quantisation the towers were trained for (`serving.quantization`); empty when unknown."""
+    unit_head: str = "none"
+    """`trained`, `untrained` or `none` (`serving.unit_provenance`); empty when unknown."""
+
+    def same_space(self, other: BundleIdentity) -> bool:
+        """Whether both describe one bundle: same version, digest, dimension and distance."""
+        return (self.version, self.sha256, self.dim, self.distance) == (
+            other.version,
+            other.sha256,
+            other.dim,
+            other.distance,
+        )
+
+    def describe(self) -> str:
+        """One line for messages: version, digest prefix, dimension, distance, quantisation, unit head."""
+        return (
+            f"bundle {self.version} (sha256 {self.sha256[:12] or '?'}, dim {self.dim}, {self.distance}, trained for "
+            f"quantization {self.quantization or '?'}, unit head {self.unit_head or '?'})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what a collection records)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BundleIdentity:
+        """Rebuilds an identity from `to_dict`'s form (unknown keys ignored)."""
+        return cls(
+            version=str(d["version"]),
+            sha256=str(d.get("sha256", "")),
+            dim=int(d["dim"]),
+            distance=str(d.get("distance", DISTANCE)),
+            quantization=str(d.get("quantization", "")),
+            unit_head=str(d.get("unit_head", "")),
+        )
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A loaded (and verified) model bundle."""
 
@@ -353,6 +434,19 @@ class Bundle:
     def sha256(self) -> str:
         """Digest identifying the bundle's files."""
         return bundle_digest(self.manifest.files)
+
+    @property
+    def identity(self) -> BundleIdentity:
+        """The bundle's identity, as a collection records it."""
+        m = self.manifest
+        return BundleIdentity(
+            m.bundle_version,
+            self.sha256,
+            m.embedding_dim,
+            m.distance,
+            m.serving.quantization,
+            m.serving.unit_provenance,
+        )
 
     def file(self, name: str) -> Path:
         """Absolute path of a bundle file."""

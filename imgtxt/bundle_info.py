@@ -39,7 +39,7 @@ def _print_summary(bundle: Bundle) -> None:
             print(f"{modality:<10} {precision}  {variant.file}  {parity}")
     print(
         f"serving    side {sv.image_size}px  flip_average={sv.flip_average}  trained for quantization="
-        f"{sv.quantization}  unit head={'trained' if sv.unit_head else 'none'}"
+        f"{sv.quantization}  unit head={sv.unit_provenance}"
     )
     print(
         f"image      {m.image_preprocess.image_size}px {m.image_preprocess.resize} {m.image_preprocess.interpolation}"

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import grpc
 
+from imgtxt.bundle import BundleIdentity
 from imgtxt.connection import ConnectionConfig
 from imgtxt.encoders.types import EncodeJob, EncodeResult
 from imgtxt.errors import ImgTxtError
@@ -287,6 +288,15 @@ class ServiceEncoder:
         first = next(iter(infos.values()))
         self.dim = int(first.dim)
         self.bundle_version = str(first.bundle_version)
+        # Quantisation and unit head come from the services' Info (empty from servers older than those fields).
+        self.identity = BundleIdentity(
+            self.bundle_version,
+            str(first.bundle_sha256),
+            self.dim,
+            str(first.distance),
+            str(first.quantization),
+            str(first.unit_head),
+        )
         self.chunk_size = chunk_size or None
 
     @property

@@ -14,24 +14,27 @@ from imgtxt.bundle import Bundle
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.encoders.unit import FALLBACK, UnitEncoder
 from imgtxt.errors import EXIT_FAILURE, EXIT_OK, ImgTxtError, exit_code
-from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag, build_encoder, emit
+from imgtxt.flags import HelpFormatter, add_encoder_flags, add_json_flag, build_encoder, default_home, emit
 from imgtxt.logs import add_logging_flags, setup_logging
-from indexer.ids import KINDS
-from indexer.options import (
-    DEFAULT_CHECKPOINTS,
-    add_collection_flags,
-    add_store_flags,
-    collection_config,
-    refuse_server_only,
-)
 from indexer.pipeline import IndexConfig, IndexReport, run_index
 from indexer.plan import needs
 from indexer.reader import SOURCE_KINDS, detect_kind, read_records, source_fingerprint
 from indexer.shard_checkpoint import checkpoint_path, unfinished_shards
-from indexer.stores.base import CollectionMismatch
-from indexer.stores.factory import is_url, open_store
+from store.base import CollectionMismatch
+from store.factory import is_url, open_store
+from store.ids import KINDS
+from store.options import (
+    add_collection_flags,
+    add_store_flags,
+    collection_config,
+    collection_for,
+    recreate_collection,
+    refuse_misplaced,
+)
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINTS = default_home() / "checkpoints"
 
 SPLIT_HELP = (
     "dataset split to index: train, val, test, restval, or all (default: val, the split `imgtxt eval` and "
@@ -143,7 +146,8 @@ def resolve_fusion(kinds: tuple[str, ...], bundle: Bundle | None, untrained: boo
     Raises:
         UsageError: Units are asked for (by default too) without a trained head and without `--untrained-fusion`.
     """
-    trained = bundle is not None and bundle.manifest.serving.unit_head
+    # "Trained" only when a unit loss with positive weight trained the head; an untrained head is no head.
+    trained = bundle is not None and bundle.manifest.serving.unit_provenance == "trained"
     if "unit" not in kinds:
         return UnitEncoder(None), []
     if untrained:
@@ -159,7 +163,8 @@ def resolve_fusion(kinds: tuple[str, ...], bundle: Bundle | None, untrained: boo
         )
     if not trained:
         raise UsageError(
-            f"bundle {bundle.version} has no trained unit head (serving.unit_head is false): pass --untrained-fusion "
+            f"bundle {bundle.version} has no trained unit head (unit head: {bundle.manifest.serving.unit_provenance}): "
+            "pass --untrained-fusion "
             f"to make unit points with {FALLBACK}, or --kinds image,text"
         )
     return UnitEncoder(bundle), []
@@ -175,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     store_loc = str(args.store)
     embedded = not (is_url(store_loc) or store_loc == ":memory:" or store_loc.startswith("local:"))
     try:
-        if embedded:
-            refuse_server_only(args, store_loc)
+        refuse_misplaced(args, embedded, store_loc)
         split = resolve_split(args.source, args.source_kind, args.split)
         need_images, need_texts = needs(args.kinds)
         encoder, bundle = build_encoder(args, needs=("image",) * need_images + ("text",) * need_texts)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(exc)
     try:
         fusion, fusion_warnings = resolve_fusion(args.kinds, bundle, args.untrained_fusion)
-        config, warnings = collection_config(args, encoder.dim, bundle)
+        config, warnings = collection_config(args, encoder.identity)
     except ValueError as exc:
         encoder.close()
         print(f"imgtxt index: error: {exc}", file=sys.stderr)
@@ -211,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             "fusion": fusion.kind if "unit" in args.kinds else None,
         }
         if args.recreate:
-            logger.warning("--recreate: deleting collection %s and every point in it", collection)
-            store.delete_collection(collection)
+            recreate_collection(store, collection)  # refused while aliases point at it
             shutil.rmtree(cp.parent, ignore_errors=True)  # every shard's progress in the deleted collection
+        config = collection_for(store, collection, args, config, encoder.identity)
         records = read_records(args.source, args.source_kind, split, args.limit, args.shard_index, args.num_shards)
         report = run_index(
             records,
@@ -241,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             if pending:
                 report.warnings.append(f"alias {args.alias} not switched yet: shards {pending} are not done")
             else:
+                # The job is done with the collection: let go of it first, so a reader in another process that
+                # follows the alias can open it at once (the embedded engine lets one process hold a collection).
+                store.release(collection)
                 store.set_alias(args.alias, collection)
                 report.alias = args.alias
     except (CollectionMismatch, ImgTxtError, ValueError, KeyError, OSError, grpc.RpcError) as exc:

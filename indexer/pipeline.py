@@ -21,12 +21,12 @@ from tqdm import tqdm
 from imgtxt.encoders.types import EncodeJob, Encoder, EncodeResult
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.stages import stage as stage_of
-from indexer.ids import KINDS
 from indexer.plan import BatchPlan, needs
 from indexer.reader import LoadedRecord, SourceRecord, load_record
 from indexer.shard_checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from indexer.stores.base import CollectionConfig, VectorStore
 from indexer.writer import RejectsFile, build_points
+from store.base import CollectionConfig, VectorStore
+from store.ids import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def run_index(
 
     Raises:
         DimensionMismatch: The collection exists with another dimension (raised before any write).
+        BundleMismatch: Another bundle than the encoder's created the collection (before any write).
         CollectionMismatch: The collection exists with other options (quantisation, HNSW), before any write.
         ValueError: The encoder's dimension differs from the collection config's.
     """
@@ -140,7 +141,7 @@ def run_index(
     fusion = fusion or UnitEncoder(None)
     job_id = {"collection": collection, "kinds": list(config.kinds), **(job or {})}
     cp = None if (restart or checkpoint is None) else load_checkpoint(checkpoint, job_id)
-    created = store.ensure_collection(collection, collection_config)
+    created = store.ensure_collection(collection, collection_config, encoder.identity)
     report = IndexReport(
         collection,
         created=created,
@@ -217,7 +218,7 @@ def run_index(
         for n, (plan, image_res, text_res) in enumerate(encoded, 1):
             t0 = time.perf_counter()
             points, rejected = build_points(plan, image_res, text_res, fusion, extra)
-            store.upsert(points)
+            store.upsert(collection, points)
             rejects_file.write(rejected)
             for p in points:
                 kind = p.payload["kind"]
@@ -226,14 +227,14 @@ def run_index(
             counts["failed"] = counts.get("failed", 0) + sum(r.failed for r in rejected)
             committed = plan.end
             if n % config.checkpoint_every == 0:
-                _commit(store, rejects_file, checkpoint, job_id, committed, counts, done=False)
+                _commit(store, collection, rejects_file, checkpoint, job_id, committed, counts, done=False)
             stage["write"] += time.perf_counter() - t0
             bar.update(len(plan.records))
             bar.set_postfix(points=sum(v for k, v in counts.items() if k in KINDS), refresh=False)
         t0 = time.perf_counter()
-        store.flush()
-        store.optimize()
-        _commit(store, rejects_file, checkpoint, job_id, committed, counts, done=True)
+        store.flush(collection)
+        store.optimize(collection)
+        _commit(store, collection, rejects_file, checkpoint, job_id, committed, counts, done=True)
         stage["write"] += time.perf_counter() - t0
     finally:
         encoded.cancel()
@@ -265,6 +266,7 @@ def _fill(report: IndexReport, counts: dict[str, int], committed: int) -> None:
 
 def _commit(
     store: VectorStore,
+    collection: str,
     rejects: RejectsFile,
     path: Path | None,
     job: dict[str, Any],
@@ -273,7 +275,7 @@ def _commit(
     done: bool,
 ) -> None:
     """Flushes the store, then records the progress: the checkpoint never claims more than the store holds."""
-    store.flush()
+    store.flush(collection)
     size = rejects.commit()
     if path is not None:
         save_checkpoint(path, Checkpoint(job, committed, dict(counts), size, done))

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imgtxt.encoders.types import EncodeJob
-from indexer.ids import KINDS
 from indexer.reader import LoadedRecord
+from store.ids import KINDS
 
 
 def needs(kinds: tuple[str, ...]) -> tuple[bool, bool]:

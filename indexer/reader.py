@@ -13,9 +13,19 @@ from typing import Any
 
 from imgtxt.datasets import load_captioned_images
 from imgtxt.errors import InvalidInput
-from indexer.ids import shard_of
 
 logger = logging.getLogger(__name__)
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """The shard (0..num_shards-1) a source key belongs to: a stable hash, identical on every machine and run.
+
+    Python's `hash()` is salted per process, so a cryptographic digest is used instead.
+    """
+    if num_shards <= 0:
+        raise ValueError(f"num_shards must be positive, got {num_shards}")
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % num_shards
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 SOURCE_KINDS = ("auto", "dataset", "manifest", "folder")

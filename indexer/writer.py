@@ -12,9 +12,9 @@ import numpy as np
 
 from imgtxt.encoders.types import EncodeResult, ItemCode
 from imgtxt.encoders.unit import UnitEncoder
-from indexer.ids import point_id
 from indexer.plan import BatchPlan, needs
-from indexer.stores.base import PointData
+from store.base import PointData
+from store.ids import point_id
 
 
 @dataclass(frozen=True)

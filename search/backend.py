@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,9 +22,9 @@ from PIL import Image
 
 from imgtxt.encoders.types import Encoder, EncodeResult
 from imgtxt.errors import InvalidInput, LimitExceeded
-from indexer.ids import KINDS
-from indexer.stores.base import Hit, SearchOptions, VectorStore
 from search.searcher import Searcher
+from store.base import Hit, PointData, SearchOptions, VectorStore
+from store.ids import KINDS
 
 THUMBNAIL_SIDE = 256
 """Longest side of a served thumbnail, in pixels."""
@@ -77,6 +76,8 @@ class SearchResult:
     """Best first."""
     target: str
     """The kind searched."""
+    collection: str
+    """The collection searched (where the name is an alias, the one it pointed at for this search)."""
     latency_ms: float
     """Encode + look-up, measured here."""
 
@@ -119,19 +120,24 @@ class SearchBackend:
         self.searcher = Searcher(store, encoder, collection)
         self.store = store
         self.encoder = encoder
-        self.collection = self.searcher.collection
         self.limits = limits or SearchLimits()
         self.options = options or SearchOptions()
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
+    @property
+    def collection(self) -> str:
+        """The collection searched now (an alias is followed: see `Searcher.resolve`)."""
+        return self.searcher.resolve()
+
     def info(self) -> dict[str, Any]:
         """Collection, bundle, dimension, points per kind and limits."""
+        collection = self.searcher.resolve()
         return {
-            "collection": self.collection,
+            "collection": collection,
             "bundle_version": self.encoder.bundle_version,
             "dim": self.encoder.dim,
-            "points": {k: self.store.count({"kind": k}) for k in KINDS},
+            "points": {k: self.store.count(collection, {"kind": k}) for k in KINDS},
             "max_limit": self.limits.max_limit,
             "max_text_chars": self.limits.max_text_chars,
             "max_image_bytes": self.limits.max_image_bytes,
@@ -166,15 +172,15 @@ class SearchBackend:
             raise InvalidInput(f"{what} query rejected: {result.outcomes[0].message.removeprefix('item 0: ')}")
         return result.embeddings
 
-    def _point(self, point_id: str) -> dict[str, Any]:
+    def _point(self, point_id: str, collection: str, with_vectors: bool = False) -> PointData:
         try:
             point_id = str(uuid.UUID(point_id))
         except ValueError:
-            raise NotFound(f"point {point_id!r} is not in collection {self.collection!r} (ids are UUIDs)") from None
-        payload = self.store.retrieve([point_id]).get(point_id)
-        if payload is None:
-            raise NotFound(f"point {point_id!r} is not in collection {self.collection!r}")
-        return payload
+            raise NotFound(f"point {point_id!r} is not in collection {collection!r} (ids are UUIDs)") from None
+        point = self.store.retrieve(collection, [point_id], with_vectors).get(point_id)
+        if point is None:
+            raise NotFound(f"point {point_id!r} is not in collection {collection!r}")
+        return point
 
     def search(self, query: Query) -> SearchResult:
         """Runs one search.
@@ -185,6 +191,7 @@ class SearchBackend:
         """
         self._check(query)
         start = time.perf_counter()
+        collection = self.searcher.resolve()  # once per search: the hits and the point come from one collection
         if query.text is not None:
             target = query.target or "image"
             vectors = self._encoded(self.encoder.encode_texts([query.text]), "text")
@@ -196,15 +203,17 @@ class SearchBackend:
             vectors = np.asarray(query.vector, np.float32)[None]
         else:
             assert query.point_id is not None
-            payload = self._point(query.point_id)
-            target = query.target or str(payload.get("kind", "image"))
-            image_path = payload.get("image_path")
-            if image_path:  # "more like this" of a picture: its own image is the query
-                vectors = self._encoded(self.encoder.encode_images([Path(image_path).read_bytes()]), "image")
-            else:
-                vectors = self._encoded(self.encoder.encode_texts([str(payload.get("text", ""))]), "text")
-        (hits,) = self.searcher.search_vectors(vectors, target, query.limit, query.filters, self.options)
-        return SearchResult(hits, target, (time.perf_counter() - start) * 1000)
+            # "More like this": the point's own stored vector is the query (no file is read, nothing re-encoded).
+            point = self._point(query.point_id, collection, with_vectors=True)
+            kind = str(point.payload.get("kind", ""))
+            if kind not in point.vectors:
+                raise NotFound(f"point {query.point_id!r} of collection {collection!r} has no {kind or 'own'} vector")
+            target = query.target or kind
+            vectors = np.asarray(point.vectors[kind], np.float32)[None]
+        (hits,) = self.searcher.search_vectors(
+            vectors, target, query.limit, query.filters, self.options, collection=collection
+        )
+        return SearchResult(hits, target, collection, (time.perf_counter() - start) * 1000)
 
     def thumbnail(self, point_id: str) -> bytes:
         """A JPEG of at most `THUMBNAIL_SIDE` pixels of the image of an indexed point.
@@ -219,7 +228,7 @@ class SearchBackend:
             if point_id in self._thumbs:
                 self._thumbs.move_to_end(point_id)
                 return self._thumbs[point_id]
-        path = self._point(point_id).get("image_path")
+        path = self._point(point_id, self.searcher.resolve()).payload.get("image_path")
         if not path:
             raise NotFound(f"point {point_id!r} has no image")
         try:

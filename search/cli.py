@@ -12,11 +12,11 @@ from imgtxt.config import apply_env_defaults, positive_int
 from imgtxt.errors import ImgTxtError, exit_code
 from imgtxt.flags import HelpFormatter, add_encoder_flags, add_filter_flag, add_json_flag, build_encoder, emit
 from imgtxt.logs import add_logging_flags, setup_logging
-from indexer.ids import KINDS
-from indexer.options import add_search_flags, add_store_flags, search_options
-from indexer.stores.base import Hit
-from indexer.stores.factory import open_store
 from search.searcher import Searcher
+from store.base import Hit
+from store.factory import open_store
+from store.ids import KINDS
+from store.options import add_search_flags, add_store_flags, search_options
 
 
 def search_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,10 @@ from imgtxt.flags import HelpFormatter, add_encoder_flags, build_encoder
 from imgtxt.logs import add_logging_flags, setup_logging
 from imgtxt.serving.config import add_lifecycle_flags
 from imgtxt.serving.shell import install_signal_handlers
-from indexer.options import add_search_flags, add_store_flags, search_options
-from indexer.stores.factory import open_store
 from search.backend import SearchBackend, SearchLimits
 from search_service.server import SearchServerConfig, create_search_server
+from store.factory import open_store
+from store.options import add_search_flags, add_store_flags, search_options
 
 logger = logging.getLogger(__name__)
 

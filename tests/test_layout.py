@@ -13,6 +13,7 @@ PACKAGES = (
     "imgtxt",
     "image_encoder_service",
     "text_encoder_service",
+    "store",
     "indexer",
     "search",
     "search_service",
@@ -122,3 +123,71 @@ def test_no_import_cycles() -> None:
         if module not in state:
             walk(module, [module])
     assert cycles == []
+
+
+# Which packages each package may import (besides itself and `imgtxt`, which everyone may). `store/` is the
+# vector-store layer every consumer of a collection imports; no consumer imports another's internals.
+DEPENDS = {
+    "imgtxt": set(),
+    "store": set(),
+    "image_encoder_service": set(),
+    "text_encoder_service": set(),
+    "indexer": {"store"},
+    "search": {"store"},
+    "search_service": {"store", "search"},
+    "evaluation": {"store", "indexer", "trainer"},
+    "demo": {"store", "indexer", "search", "search_service", "evaluation"},
+    "trainer": set(),
+}
+# The one module of another package that may be imported (its public surface), with the importers allowed.
+PUBLIC = {
+    # The indexer's public job entry point (`indexer/__init__.py`): `eval --via-index` and the demo run a job.
+    "indexer": ({"indexer"}, {"evaluation.via_index", "demo.cli"}),
+    # Search goes through SearchBackend / Searcher only (the path that holds the bundle check).
+    "search": ({"search.backend", "search.searcher"}, None),
+    "search_service": ({"search_service.server"}, {"demo.cli"}),
+    "evaluation": ({"evaluation.via_index"}, {"demo.cli"}),
+    # `eval --checkpoint` encodes with the training towers.
+    "trainer": (
+        {"trainer.checkpoint", "trainer.data", "trainer.encode"},
+        {"evaluation.offline"},
+    ),
+}
+
+
+def test_packages_import_only_the_layers_below_them() -> None:
+    wrong = {
+        m: sorted(d for d in deps if d.split(".")[0] not in {m.split(".")[0], "imgtxt", *DEPENDS[m.split(".")[0]]})
+        for m, deps in GRAPH.items()
+    }
+    assert {m: d for m, d in wrong.items() if d} == {}
+
+
+def test_other_packages_are_reached_only_through_their_public_modules() -> None:
+    wrong = []
+    for m, deps in GRAPH.items():
+        for d in deps:
+            package = d.split(".")[0]
+            if package == m.split(".")[0] or package not in PUBLIC:
+                continue
+            modules, importers = PUBLIC[package]
+            if d not in modules or (importers is not None and m not in importers):
+                wrong.append(f"{m} -> {d}")
+    assert sorted(wrong) == []
+
+
+def test_the_store_layer_owns_ids_and_stores() -> None:
+    """The stores, point ids and store flags live in `store/` only (no second copy left behind in `indexer/`)."""
+    assert not (ROOT / "indexer" / "stores").exists()
+    assert not (ROOT / "indexer" / "ids.py").exists() and not (ROOT / "indexer" / "options.py").exists()
+    assert {"store.base", "store.edge", "store.client", "store.factory", "store.ids", "store.options"} <= set(MODULES)
+
+
+def test_benchmarks_reach_the_indexer_only_through_its_public_entry_point() -> None:
+    wrong = sorted(
+        f"{path.name} -> {dep}"
+        for path in (ROOT / "benchmarks").glob("*.py")
+        for dep in _imports(path)
+        if dep.startswith("indexer.")
+    )
+    assert wrong == []

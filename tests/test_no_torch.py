@@ -28,10 +28,11 @@ PARTS = {
     "text service": (["text_encoder_service.__main__", "text_encoder_service.server"], ["torch"]),
     "serving": (["imgtxt.serving.main", "imgtxt.serving.server", "imgtxt.supervisor"], ["torch"]),
     "indexer": (
-        ["indexer.cli", "indexer.pipeline", "indexer.plan", "indexer.writer", "indexer.stores.factory"],
+        ["indexer.cli", "indexer.pipeline", "indexer.plan", "indexer.writer", "store.factory"],
         ["torch"],
     ),
-    "stores": (["indexer.stores.edge", "indexer.stores.client"], ["torch"]),
+    "stores": (["store.edge", "store.client", "store.identity", "store.factory"], ["torch", "onnxruntime"]),
+    "store flags": (["store.options"], ["torch"]),
     "search": (["search.cli", "search.searcher", "search.backend"], ["torch"]),
     "search service": (["search_service.__main__", "search_service.server", "search_service.web"], ["torch"]),
     "evaluation": (["evaluation.cli", "evaluation.via_index", "evaluation.offline"], ["torch"]),

@@ -36,6 +36,7 @@ class BundleEncoder:
         self.unit = unit or UnitEncoder(self.bundle)
         self.dim = image.dim
         self.bundle_version = self.bundle.version
+        self.identity = self.bundle.identity
 
     @classmethod
     def from_bundle(

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from imgtxt.bundle import BundleIdentity
 from imgtxt.errors import InvalidInput, LimitExceeded
 
 
@@ -133,6 +134,9 @@ class Encoder(Protocol):
     """Embedding dimension."""
     bundle_version: str
     """Version of the bundle whose towers encode."""
+    identity: BundleIdentity
+    """The bundle's identity (version, digest, dimension, trained quantisation, unit head): what a collection
+    records and every reader and writer of one checks."""
 
     def encode_images(self, images: Sequence[bytes]) -> EncodeResult:
         """Embeddings of a batch of images, with one outcome per item (bad items fail alone)."""

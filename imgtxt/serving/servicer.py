@@ -130,5 +130,9 @@ class EncoderServicerBase(Generic[ItemT]):
             yield self._respond(pending, request)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
-        """Bundle, provider and limits."""
-        return to_info_response(self.service.encoder.info, self.service.max_batch, self.max_message_bytes)
+        """Bundle, provider and limits, and the bundle's serving decisions an indexer follows."""
+        response = to_info_response(self.service.encoder.info, self.service.max_batch, self.max_message_bytes)
+        serving = self.service.encoder.bundle.manifest.serving
+        response.quantization = serving.quantization
+        response.unit_head = serving.unit_provenance
+        return response

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import search_latency as sl
-from indexer.ids import point_id
+from store.ids import point_id
 
 
 def test_the_chunked_exact_top_k_equals_a_full_scan_across_chunk_boundaries() -> None:

@@ -30,8 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imgtxt.client import ImageEncoderClient, TextEncoderClient
 from imgtxt.encoders.bundle import BundleEncoder
-from indexer.stores.factory import open_store
 from search.backend import Query, SearchBackend
+from store.factory import open_store
 from tests.search_service.conftest import index  # noqa: F401  (the search tests' index: 12 images x 2 captions)
 from tests.services.conftest import make_image
 

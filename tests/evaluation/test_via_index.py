@@ -13,8 +13,8 @@ from evaluation.via_index import evaluate_via_index
 from imgtxt.datasets import load_captioned_images
 from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.retrieval_metrics import retrieval_metrics
-from indexer.stores.base import CollectionConfig, SearchOptions
-from indexer.stores.factory import open_store
+from store.base import CollectionConfig, SearchOptions
+from store.factory import open_store
 from tests.conftest import make_dataset
 
 
@@ -99,10 +99,13 @@ def test_eval_reuses_a_collection_an_indexing_job_built(tmp_path: Path, tiny_bun
     assert "does not hold exactly the split's points: it has 6 image and 12 text points, the split 4 images" in err
     # Given collection flags must match the collection as built.
     assert main([*own, "--store", str(store), "--reuse", "--quantization", "int8"]) == 2
-    assert "was built with quantization 'none', not 'int8' (--quantization)" in capsys.readouterr().err
+    assert "exists with quantization 'none', not the given 'int8' (--quantization)" in capsys.readouterr().err
     # Without --reuse, a named existing collection is not silently deleted.
     assert main([*own, "--store", str(store), "--collection", "tiny-d32-s0"]) == 2
     assert "pass --reuse to evaluate it as it was built, or --recreate" in capsys.readouterr().err
+    # And --recreate is refused while an alias points at it (the alias would serve a collection being rebuilt).
+    assert main([*own, "--store", str(store), "--collection", "tiny-d32-s0", "--recreate"]) == 1
+    assert "--recreate refused: alias(es) live point at collection 'tiny-d32-s0'" in capsys.readouterr().err
 
 
 def test_via_index_is_selected_by_flag_or_variable(tmp_path: Path, tiny_bundle: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]

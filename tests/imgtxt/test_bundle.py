@@ -191,3 +191,50 @@ def test_trained_quantization_reads_the_flat_and_the_grouped_training_layout() -
     assert (
         trained_quantization({"loss": {"weights": {"infonce": 1.0}}}) == "none" and trained_quantization({}) == "none"
     )
+
+
+@pytest.mark.parametrize(
+    ("training", "unit", "provenance"),
+    [
+        ({"unit_loss_weight": 0.0}, True, "untrained"),
+        ({"loss": {"unit_weight": 0.0}}, True, "untrained"),  # the grouped layout configs are saved in
+        ({"loss": {"unit_weight": 0.5}}, True, "trained"),
+        ({"lr": 0.001}, True, "trained"),  # no weight named: the trainer's default, 0.1
+        ({"unit_loss_weight": 0.5}, False, "none"),
+    ],
+)
+def test_unit_head_provenance_follows_the_unit_loss_weight(
+    tmp_path: Path, training: dict, unit: bool, provenance: str
+) -> None:
+    write_bundle(tmp_path / "b", _manifest(unit=unit, training=training), _sources(tmp_path, unit=unit))
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.manifest.serving.unit_provenance == provenance
+    assert bundle.identity.unit_head == provenance
+
+
+def test_manifests_written_before_the_provenance_field_read_it_from_their_training_config(tmp_path: Path) -> None:
+    training = {"loss": {"weights": {"infonce": 1.0}, "unit_weight": 0.0}}
+    write_bundle(tmp_path / "b", _manifest(unit=True, training=training), _sources(tmp_path, unit=True))
+    path = tmp_path / "b" / MANIFEST
+    raw = json.loads(path.read_text())
+    del raw["serving"]["unit_head_trained"]  # as written before the field existed, when it said "trained"
+    path.write_text(json.dumps(raw))
+    assert load_bundle(tmp_path / "b").manifest.serving.unit_provenance == "untrained"
+    raw["training"]["loss"]["unit_weight"] = 0.1
+    path.write_text(json.dumps(raw))
+    assert load_bundle(tmp_path / "b").manifest.serving.unit_provenance == "trained"
+    raw["serving"]["unit_head_trained"] = True
+    raw["serving"]["unit_head"] = False
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="unit_head"):
+        load_bundle(tmp_path / "b")
+
+
+def test_the_identity_names_version_digest_dimension_and_serving_decisions(tmp_path: Path) -> None:
+    training = {"losses": {"infonce": 1.0, "quantization": 1.0}, "loss_kwargs": {"quantization": {"mode": "int8"}}}
+    bundle = write_bundle(tmp_path / "b", _manifest(unit=True, training=training), _sources(tmp_path, unit=True))
+    ident = load_bundle(tmp_path / "b").identity
+    assert (ident.version, ident.sha256, ident.dim, ident.distance) == ("test-1", bundle.sha256, 8, "cosine")
+    assert (ident.quantization, ident.unit_head) == ("int8", "trained")
+    assert ident.same_space(type(ident).from_dict(ident.to_dict()))
+    assert not ident.same_space(replace(ident, sha256="0" * 64)) and not ident.same_space(replace(ident, version="x"))

@@ -24,6 +24,7 @@ def bundle_variant(src: Path, dst: Path, version: str, unit_head: bool = True, *
         unit_file = manifest["unit"]["file"]
         manifest["unit"] = None
         manifest["serving"]["unit_head"] = False
+        manifest["serving"]["unit_head_trained"] = False
         manifest["serving"]["precisions"]["fp32"].pop("unit")
         manifest["files"].pop(unit_file)
         (dst / unit_file).unlink()

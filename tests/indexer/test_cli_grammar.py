@@ -12,8 +12,8 @@ from demo.cli import build_parser as demo_parser
 from evaluation.cli import build_parser as eval_parser
 from imgtxt.flags import default_home
 from indexer.cli import index_parser
-from indexer.options import DEFAULT_STORE
 from search.cli import search_parser
+from store.options import DEFAULT_STORE
 
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "index": index_parser,

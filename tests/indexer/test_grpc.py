@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ from imgtxt.client import ServiceEncoder
 from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.encoders.types import EncodeJob
 from indexer.cli import main as index_main
-from indexer.ids import point_id
-from indexer.stores.factory import open_store
 from search.cli import main as search_main
+from store.factory import open_store
+from store.ids import point_id
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,7 @@ def test_index_and_search_through_services(
     assert report["indexed"] == {"image": 12, "text": 24, "unit": 24} and report["skipped"] == 5
     assert report["fusion"] == "trained"
     s = open_store(store)
-    s.open_collection("tiny-d32-s0")
-    points = s.dump()
+    points = s.dump("tiny-d32-s0")
     s.close()
     image = (dataset / "images" / "img0005.jpg").read_bytes()
     expected = encoder.encode_images([image]).embeddings[0]
@@ -104,6 +104,57 @@ def test_services_only_units_need_the_explicit_opt_in(
     report = json.loads(capsys.readouterr().out)
     assert report["fusion"] == "normalize(v+t)" and report["indexed"]["unit"] == 24
     s = open_store(tmp_path / "q")
-    s.open_collection("tiny-d32-s0")
-    assert {p["fusion"] for p, _ in s.dump().values() if p["kind"] == "unit"} == {"normalize(v+t)"}
+    assert {p["fusion"] for p, _ in s.dump("tiny-d32-s0").values() if p["kind"] == "unit"} == {"normalize(v+t)"}
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def int8_services(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+    """Both services serving the tiny towers as trained for int8 quantisation, with an untrained unit head."""
+    from image_encoder_service.server import create_server as create_image_server
+    from imgtxt.bundle import load_bundle
+    from imgtxt.encoders.image import ImageEncoder
+    from imgtxt.encoders.session import SessionConfig
+    from imgtxt.encoders.text import TextEncoder
+    from imgtxt.serving.config import ServerConfig
+    from tests.indexer.bundles import bundle_variant
+    from text_encoder_service.server import create_server as create_text_server
+
+    path = bundle_variant(
+        tiny_bundle, tmp_path_factory.mktemp("b") / "int8", "tiny-int8", quantization="int8", unit_head_trained=False
+    )
+    bundle, cfg = load_bundle(path), SessionConfig(device="cpu", intra_op_threads=1)
+    image = create_image_server(ServerConfig(host="127.0.0.1", port=0), ImageEncoder.from_session_config(bundle, cfg))
+    text = create_text_server(ServerConfig(host="127.0.0.1", port=0), TextEncoder.from_session_config(bundle, cfg))
+    try:
+        image.warm_up()
+        text.warm_up()
+        yield f"127.0.0.1:{image.port}", f"127.0.0.1:{text.port}", path
+    finally:
+        image.stop(grace=0)
+        text.stop(grace=0)
+
+
+def test_indexing_through_the_services_follows_the_bundles_trained_quantization(
+    int8_services: tuple[str, str, Path], dataset: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from imgtxt.bundle import load_bundle
+
+    image_target, text_target, path = int8_services
+    # Info carries the bundle's serving decisions (fields 11 and 12), so the client knows the whole identity.
+    client = ServiceEncoder(image_target, text_target)
+    assert client.identity == load_bundle(path).identity
+    assert (client.identity.quantization, client.identity.unit_head) == ("int8", "untrained")
+    client.close()
+    store = tmp_path / "q"
+    argv = [str(dataset), "--image-service", image_target, "--text-service", text_target, "--store", str(store)]
+    argv += ["--kinds", "image,text", "--json", "-", "--no-progress"]
+    assert index_main(argv) == 0  # no --bundle
+    report = json.loads(capsys.readouterr().out)
+    assert report["collection_config"]["quantization"] == "int8" and report["warnings"] == []
+    # A reopen asks for what the bundle decided: accepted, and nobody blames a --quantization never given.
+    assert index_main([*argv, "--restart"]) == 0
+    capsys.readouterr()
+    s = open_store(store)
+    assert s.collection_identity("tiny-int8") == load_bundle(path).identity
     s.close()

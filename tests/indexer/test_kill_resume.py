@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.cli import main as index_main
-from indexer.stores.factory import open_store
+from store.factory import open_store
 from tests.conftest import make_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,10 +84,8 @@ def test_sigkill_mid_run_then_resume_gives_identical_points(tmp_path: Path, tiny
     assert len(rejects) == 6 == len(set(rejects))  # listed once each, despite the kill
 
     a, b = open_store(killed_store), open_store(clean_store)
-    a.open_collection("tiny-d32-s0")
-    b.open_collection("tiny-d32-s0")
-    pa, pb = a.dump(), b.dump()
-    assert len(pa) == a.count() == 360  # none missing, none duplicated
+    pa, pb = a.dump("tiny-d32-s0"), b.dump("tiny-d32-s0")
+    assert len(pa) == a.count("tiny-d32-s0") == 360  # none missing, none duplicated
     assert pa.keys() == pb.keys()
     for pid, (payload, vectors) in pa.items():
         assert payload == pb[pid][0]

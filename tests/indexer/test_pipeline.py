@@ -17,12 +17,13 @@ from imgtxt.encoders.types import EncodeJob, EncodeResult, ItemCode, ItemOutcome
 from imgtxt.encoders.unit import UnitEncoder
 from imgtxt.errors import InvalidInput
 from indexer.cli import main as index_main
-from indexer.ids import point_id, shard_of
 from indexer.pipeline import IndexConfig, run_index
-from indexer.reader import SourceRecord, read_records
-from indexer.stores.base import CollectionConfig, DimensionMismatch
-from indexer.stores.factory import open_store
+from indexer.reader import SourceRecord, read_records, shard_of
+from store.base import CollectionConfig, DimensionMismatch
+from store.factory import open_store
+from store.ids import point_id
 from tests.conftest import make_dataset
+from tests.store.identities import identity
 
 DIM = 8
 
@@ -32,6 +33,7 @@ class HashEncoder:
 
     dim = DIM
     bundle_version = "hash-v1"
+    identity = identity("hash-v1", DIM)
 
     @staticmethod
     def _vec(data: bytes) -> np.ndarray:
@@ -73,7 +75,7 @@ def test_pipeline_writes_every_point_once_in_batches(tmp_path: Path, location: s
         IndexConfig(batch_size=4, queue_depth=1),
         rejects=tmp_path / "rejects.jsonl",
     )
-    points = store.dump()
+    points = store.dump("c")
     # 23 texts, of which t0, t7, t14, t21 are empty: rejected as bad input, listed with their key and reason.
     assert report.indexed == {"text": 19} and report.skipped == 4 and report.failed == 0
     assert set(points) == {point_id("text", f"t{i}#0") for i in range(23) if i % 7}
@@ -111,10 +113,10 @@ def test_shards_partition_the_input(dataset: Path) -> None:
 
 def test_dimension_mismatch_is_raised_before_any_write(tmp_path: Path) -> None:
     store = open_store(tmp_path / "q")
-    store.ensure_collection("c", CollectionConfig(dim=DIM * 2))
+    store.ensure_collection("c", CollectionConfig(dim=DIM * 2), identity("wide", DIM * 2))
     with pytest.raises(DimensionMismatch, match="dimension 16"):
         run_index(_texts(3), HashEncoder(), store, "c", CollectionConfig(dim=DIM))
-    assert store.count() == 0
+    assert store.count("c") == 0
     store.close()
 
 
@@ -138,7 +140,7 @@ def test_index_dataset_with_real_towers(
     assert report.indexed == {"image": 12, "text": 24, "unit": 24}
     assert report.skipped == 5 and report.failed == 0
     assert report.fusion == "trained" and report.created and report.collection_config["quantization"] == "none"
-    points = store.dump()
+    points = store.dump("tiny")
     assert len(points) == 60
     image = (dataset / "images" / "img0003.jpg").read_bytes()
     v = encoder.encode_images([image]).embeddings[0]
@@ -175,9 +177,8 @@ def test_cli_index_is_idempotent_and_strict(dataset: Path, tmp_path: Path, tiny_
     second = json.loads(capsys.readouterr().out)
     assert first["indexed"] == second["indexed"] == {"image": 12, "text": 24, "unit": 24}
     s = open_store(store)
-    s.open_collection("tiny-d32-s0")
-    assert s.count() == 60  # re-running overwrote: no duplicates
-    assert s.count({"kind": "unit"}) == 24
+    assert s.count("tiny-d32-s0") == 60  # re-running overwrote: no duplicates
+    assert s.count("tiny-d32-s0", {"kind": "unit"}) == 24
     s.close()
 
 
@@ -190,9 +191,7 @@ def test_two_shard_jobs_together_equal_one_job(dataset: Path, tmp_path: Path, ti
     reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert 0 < reports[1]["records"] < reports[0]["records"]  # each shard did part of the work
     one, two = open_store(tmp_path / "one"), open_store(tmp_path / "two")
-    one.open_collection("tiny-d32-s0")
-    two.open_collection("tiny-d32-s0")
-    assert one.dump().keys() == two.dump().keys() and one.count() == 60
+    assert one.dump("tiny-d32-s0").keys() == two.dump("tiny-d32-s0").keys() and one.count("tiny-d32-s0") == 60
     one.close()
     two.close()
 
@@ -234,8 +233,7 @@ def test_bad_manifest_lines_and_bad_images_are_rejects_not_aborts(tmp_path: Path
     assert report["skipped"] == len(listed) == 8 and report["rejects_file"] == str(rejects)
     # So every caption's image_key names an image point that exists.
     s = open_store(tmp_path / "q")
-    s.open_collection("tiny-d32-s0")
-    points = s.dump()
+    points = s.dump("tiny-d32-s0")
     s.close()
     image_keys = {p["key"] for p, _ in points.values() if p["kind"] == "image"}
     assert image_keys == {"a", "b"}
@@ -245,8 +243,7 @@ def test_bad_manifest_lines_and_bad_images_are_rejects_not_aborts(tmp_path: Path
 def test_text_only_jobs_do_not_read_images_and_name_none(tmp_path: Path, tiny_bundle: Path, dataset: Path) -> None:
     assert index_main([str(dataset), *_in_process(tiny_bundle, tmp_path / "q"), "--kinds", "text"]) == 0
     s = open_store(tmp_path / "q")
-    s.open_collection("tiny-d32-s0")
-    payloads = [p for p, _ in s.dump().values()]
+    payloads = [p for p, _ in s.dump("tiny-d32-s0").values()]
     s.close()
     # 13 records x 2 captions, the missing image's too: no image is read, and no payload names an image point.
     assert len(payloads) == 26 and not any("image_key" in p for p in payloads)

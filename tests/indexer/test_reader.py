@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from imgtxt.errors import InvalidInput
-from indexer.ids import point_id
 from indexer.reader import SourceRecord, load_record, read_records
+from store.ids import point_id
 
 
 def test_manifest_records(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ from imgtxt.encoders.bundle import BundleEncoder
 from imgtxt.encoders.unit import UnitEncoder
 from indexer.pipeline import IndexConfig, run_index
 from indexer.reader import read_records
-from indexer.stores.base import CollectionConfig
-from indexer.stores.factory import open_store
 from search.backend import SearchBackend, SearchLimits
 from search_service.server import SearchServer, SearchServerConfig, create_search_server
+from store.base import CollectionConfig
+from store.factory import open_store
 from tests.conftest import make_dataset
 
 TOKEN = "s3arch-t0ken"

@@ -190,3 +190,12 @@ def test_int8_variants_are_quantized_parity_checked_and_recorded(tmp_path: Path,
     assert load_bundle(bundle.path).manifest.serving == m.serving
     with pytest.raises(BundleError, match="calibration"):
         export_model(tiny_model(), tmp_path / "none", version="x", int8=True)
+
+
+def test_the_unit_head_is_trained_only_when_a_unit_loss_with_positive_weight_trained_it(tmp_path: Path) -> None:
+    """A head exported from a run with `unit_loss_weight=0` is untrained: indexing units then needs the opt-in."""
+    untrained = export_model(tiny_model(dim=8), tmp_path / "u0", "u0", training={"loss": {"unit_weight": 0.0}})
+    trained = export_model(tiny_model(dim=8), tmp_path / "u1", "u1", training={"loss": {"unit_weight": 0.1}})
+    headless = export_model(tiny_model(dim=8, with_unit=False), tmp_path / "none", "none", training={})
+    got = [load_bundle(b.path).manifest.serving for b in (untrained, trained, headless)]
+    assert [(s.unit_head, s.unit_provenance) for s in got] == [(True, "untrained"), (True, "trained"), (False, "none")]

@@ -24,6 +24,7 @@ from imgtxt.bundle import (
     ServingSpec,
     TowerSpec,
     trained_quantization,
+    trained_unit_head,
     write_bundle,
 )
 from imgtxt.errors import BundleError
@@ -198,6 +199,8 @@ def export_model(
                 # The config is saved grouped; `trained_quantization` reads the flat keys `losses`, `loss_kwargs`.
                 quantization=trained_quantization(flat_view(training or {})),
                 unit_head=model.unit is not None,
+                # "Trained" only when a unit loss with positive weight trained the head.
+                unit_head_trained=trained_unit_head(flat_view(training or {}), model.unit is not None),
                 precisions=precisions,
             ),
         )

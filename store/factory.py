@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from indexer.stores.base import VectorStore
+from store.base import VectorStore
 
 URL_SCHEMES = ("qdrant://", "http://", "https://")
 
@@ -28,9 +28,9 @@ def open_store(
     """
     loc = str(location)
     if is_url(loc) or loc == ":memory:" or loc.startswith("local:"):
-        from indexer.stores.client import ClientStore
+        from store.client import ClientStore
 
         return ClientStore(loc, api_key=api_key, timeout=timeout, retries=retries)
-    from indexer.stores.edge import EdgeStore
+    from store.edge import EdgeStore
 
     return EdgeStore(Path(loc))

@@ -1,8 +1,7 @@
-"""Deterministic point ids and shard assignment, both derived from an item's source key."""
+"""Deterministic point ids (uuid5 of an item's kind and source key) and the kinds of points."""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 
 # Fixed forever: changing it would orphan every point already written (re-runs would duplicate instead of overwrite).
@@ -23,13 +22,3 @@ def point_id(kind: str, key: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return str(uuid.uuid5(POINT_NAMESPACE, f"{kind}:{key}"))
-
-
-def shard_of(key: str, num_shards: int) -> int:
-    """The shard (0..num_shards-1) a source key belongs to: a stable hash, identical on every machine and run.
-
-    Python's `hash()` is salted per process, so a cryptographic digest is used instead.
-    """
-    if num_shards <= 0:
-        raise ValueError(f"num_shards must be positive, got {num_shards}")
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % num_shards

@@ -9,23 +9,26 @@ from urllib.parse import urlparse
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from imgtxt.bundle import DISTANCE
-from indexer.stores.base import (
+from imgtxt.bundle import DISTANCE, BundleIdentity
+from store.base import (
     DEFAULT_SEARCH,
     VECTOR_NAMES,
     CollectionConfig,
     Hit,
     PointData,
     SearchOptions,
-    check_congruent,
+    stored_point,
 )
-from indexer.stores.retry import call_with_retry
+from store.identity import check_reopen
+from store.retry import call_with_retry
 
 logger = logging.getLogger(__name__)
 
 DISTANCES = {"cosine": models.Distance.COSINE}
 # Key of the collection metadata holding the config the collection was created with.
 METADATA_KEY = "imgtxt"
+# Key of the collection metadata holding the identity of the bundle that created it.
+IDENTITY_METADATA_KEY = "imgtxt_bundle"
 
 
 def _client(location: str, api_key: str | None, timeout: float) -> QdrantClient:
@@ -93,7 +96,12 @@ def config_from_info(info: models.CollectionInfo) -> CollectionConfig:
 
 
 class ClientStore:
-    """A collection on a Qdrant server (or in qdrant-client's local mode), with retries on transient errors.
+    """Collections on a Qdrant server (or in qdrant-client's local mode), with retries on transient errors.
+
+    Every data-plane call names its collection, as qdrant-client's methods do; the server resolves aliases. The
+    bundle that created a collection is recorded in the collection's own metadata (`imgtxt_bundle`, set by
+    `create_collection` in the same call that creates it, kept by the server and by local mode across reopens; it
+    needs a Qdrant server of version 1.16 or later, the first with collection metadata).
 
     Args:
         location: `qdrant://host:port`, `http(s)://host:port`, `:memory:` or `local:PATH`.
@@ -107,24 +115,25 @@ class ClientStore:
         # Local mode is brute force: payload indexes and search params have no effect there (and warn).
         self.local = location == ":memory:" or location.startswith("local:")
         self.retries = retries
-        self.name = ""
 
     def _call(self, fn: Any) -> Any:
         return call_with_retry(fn, attempts=self.retries)
 
-    def ensure_collection(self, name: str, config: CollectionConfig) -> bool:
-        """Creates the collection (True), or opens an existing one (False) after checking its options.
+    def ensure_collection(self, name: str, config: CollectionConfig, identity: BundleIdentity) -> bool:
+        """Creates the collection recording `identity` (True), or checks an existing one (False).
 
         The requested config is also recorded in the collection's metadata (`imgtxt`), which is where local mode,
         which keeps no HNSW or quantisation settings, reads it back from.
 
         Raises:
             DimensionMismatch: The existing collection has another dimension.
+            BundleMismatch: Another bundle created it.
             CollectionMismatch: It has another quantisation or HNSW configuration.
         """
         if self._call(lambda: self.client.collection_exists(name)):
-            check_congruent(name, self.collection_config(name), config)
-            self.open_collection(name)
+            check_reopen(
+                self.resolve(name), self.collection_config(name), self.collection_identity(name), config, identity
+            )
             return False
         vectors = {
             v: models.VectorParams(size=config.dim, distance=DISTANCES[DISTANCE], on_disk=config.on_disk)
@@ -144,16 +153,20 @@ class ClientStore:
                 shard_number=config.shard_number,
                 replication_factor=config.replication_factor,
                 write_consistency_factor=config.write_consistency_factor,
-                metadata={METADATA_KEY: config.to_dict()},
+                metadata={METADATA_KEY: config.to_dict(), IDENTITY_METADATA_KEY: identity.to_dict()},
             )
         )
         if not self.local:
             self._call(
                 lambda: self.client.create_payload_index(name, "kind", models.PayloadSchemaType.KEYWORD, wait=True)
             )
-        self.name = name
-        logger.info("collection created", extra={"collection": name, **config.to_dict()})
+        logger.info("collection created", extra={"collection": name, "bundle": identity.version, **config.to_dict()})
         return True
+
+    def _info(self, name: str) -> models.CollectionInfo:
+        if not self._call(lambda: self.client.collection_exists(name)):
+            raise KeyError(f"collection {name!r} not found")
+        return self._call(lambda: self.client.get_collection(name))
 
     def collection_config(self, name: str) -> CollectionConfig:
         """The collection's options: on a server from its live configuration, in local mode (which keeps no HNSW or
@@ -162,13 +175,20 @@ class ClientStore:
         Raises:
             KeyError: No such collection (or alias).
         """
-        if not self._call(lambda: self.client.collection_exists(name)):
-            raise KeyError(f"collection {name!r} not found")
-        info = self._call(lambda: self.client.get_collection(name))
+        info = self._info(name)
         recorded = (info.config.metadata or {}).get(METADATA_KEY)
         if self.local and isinstance(recorded, dict):
             return CollectionConfig.from_dict(recorded)
         return config_from_info(info)
+
+    def collection_identity(self, name: str) -> BundleIdentity | None:
+        """The bundle recorded in the collection's metadata at creation (None: created before that).
+
+        Raises:
+            KeyError: No such collection (or alias).
+        """
+        recorded = (self._info(name).config.metadata or {}).get(IDENTITY_METADATA_KEY)
+        return BundleIdentity.from_dict(recorded) if isinstance(recorded, dict) else None
 
     def delete_collection(self, name: str) -> None:
         """Deletes the collection on the server, with its aliases (nothing when absent)."""
@@ -176,20 +196,16 @@ class ClientStore:
             target = self.resolve(name)
             self._call(lambda: self.client.delete_collection(target))
 
-    def open_collection(self, name: str) -> int:
-        """Checks the collection (or alias) exists and returns its dimension.
-
-        Raises:
-            KeyError: No such collection.
-        """
-        dim = self.collection_config(name).dim
-        self.name = name
-        return dim
-
     def resolve(self, name: str) -> str:
         """The collection an alias points at, or `name`."""
         aliases = self._call(lambda: self.client.get_aliases()).aliases
         return next((a.collection_name for a in aliases if a.alias_name == name), name)
+
+    def aliases_of(self, collection: str) -> list[str]:
+        """The aliases pointing at `collection`."""
+        target = self.resolve(collection)
+        aliases = self._call(lambda: self.client.get_aliases()).aliases
+        return sorted(a.alias_name for a in aliases if a.collection_name == target)
 
     def set_alias(self, alias: str, collection: str) -> None:
         """Points `alias` at `collection` with one `update_collection_aliases` call (delete + create, atomic on the
@@ -213,16 +229,18 @@ class ClientStore:
         self._call(lambda: self.client.update_collection_aliases(change_aliases_operations=ops))
         logger.info("alias switched", extra={"alias": alias, "collection": target})
 
-    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Payloads of the existing points among `ids`."""
-        out: dict[str, dict[str, Any]] = {}
+    def retrieve(self, collection: str, ids: list[str], with_vectors: bool = False) -> dict[str, PointData]:
+        """The existing points among `ids`, with payloads (and vectors when asked)."""
+        out: dict[str, PointData] = {}
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
-            records = self._call(lambda c=chunk: self.client.retrieve(self.name, c, with_payload=True))
-            out.update({str(r.id): dict(r.payload or {}) for r in records})
+            records = self._call(
+                lambda c=chunk: self.client.retrieve(collection, c, with_payload=True, with_vectors=with_vectors)
+            )
+            out.update((p.id, p) for p in map(stored_point, records))
         return out
 
-    def upsert(self, points: list[PointData]) -> None:
+    def upsert(self, collection: str, points: list[PointData]) -> None:
         """Writes points with their deterministic ids (never letting the client assign uuid4) and waits."""
         if not points:
             return
@@ -232,16 +250,17 @@ class ClientStore:
             )
             for p in points
         ]
-        self._call(lambda: self.client.upsert(self.name, points=structs, wait=True))
+        self._call(lambda: self.client.upsert(collection, points=structs, wait=True))
 
-    def flush(self) -> None:
+    def flush(self, collection: str) -> None:
         """Nothing to do: `upsert(wait=True)` returns once the server has applied and logged the write."""
 
-    def optimize(self) -> None:
+    def optimize(self, collection: str) -> None:
         """Nothing to do: the server's optimisers build HNSW in the background."""
 
     def search(
         self,
+        collection: str,
         vectors: np.ndarray,
         using: str,
         limit: int,
@@ -273,28 +292,29 @@ class ClientStore:
             )
             for row in np.atleast_2d(vectors)
         ]
-        responses = self._call(lambda: self.client.query_batch_points(self.name, requests=requests))
+        responses = self._call(lambda: self.client.query_batch_points(collection, requests=requests))
         return [[Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in r.points] for r in responses]
 
-    def count(self, filters: dict[str, Any] | None = None) -> int:
+    def count(self, collection: str, filters: dict[str, Any] | None = None) -> int:
         """Exact number of points matching the filters."""
         return int(
-            self._call(lambda: self.client.count(self.name, count_filter=client_filter(filters), exact=True)).count
+            self._call(lambda: self.client.count(collection, count_filter=client_filter(filters), exact=True)).count
         )
 
-    def dump(self) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    def dump(self, collection: str) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
         """Every point, scrolled page by page."""
         out: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
         offset = None
         while True:
             records, offset = self.client.scroll(
-                self.name, offset=offset, limit=1000, with_payload=True, with_vectors=True
+                collection, offset=offset, limit=1000, with_payload=True, with_vectors=True
             )
-            for r in records:
-                vec = r.vector if isinstance(r.vector, dict) else {}
-                out[str(r.id)] = (dict(r.payload or {}), {k: np.asarray(v, np.float32) for k, v in vec.items()})
+            out.update((p.id, (p.payload, p.vectors)) for p in map(stored_point, records))
             if offset is None:
                 return out
+
+    def release(self, name: str) -> None:
+        """Nothing to do: the server holds the collection."""
 
     def close(self) -> None:
         """Closes the client."""

@@ -13,24 +13,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.ids import point_id
-from indexer.stores.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions
-from indexer.stores.edge import EdgeStore
+from store.base import DEFAULT_MAX_SEGMENT_SIZE, CollectionConfig, PointData, SearchOptions
+from store.edge import EdgeStore
+from store.ids import point_id
+from tests.store.identities import identity
 
 DIM = 8
 BATCH = 100  # points per upsert: 3200 bytes of vectors
 # 4 KB: the store seals after every second batch (6400 bytes), so each sealed segment holds 200 points.
 SMALL = CollectionConfig(dim=DIM, indexing_threshold=1, max_segment_size=4)
+BUNDLE = identity("segments", DIM)
 
 
 def _write(store: EdgeStore, batches: int, seed: int = 0) -> np.ndarray:
     vectors = np.random.default_rng(seed).normal(size=(batches * BATCH, DIM)).astype(np.float32)
     for b in range(batches):
         store.upsert(
+            "c",
             [
                 PointData(point_id("image", str(i)), {"image": vectors[i]}, {"kind": "image"})
                 for i in range(b * BATCH, (b + 1) * BATCH)
-            ]
+            ],
         )
     return vectors
 
@@ -47,27 +50,25 @@ def _mapped_segments(root: Path) -> set[str]:
 
 def test_a_full_segment_is_sealed_and_indexed_while_writing(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path)
-    store.ensure_collection("c", SMALL)
+    store.ensure_collection("c", SMALL, BUNDLE)
     vectors = _write(store, 9)
-    assert store.shard is not None
-    info = store.shard.info()
+    info = store.shard_info("c")
     # Four seals of 200 points, each an indexed segment, before any optimize(); the last 100 wait in a fifth.
     assert (info.segments_count, info.indexed_vectors_count, info.points_count) == (5, 800, 900)
     assert store.optimize_seconds > 0
-    store.optimize()
-    assert store.shard.info().indexed_vectors_count == 900
+    store.optimize("c")
+    assert store.shard_info("c").indexed_vectors_count == 900
     # Searches see every segment: each stored vector finds itself first.
-    hits = store.search(vectors[::97], "image", 1, options=SearchOptions(hnsw_ef=64), with_payload=False)
+    hits = store.search("c", vectors[::97], "image", 1, options=SearchOptions(hnsw_ef=64), with_payload=False)
     assert [h[0].id for h in hits] == [point_id("image", str(i)) for i in range(0, 900, 97)]
     store.close()
 
 
 def test_without_a_segment_size_one_segment_waits_for_optimize(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path)
-    store.ensure_collection("c", dataclasses.replace(SMALL, max_segment_size=None))
+    store.ensure_collection("c", dataclasses.replace(SMALL, max_segment_size=None), BUNDLE)
     _write(store, 9)
-    assert store.shard is not None
-    info = store.shard.info()
+    info = store.shard_info("c")
     assert (info.segments_count, info.indexed_vectors_count, store.optimize_seconds) == (1, 0, 0.0)
     store.close()
 
@@ -76,11 +77,10 @@ def test_optimize_releases_the_segments_it_replaced(tmp_path: Path) -> None:
     # Without the flush in optimize(), the engine keeps the replaced segment mapped (and its pages resident) and its
     # directory on disk: three segments mapped for two live ones.
     store = EdgeStore(tmp_path)
-    store.ensure_collection("c", dataclasses.replace(SMALL, max_segment_size=None))
+    store.ensure_collection("c", dataclasses.replace(SMALL, max_segment_size=None), BUNDLE)
     _write(store, 9)
-    store.optimize()
-    assert store.shard is not None
-    live = store.shard.info().segments_count
+    store.optimize("c")
+    live = store.shard_info("c").segments_count
     assert live == 2  # the indexed segment and a new, empty appendable one
     assert len(_mapped_segments(tmp_path)) == live == len(list((tmp_path / "c" / "segments").iterdir()))
     store.close()
@@ -88,14 +88,14 @@ def test_optimize_releases_the_segments_it_replaced(tmp_path: Path) -> None:
 
 def test_the_segment_size_is_recorded_and_governs_a_reopened_collection(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path)
-    store.ensure_collection("c", SMALL)
+    store.ensure_collection("c", SMALL, BUNDLE)
     store.close()
     again = EdgeStore(tmp_path)
     assert again.collection_config("c").max_segment_size == 4
     # Reopened with other options that a search does not depend on, it keeps its own segment size.
-    again.ensure_collection("c", dataclasses.replace(SMALL, max_segment_size=None))
+    again.ensure_collection("c", dataclasses.replace(SMALL, max_segment_size=None), BUNDLE)
     _write(again, 4)
-    assert again.shard is not None and again.shard.info().segments_count == 3
+    assert again.shard_info("c").segments_count == 3
     again.close()
     assert CollectionConfig(dim=DIM).max_segment_size == DEFAULT_MAX_SEGMENT_SIZE
 

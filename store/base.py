@@ -10,27 +10,105 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from imgtxt.bundle import QUANTIZATIONS
+from imgtxt.bundle import QUANTIZATIONS, BundleIdentity
 
 VECTOR_NAMES = ("image", "text", "unit")
-# Options a reopened collection must have as requested: anything else would silently serve another index.
-CHECKED = ("dim", "quantization", "hnsw_m", "hnsw_ef_construct", "full_scan_threshold", "on_disk")
-# The flag that sets each option, for messages.
-FLAGS = {
-    "dim": "the bundle's embedding_dim",
-    "quantization": "--quantization",
-    "hnsw_m": "--hnsw-m",
-    "hnsw_ef_construct": "--hnsw-ef-construct",
-    "full_scan_threshold": "--full-scan-threshold-kb",
-    "indexing_threshold": "--indexing-threshold-kb",
-    "on_disk": "--on-disk",
-    "shard_number": "--shards",
-    "replication_factor": "--replication-factor",
-    "write_consistency_factor": "--write-consistency",
-}
-SERVER_ONLY = ("shard_number", "replication_factor", "write_consistency_factor")
 # KB of vectors per segment of the embedded engine: 100k vectors at dim 512 (see `CollectionConfig.max_segment_size`).
 DEFAULT_MAX_SEGMENT_SIZE = 200_000
+# Where an option applies.
+BOTH, SERVER, EMBEDDED = "both", "server", "embedded"
+
+
+@dataclass(frozen=True)
+class CollectionOption:
+    """One collection option, declared once: the argparse flag, its environment variable, the reopen checks and the
+    docs table (docs/indexing-and-search.md) are all generated from `COLLECTION_OPTIONS`."""
+
+    field: str
+    """The `CollectionConfig` field it sets."""
+    flag: str
+    """Its flag, in every command that creates collections (`index`, `eval --via-index`)."""
+    help: str
+    """What it does (the default is added from `default`)."""
+    default: str
+    """The default, as help and docs show it."""
+    kind: str = "int"
+    """`int` (a positive number), `bool` (`--x` / `--no-x`) or `choice` (one of `choices`)."""
+    choices: tuple[str, ...] = ()
+    """The values of a `choice` option."""
+    applies: str = BOTH
+    """`both` backends, `server` only (the embedded engine refuses it) or `embedded` only (a server refuses it)."""
+    search_checked: bool = True
+    """A search depends on it, so the store checks it on every reopen even when it was not given; every option that
+    is given for an existing collection must match it (it cannot take effect there), checked or not."""
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+COLLECTION_OPTIONS = (
+    CollectionOption("hnsw_m", "--hnsw-m", "HNSW edges per node", "16"),
+    CollectionOption("hnsw_ef_construct", "--hnsw-ef-construct", "HNSW build candidates", "100"),
+    CollectionOption(
+        "full_scan_threshold",
+        "--full-scan-threshold-kb",
+        "a search whose filter is estimated to match fewer KB of vectors than this (per segment; KB * 1024 / "
+        "(4 * dim) vectors) is answered by an exact scan, not the HNSW graph; lower it for the graph to answer "
+        "small filtered sets",
+        "10000",
+    ),
+    CollectionOption(
+        "indexing_threshold",
+        "--indexing-threshold-kb",
+        "KB of vectors in a segment before its HNSW graph is built",
+        "the engine's",
+        search_checked=False,
+    ),
+    CollectionOption(
+        "max_segment_size",
+        "--max-segment-size-kb",
+        "KB of vectors per segment; building an index holds one segment's worth of memory, not the collection's",
+        f"{DEFAULT_MAX_SEGMENT_SIZE}, 100k vectors at 512-d",
+        applies=EMBEDDED,
+        search_checked=False,
+    ),
+    CollectionOption("on_disk", "--on-disk", "keep original vectors on disk (mmap)", "in RAM", kind="bool"),
+    CollectionOption(
+        "quantization",
+        "--quantization",
+        "vector quantisation, searched with rescoring; a value other than the bundle's overrides it, with a warning",
+        "the bundle's serving.quantization, the mode its towers were trained for",
+        kind="choice",
+        choices=QUANTIZATIONS,
+    ),
+    CollectionOption(
+        "shard_number", "--shards", "shards of the collection", "the server's", applies=SERVER, search_checked=False
+    ),
+    CollectionOption(
+        "replication_factor",
+        "--replication-factor",
+        "copies of each shard",
+        "the server's",
+        applies=SERVER,
+        search_checked=False,
+    ),
+    CollectionOption(
+        "write_consistency_factor",
+        "--write-consistency",
+        "replicas that must confirm a write (write_consistency_factor)",
+        "the server's",
+        applies=SERVER,
+        search_checked=False,
+    ),
+)
+OPTIONS_BY_FIELD = {o.field: o for o in COLLECTION_OPTIONS}
+# Options a reopened collection must have as requested: anything else would silently serve another index.
+CHECKED = ("dim", *(o.field for o in COLLECTION_OPTIONS if o.search_checked))
+# The flag that sets each option, for messages.
+FLAGS = {"dim": "the bundle's embedding_dim", **{o.field: o.flag for o in COLLECTION_OPTIONS}}
+SERVER_ONLY = tuple(o.field for o in COLLECTION_OPTIONS if o.applies == SERVER)
 
 
 class CollectionMismatch(ValueError):
@@ -172,7 +250,7 @@ class PointData:
     """One point to write: deterministic id, named vectors and payload."""
 
     id: str
-    """uuid5 string (see `indexer.ids.point_id`)."""
+    """uuid5 string (see `store.ids.point_id`)."""
     vectors: dict[str, np.ndarray]
     """Named (D,) float32 vectors: any of `image`, `text`, `unit`."""
     payload: dict[str, Any] = field(default_factory=dict)
@@ -196,24 +274,29 @@ class Hit:
 
 
 class VectorStore(Protocol):
-    """What the indexer and search need from a vector store; `EdgeStore` and `ClientStore` implement it."""
+    """What the indexer and search need from a vector store; `EdgeStore` and `ClientStore` implement it.
 
-    def ensure_collection(self, name: str, config: CollectionConfig) -> bool:
-        """Creates the collection (True), or opens an existing one (False) after checking it has the requested
-        options (`check_congruent`: DimensionMismatch, CollectionMismatch). `name` may be an alias."""
+    Every data-plane call names its collection (as qdrant-client's methods take `collection_name`); a name may be an
+    alias, resolved by the store at the call. A store keeps no "open collection".
+    """
+
+    def ensure_collection(self, name: str, config: CollectionConfig, identity: BundleIdentity) -> bool:
+        """Creates the collection recording `identity` (True), or checks an existing one (False): its dimension,
+        that `identity` is the bundle that wrote it, and its options (`store.identity.check_reopen`:
+        DimensionMismatch, BundleMismatch, CollectionMismatch). `name` may be an alias."""
         ...
 
     def collection_config(self, name: str) -> CollectionConfig:
         """The options an existing collection (or alias) was created with (KeyError when absent)."""
         ...
 
+    def collection_identity(self, name: str) -> BundleIdentity | None:
+        """The bundle that created the collection (or alias); None when it recorded none (KeyError when absent)."""
+        ...
+
     def delete_collection(self, name: str) -> None:
         """Deletes a collection (an alias: the collection it points at), its points and the aliases pointing at it
         (nothing when absent)."""
-        ...
-
-    def open_collection(self, name: str) -> int:
-        """Opens an existing collection (or alias) for reading and returns its dimension (KeyError when absent)."""
         ...
 
     def set_alias(self, alias: str, collection: str) -> None:
@@ -224,24 +307,29 @@ class VectorStore(Protocol):
         """The collection an alias points at, or `name` itself when it is no alias."""
         ...
 
-    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Payloads of those `ids` that exist in the open collection."""
+    def aliases_of(self, collection: str) -> list[str]:
+        """The aliases pointing at `collection`, sorted."""
         ...
 
-    def upsert(self, points: list[PointData]) -> None:
+    def retrieve(self, collection: str, ids: list[str], with_vectors: bool = False) -> dict[str, PointData]:
+        """Those of `ids` that exist in the collection, with their payloads (and named vectors when asked)."""
+        ...
+
+    def upsert(self, collection: str, points: list[PointData]) -> None:
         """Writes points (overwriting same ids); returns once the store has applied them."""
         ...
 
-    def flush(self) -> None:
+    def flush(self, collection: str) -> None:
         """Makes every applied write durable; a checkpoint is written only after this returns."""
         ...
 
-    def optimize(self) -> None:
+    def optimize(self, collection: str) -> None:
         """Builds search indexes (HNSW) over what was written."""
         ...
 
     def search(
         self,
+        collection: str,
         vectors: np.ndarray,
         using: str,
         limit: int,
@@ -252,17 +340,30 @@ class VectorStore(Protocol):
         """Nearest neighbours of each row of `vectors` (Q, D) by the named vector `using`, best first."""
         ...
 
-    def count(self, filters: dict[str, Any] | None = None) -> int:
+    def count(self, collection: str, filters: dict[str, Any] | None = None) -> int:
         """Number of points (matching the payload filters)."""
         ...
 
-    def dump(self) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    def dump(self, collection: str) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
         """Every point as id -> (payload, named vectors): for tests and small collections only."""
+        ...
+
+    def release(self, name: str) -> None:
+        """Lets go of what the store holds of one collection (the embedded engine's loaded shard, and with it the
+        engine's lock, so another process can open it); a later call on it loads it again."""
         ...
 
     def close(self) -> None:
         """Releases the store."""
         ...
+
+
+def stored_point(record: Any) -> PointData:
+    """A point read back from either backend (its records both have `id`, `vector`: named vectors or None, and
+    `payload`)."""
+    named = record.vector if isinstance(record.vector, dict) else {}
+    vectors = {k: np.asarray(v, np.float32) for k, v in named.items()}
+    return PointData(str(record.id), vectors, dict(record.payload or {}))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

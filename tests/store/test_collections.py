@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from indexer.cli import main as index_main
-from indexer.stores.client import ClientStore
-from indexer.stores.factory import open_store
 from search.cli import main as search_main
+from store.client import ClientStore
+from store.factory import open_store
 from tests.conftest import make_dataset
 from tests.indexer.bundles import bundle_variant
 
@@ -80,15 +80,14 @@ def test_an_existing_collection_with_other_options_is_an_error_until_recreated(
         err = capsys.readouterr().err
         assert "collection 'tiny-d32-s0' exists with" in err and "--recreate" in err, extra
     assert index_main(_argv(data, tiny_bundle, store, "--quantization", "int8")) == 2
-    assert "quantization 'none', not the requested 'int8' (--quantization)" in capsys.readouterr().err
+    assert "quantization 'none', not the given 'int8' (--quantization)" in capsys.readouterr().err
     # --recreate deletes the collection (all its points) and its checkpoints, then builds it with the new options.
     small = make_dataset(tmp_path / "small", 2, captions=1)
     assert index_main(_argv(small, tiny_bundle, store, "--quantization", "int8", "--recreate", "--json", "-")) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["created"] and report["collection_config"]["quantization"] == "int8" and report["resumed_from"] == 0
     s = open_store(store)
-    s.open_collection("tiny-d32-s0")
-    assert s.count() == 6  # only the new job's 2 images, 2 captions, 2 units: the old points are gone
+    assert s.count("tiny-d32-s0") == 6  # only the new job's 2 images, 2 captions, 2 units: the old points are gone
     s.close()
 
 
@@ -160,9 +159,27 @@ def test_alias_switches_searches_to_a_new_bundle_in_one_step(
     assert search_main([*query, "--bundle", str(int8_bundle), "--in-process", "--store", str(store)]) == 0
     assert json.loads(capsys.readouterr().out)[0]["payload"]["bundle_version"] == "tiny-int8"
     # Queries encoded by another bundle than the collection's are refused, not answered from the wrong space.
-    assert search_main([*query, "--bundle", str(tiny_bundle), "--in-process", "--store", str(store)]) == 2  # EXIT_USAGE
-    assert "was indexed with bundle tiny-int8, but the queries are encoded by tiny-d32-s0" in capsys.readouterr().err
+    assert search_main([*query, "--bundle", str(tiny_bundle), "--in-process", "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "collection 'tiny-int8' belongs to bundle tiny-int8" in err and "the search uses bundle tiny-d32-s0" in err
     assert (store / "tiny-d32-s0" / "edge_config.json").is_file()
+
+
+def test_a_second_bundle_is_refused_by_an_existing_collection_naming_both(
+    data: Path, tmp_path: Path, tiny_bundle: Path, int8_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "q"
+    assert index_main(_argv(data, tiny_bundle, store)) == 0
+    capsys.readouterr()
+    # The issue's case: another bundle into the same collection, with its own quantisation and --restart.
+    extra = ["--collection", "tiny-d32-s0", "--quantization", "int8", "--restart"]
+    assert index_main(_argv(data, int8_bundle, store, *extra)) == 1
+    err = capsys.readouterr().err
+    assert "collection 'tiny-d32-s0' belongs to bundle tiny-d32-s0" in err and "the write uses bundle tiny-int8" in err
+    s = open_store(store)
+    versions = {p["bundle_version"] for p, _ in s.dump("tiny-d32-s0").values()}
+    s.close()
+    assert versions == {"tiny-d32-s0"}  # nothing of the second bundle was written
 
 
 def test_a_sharded_job_switches_the_alias_when_its_last_shard_is_done(
@@ -190,8 +207,7 @@ def test_units_need_a_trained_head_or_the_explicit_opt_in(
     report = json.loads(capsys.readouterr().out)
     assert report["fusion"] == "normalize(v+t)" and report["indexed"]["unit"] == 4
     s = open_store(tmp_path / "q")
-    s.open_collection("tiny-headless")
-    assert {p["fusion"] for p, _ in s.dump().values() if p["kind"] == "unit"} == {"normalize(v+t)"}
+    assert {p["fusion"] for p, _ in s.dump("tiny-headless").values() if p["kind"] == "unit"} == {"normalize(v+t)"}
     s.close()
     # With a trained head, the opt-in overrides it, and says so.
     assert index_main(_argv(data, tiny_bundle, tmp_path / "t", "--untrained-fusion", "--json", "-")) == 0
@@ -199,3 +215,59 @@ def test_units_need_a_trained_head_or_the_explicit_opt_in(
     assert (
         report["fusion"] == "normalize(v+t)" and "not bundle tiny-d32-s0's trained unit head" in report["warnings"][0]
     )
+
+
+def test_an_untrained_unit_head_needs_the_explicit_opt_in_as_no_head_does(
+    data: Path, tmp_path: Path, tiny_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """A head no unit loss trained (unit_loss_weight=0) is not indexed as trained."""
+    untrained = bundle_variant(tiny_bundle, tmp_path / "u", "tiny-untrained", unit_head_trained=False)
+    assert index_main(_argv(data, untrained, tmp_path / "q")) == 2
+    err = capsys.readouterr().err
+    assert (
+        "bundle tiny-untrained has no trained unit head (unit head: untrained)" in err and "--untrained-fusion" in err
+    )
+    assert index_main(_argv(data, untrained, tmp_path / "q", "--untrained-fusion", "--json", "-")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fusion"] == "normalize(v+t)" and report["warnings"] == []
+
+
+def test_options_given_for_an_existing_collection_must_match_and_options_not_given_keep_its_own(
+    data: Path, tmp_path: Path, tiny_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "q"
+    built = ["--hnsw-m", "8", "--indexing-threshold-kb", "3", "--max-segment-size-kb", "50"]
+    assert index_main(_argv(data, tiny_bundle, store, *built)) == 0
+    capsys.readouterr()
+    # Not given: the collection's own options, whatever the defaults are (no flag is blamed that was not given).
+    assert index_main(_argv(data, tiny_bundle, store, "--restart")) == 0
+    capsys.readouterr()
+    # Given, even those no search depends on, they cannot take effect on it: refused, never silently ignored.
+    for flag, value, ours in (("--indexing-threshold-kb", "5", 3), ("--max-segment-size-kb", "60", 50)):
+        assert index_main(_argv(data, tiny_bundle, store, flag, value)) == 1
+        err = capsys.readouterr().err
+        assert f"{ours}, not the given {value} ({flag})" in err and "cannot change on an existing collection" in err
+    assert index_main(_argv(data, tiny_bundle, store, "--hnsw-m", "8", "--indexing-threshold-kb", "3")) == 0
+    capsys.readouterr()
+    server = f"local:{tmp_path / 'local'}"
+    assert index_main(_argv(data, tiny_bundle, server, "--shards", "2", "--kinds", "image")) == 0
+    capsys.readouterr()
+    assert index_main(_argv(data, tiny_bundle, server, "--shards", "3", "--kinds", "image")) == 1
+    assert "shard_number 2, not the given 3 (--shards)" in capsys.readouterr().err
+    # An embedded-only option is refused for a server (it sizes its own segments).
+    assert index_main(_argv(data, tiny_bundle, server, "--max-segment-size-kb", "50", "--kinds", "image")) == 2
+    assert "--max-segment-size-kb 50: applies to the embedded engine only" in capsys.readouterr().err
+
+
+def test_recreate_is_refused_while_aliases_point_at_the_collection(
+    data: Path, tmp_path: Path, tiny_bundle: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "q"
+    assert index_main(_argv(data, tiny_bundle, store, "--alias", "live")) == 0
+    capsys.readouterr()
+    assert index_main(_argv(data, tiny_bundle, store, "--recreate")) == 1
+    err = capsys.readouterr().err
+    assert "--recreate refused: alias(es) live point at collection 'tiny-d32-s0'" in err and "--alias" in err
+    s = open_store(store)
+    assert s.count("tiny-d32-s0") == 12 and s.aliases_of("tiny-d32-s0") == ["live"]  # nothing was deleted
+    s.close()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.stores.base import CollectionConfig, PointData, SearchOptions
-from indexer.stores.edge import EdgeStore
+from store.base import CollectionConfig, PointData, SearchOptions
+from store.edge import EdgeStore
+from tests.store.identities import identity
 
 DIM = 64
 N = 1500  # points per kind
@@ -27,7 +28,9 @@ def _store(root: Path, full_scan_threshold: int, images: int = N, texts: int = N
     store = EdgeStore(root)
     # indexing_threshold=1: build the graph even for a few hundred KB of vectors.
     store.ensure_collection(
-        "c", CollectionConfig(dim=DIM, full_scan_threshold=full_scan_threshold, indexing_threshold=1)
+        "c",
+        CollectionConfig(dim=DIM, full_scan_threshold=full_scan_threshold, indexing_threshold=1),
+        identity("h", DIM),
     )
     points = [
         PointData(str(uuid.UUID(int=i)), {kind: v}, {"kind": k})
@@ -38,17 +41,17 @@ def _store(root: Path, full_scan_threshold: int, images: int = N, texts: int = N
         )
     ]
     for start in range(0, len(points), 500):
-        store.upsert(points[start : start + 500])
-    store.flush()
-    store.optimize()
+        store.upsert("c", points[start : start + 500])
+    store.flush("c")
+    store.optimize("c")
     return store
 
 
 def _recall(store: EdgeStore, queries: np.ndarray, ef: int, kind: str | None = "image") -> float:
     """Mean top-10 overlap of an HNSW search (ef) with exact search, filtered on `kind` (None: no filter)."""
     flt = {"kind": kind} if kind else None
-    approx = store.search(queries, "image", 10, flt, SearchOptions(hnsw_ef=ef), with_payload=False)
-    exact = store.search(queries, "image", 10, flt, EXACT, with_payload=False)
+    approx = store.search("c", queries, "image", 10, flt, SearchOptions(hnsw_ef=ef), with_payload=False)
+    exact = store.search("c", queries, "image", 10, flt, EXACT, with_payload=False)
     return float(np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(approx, exact, strict=True)]))
 
 
@@ -70,7 +73,7 @@ def test_a_selective_filter_is_scanned_even_where_unfiltered_search_uses_the_gra
     # is below the unfiltered set of a segment but above kind=image's estimate in any segment.
     queries = np.random.default_rng(1).normal(size=(60, DIM)).astype(np.float32)
     store = _store(tmp_path / "q", full_scan_threshold=250, images=300, texts=0, units=3000)
-    assert store.shard is not None and store.shard.info().segments_count >= 2
+    assert store.shard_info("c").segments_count >= 2
     assert _recall(store, queries, ef=4, kind=None) < 0.95  # unfiltered: the graph
     assert _recall(store, queries, ef=4, kind="image") == 1.0  # filtered: the exact scan
     store.close()

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import qdrant_edge as qe
 
-from imgtxt.bundle import DISTANCE
-from indexer.stores.base import (
+from imgtxt.bundle import DISTANCE, BundleIdentity
+from imgtxt.errors import ImgTxtError
+from store.base import (
     DEFAULT_SEARCH,
     FLAGS,
     SERVER_ONLY,
@@ -22,13 +27,15 @@ from indexer.stores.base import (
     Hit,
     PointData,
     SearchOptions,
-    check_congruent,
     read_metadata,
+    stored_point,
     write_metadata,
 )
+from store.identity import IDENTITY_KEY, check_reopen
 
 logger = logging.getLogger(__name__)
 
+# The store's sidecar of each collection: its creation options and the bundle that created it.
 METADATA = "imgtxt_collection.json"
 # The store's aliases (alias -> collection), beside the collections: the engine itself has none.
 ALIASES = "imgtxt_aliases.json"
@@ -52,11 +59,27 @@ def edge_filter(filters: dict[str, Any] | None) -> qe.Filter | None:
     return qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in sorted(filters.items())])
 
 
+@dataclass
+class _Seal:
+    """How much was written into a collection's segment since its last optimisation, and when to seal it."""
+
+    limit: int | None
+    """Bytes of vectors per segment (None: never seal)."""
+    vector_bytes: int
+    """Bytes of one vector (`4 * dim`)."""
+    unsealed: int = 0
+    """Bytes written since the last optimisation."""
+
+
 class EdgeStore:
     """Collections are shard directories under `root` (`root/<collection>/`), persistent and HNSW-indexed.
 
     The engine has no aliases, so this store keeps them in `root/imgtxt_aliases.json` (alias -> collection),
-    replaced atomically; every method that takes a collection name resolves an alias first.
+    replaced atomically; every method that takes a collection name resolves an alias first. Each collection's
+    shard is loaded on its first use and stays loaded until `close` (or its deletion), so a reader that follows an
+    alias to another collection loads that one beside it. The bundle that created a collection is recorded in the
+    store's own sidecar `root/<collection>/imgtxt_collection.json` (the engine keeps no metadata of ours), written
+    atomically before the collection is used and removed with it.
 
     The engine runs its optimisers only when asked, so the store seals segments itself: once the vectors written
     since the last optimisation reach the collection's `max_segment_size`, `upsert` optimises (builds that segment's
@@ -70,13 +93,11 @@ class EdgeStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.shard: qe.EdgeShard | None = None
-        self.name = ""
+        self._shards: dict[str, qe.EdgeShard] = {}
+        self._seals: dict[str, _Seal] = {}
+        self._lock = threading.Lock()
         # Seconds spent optimising (sealing full segments, and `optimize()`) since this store was made.
         self.optimize_seconds = 0.0
-        self._seal_bytes: int | None = None
-        self._vector_bytes = 0
-        self._unsealed = 0
 
     @staticmethod
     def _check_name(name: str) -> str:
@@ -93,6 +114,11 @@ class EdgeStore:
     def resolve(self, name: str) -> str:
         """The collection `name` points at when it is an alias, else `name`."""
         return self._aliases().get(name, name)
+
+    def aliases_of(self, collection: str) -> list[str]:
+        """The aliases pointing at `collection`."""
+        target = self.resolve(collection)
+        return sorted(a for a, c in self._aliases().items() if c == target)
 
     def set_alias(self, alias: str, collection: str) -> None:
         """Points `alias` at `collection`: one atomic replace of the alias file, so a reader sees the old target or
@@ -138,12 +164,25 @@ class EdgeStore:
             quantization="int8" if "scalar" in quant else "binary" if "binary" in quant else "none",
         )
 
-    def ensure_collection(self, name: str, config: CollectionConfig) -> bool:
-        """Creates the shard (True), or opens it (False) after checking that it has the requested options.
+    def collection_identity(self, name: str) -> BundleIdentity | None:
+        """The bundle recorded in the collection's sidecar when it was created (None: created before that).
+
+        Raises:
+            KeyError: No such collection.
+        """
+        path = self._path(name)
+        if not (path / "edge_config.json").is_file():
+            raise KeyError(f"collection {name!r} not found under {self.root}")
+        recorded = read_metadata(path / METADATA).get(IDENTITY_KEY)
+        return BundleIdentity.from_dict(recorded) if isinstance(recorded, dict) else None
+
+    def ensure_collection(self, name: str, config: CollectionConfig, identity: BundleIdentity) -> bool:
+        """Creates the shard recording `identity` (True), or checks the existing one (False).
 
         Raises:
             ValueError: A server-only option (shards, replicas, write consistency) was asked for.
             DimensionMismatch: The existing collection has another dimension.
+            BundleMismatch: Another bundle created it.
             CollectionMismatch: It has another quantisation or HNSW configuration.
         """
         server_only = {f: getattr(config, f) for f in SERVER_ONLY if getattr(config, f) not in (None, 1)}
@@ -155,8 +194,8 @@ class EdgeStore:
             )
         path = self._path(name)
         if (path / "edge_config.json").is_file():
-            check_congruent(name, self.collection_config(name), config)
-            self.open_collection(name)
+            check_reopen(path.name, self.collection_config(name), self.collection_identity(name), config, identity)
+            self._shard(path.name)
             return False
         path.mkdir(parents=True, exist_ok=True)
         params = {
@@ -177,22 +216,27 @@ class EdgeStore:
                 indexing_threshold=config.indexing_threshold, max_segment_size=config.max_segment_size
             ),
         )
-        self.close()
-        self.shard = qe.EdgeShard.create(str(path), edge_config)
-        self.shard.update(qe.UpdateOperation.create_field_index("kind", qe.PayloadSchemaType.Keyword))
-        self.shard.flush()
-        write_metadata(path / METADATA, {"name": path.name, "distance": DISTANCE, **config.to_dict()})
-        self.name = path.name
-        self._track(config)
-        logger.info("collection created", extra={"collection": path.name, "path": str(path), **config.to_dict()})
+        # The identity is on disk before the engine's config: a collection that exists always records its bundle.
+        write_metadata(
+            path / METADATA,
+            {"name": path.name, "distance": DISTANCE, **config.to_dict(), IDENTITY_KEY: identity.to_dict()},
+        )
+        with self._lock:
+            shard = _held(path, lambda: qe.EdgeShard.create(str(path), edge_config))
+            shard.update(qe.UpdateOperation.create_field_index("kind", qe.PayloadSchemaType.Keyword))
+            shard.flush()
+            self._shards[path.name] = shard
+            self._seals[path.name] = _seal(config)
+        logger.info(
+            "collection created",
+            extra={"collection": path.name, "path": str(path), "bundle": identity.version, **config.to_dict()},
+        )
         return True
 
     def delete_collection(self, name: str) -> None:
         """Closes and removes the collection's shard directory, and the aliases pointing at it."""
         path = self._path(name)
-        if self.name == path.name:
-            self.close()
-            self.name = ""
+        self.release(name)
         aliases = self._aliases()
         kept = {a: c for a, c in aliases.items() if c != path.name}
         if kept != aliases:
@@ -200,77 +244,72 @@ class EdgeStore:
         if path.exists():
             shutil.rmtree(path)
 
-    def open_collection(self, name: str) -> int:
-        """Opens an existing shard (`name` may be an alias) and returns its dimension.
+    def _shard(self, name: str) -> qe.EdgeShard:
+        """The loaded shard of collection (or alias) `name`, loading it on first use.
 
         Raises:
             KeyError: No such collection.
+            StoreLocked: Another process holds it.
         """
         path = self._path(name)
-        config = self.collection_config(name)
-        if self.shard is None or self.name != path.name:
-            self.close()
-            self.shard = qe.EdgeShard.load(str(path))
-            self.name = path.name
-            self._track(config)
-        return config.dim
+        with self._lock:
+            shard = self._shards.get(path.name)
+            if shard is not None:
+                return shard
+        config = self.collection_config(name)  # KeyError when absent
+        with self._lock:
+            if path.name not in self._shards:
+                self._shards[path.name] = _held(path, lambda: qe.EdgeShard.load(str(path)))
+                self._seals[path.name] = _seal(config)
+            return self._shards[path.name]
 
-    def _track(self, config: CollectionConfig) -> None:
-        """Starts counting the bytes written towards the open collection's next seal (points written before it was
-        opened are not counted: the first segment may reach twice the size)."""
-        self._seal_bytes = config.max_segment_size * 1024 if config.max_segment_size else None
-        self._vector_bytes = 4 * config.dim
-        self._unsealed = 0
-
-    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Payloads of the existing points among `ids`."""
-        out: dict[str, dict[str, Any]] = {}
+    def retrieve(self, collection: str, ids: list[str], with_vectors: bool = False) -> dict[str, PointData]:
+        """The existing points among `ids`, with payloads (and vectors when asked)."""
+        shard = self._shard(collection)
+        out: dict[str, PointData] = {}
         for start in range(0, len(ids), 1000):
             chunk: list[int | uuid.UUID | str] = list(ids[start : start + 1000])
-            for r in self._shard().retrieve(chunk, True, False):
-                out[str(r.id)] = dict(r.payload or {})
+            out.update((p.id, p) for p in map(stored_point, shard.retrieve(chunk, True, with_vectors)))
         return out
 
-    def _shard(self) -> qe.EdgeShard:
-        if self.shard is None:
-            raise RuntimeError("no collection is open: call ensure_collection or open_collection first")
-        return self.shard
-
-    def upsert(self, points: list[PointData]) -> None:
+    def upsert(self, collection: str, points: list[PointData]) -> None:
         """Writes points; the engine applies them (and logs them to its WAL) before returning. Seals the segment
         being written when it is full (see the class docstring), so a call may also build an index."""
         if not points:
             return
+        shard = self._shard(collection)
         batch = [
             qe.Point(p.id, {k: np.asarray(v, np.float32).tolist() for k, v in p.vectors.items()}, p.payload)
             for p in points
         ]
-        self._shard().update(qe.UpdateOperation.upsert_points(batch))
-        self._unsealed += self._vector_bytes * sum(len(p.vectors) for p in points)
-        if self._seal_bytes is not None and self._unsealed >= self._seal_bytes:
+        shard.update(qe.UpdateOperation.upsert_points(batch))
+        seal = self._seals[self.resolve(collection)]
+        seal.unsealed += seal.vector_bytes * sum(len(p.vectors) for p in points)
+        if seal.limit is not None and seal.unsealed >= seal.limit:
             t0 = time.perf_counter()
-            self.optimize()
+            self.optimize(collection)
             logger.info(
                 "segment sealed",
-                extra={"collection": self.name, "seconds": round(time.perf_counter() - t0, 3)},
+                extra={"collection": self.resolve(collection), "seconds": round(time.perf_counter() - t0, 3)},
             )
 
-    def flush(self) -> None:
+    def flush(self, collection: str) -> None:
         """Persists every applied write to the shard's segments."""
-        self._shard().flush()
+        self._shard(collection).flush()
 
-    def optimize(self) -> None:
+    def optimize(self, collection: str) -> None:
         """Runs the engine's optimisers in-process (builds HNSW graphs over large enough segments), then flushes:
         the segments an optimisation replaced stay mapped, and their pages resident, until the next flush."""
         t0 = time.perf_counter()
-        shard = self._shard()
+        shard = self._shard(collection)
         shard.optimize()
         shard.flush()
-        self._unsealed = 0
+        self._seals[self.resolve(collection)].unsealed = 0
         self.optimize_seconds += time.perf_counter() - t0
 
     def search(
         self,
+        collection: str,
         vectors: np.ndarray,
         using: str,
         limit: int,
@@ -295,29 +334,102 @@ class EdgeStore:
             )
             for row in np.atleast_2d(vectors)
         ]
-        results = self._shard().query_batch(qe.QueryBatchRequest(requests))
+        results = self._shard(collection).query_batch(qe.QueryBatchRequest(requests))
         return [[Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res] for res in results]
 
-    def count(self, filters: dict[str, Any] | None = None) -> int:
+    def count(self, collection: str, filters: dict[str, Any] | None = None) -> int:
         """Exact number of points matching the filters."""
-        return int(self._shard().count(qe.CountRequest(exact=True, filter=edge_filter(filters))))
+        return int(self._shard(collection).count(qe.CountRequest(exact=True, filter=edge_filter(filters))))
 
-    def dump(self) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    def dump(self, collection: str) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
         """Every point, scrolled page by page."""
+        shard = self._shard(collection)
         out: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
         offset = None
         while True:
-            records, offset = self._shard().scroll(
+            records, offset = shard.scroll(
                 qe.ScrollRequest(offset=offset, limit=1000, with_payload=True, with_vector=True)
             )
-            for r in records:
-                vec = r.vector if isinstance(r.vector, dict) else {}
-                out[str(r.id)] = (dict(r.payload or {}), {k: np.asarray(v, np.float32) for k, v in vec.items()})
+            out.update((p.id, (p.payload, p.vectors)) for p in map(stored_point, records))
             if offset is None:
                 return out
 
+    def release(self, name: str) -> None:
+        """Flushes and closes the collection's shard, releasing the engine's lock on it (nothing when not loaded)."""
+        target = self.resolve(self._check_name(name))
+        with self._lock:
+            shard = self._shards.pop(target, None)
+            self._seals.pop(target, None)
+        if shard is not None:
+            shard.close()
+
+    def shard_info(self, collection: str) -> Any:
+        """The engine's description of the collection's shard (segments, points, indexed vectors)."""
+        return self._shard(collection).info()
+
     def close(self) -> None:
-        """Flushes and closes the open shard."""
-        if self.shard is not None:
-            self.shard.close()
-            self.shard = None
+        """Flushes and closes every loaded shard."""
+        with self._lock:
+            shards, self._shards = self._shards, {}
+            self._seals = {}
+        for shard in shards.values():
+            shard.close()
+
+
+def _seal(config: CollectionConfig) -> _Seal:
+    """Starts counting the bytes written towards a collection's next seal (points written before it was loaded are
+    not counted: the first segment may reach twice the size)."""
+    return _Seal(config.max_segment_size * 1024 if config.max_segment_size else None, 4 * config.dim)
+
+
+class StoreLocked(ImgTxtError):
+    """The embedded engine's collection is held by another process (its write-ahead log is locked)."""
+
+
+def _holders(path: Path) -> list[str]:
+    """The processes holding a lock on a file under `path` (`pid (command)`), read from /proc/locks (Linux only;
+    elsewhere, or when it cannot be read, none are named)."""
+    # The engine locks its write-ahead log's directory (flock); any file or directory of the collection counts.
+    ids = set()
+    for f in [path, *path.rglob("*")]:
+        st = f.stat()
+        ids.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    found = set()
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF": the pid, then major:minor:inode of the locked file.
+        parts = line.split()
+        at = next((i for i, p in enumerate(parts) if p.count(":") == 2), None)
+        if at is None or parts[at] not in ids or not parts[at - 1].isdigit():
+            continue
+        pid = parts[at - 1]
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            command = "?"
+        found.add(f"pid {pid} ({command[:120]})")
+    return sorted(found)
+
+
+def _held(path: Path, open_shard: Callable[[], qe.EdgeShard]) -> qe.EdgeShard:
+    """Opens a shard, turning the engine's lock failure (a raw `WouldBlock`) into an error naming the path and,
+    where the system says, the process that holds it.
+
+    Raises:
+        StoreLocked: Another process has the collection open.
+    """
+    try:
+        return open_shard()
+    except Exception as exc:
+        if "WouldBlock" not in str(exc):
+            raise
+        holders = _holders(path)
+        who = ", ".join(holders) if holders else "another process"
+        raise StoreLocked(
+            f"the embedded store's collection {path} is in use by {who}: the embedded engine lets one process open "
+            "a collection at a time; stop that process (a running `imgtxt index`, `serve-search` or `demo` on this "
+            "store), or serve the collections from a Qdrant server (--store qdrant://host:6334) for shared use"
+        ) from None
