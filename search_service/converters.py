@@ -161,7 +161,7 @@ def query_from_http(body: SearchBody) -> Query:
     )
 
 
-def result_to_grpc(result: SearchResult, collection: str) -> pb.SearchResponse:
+def result_to_grpc(result: SearchResult) -> pb.SearchResponse:
     """`SearchResponse` of a search's hits."""
     hits = []
     for hit in result.hits:
@@ -177,10 +177,10 @@ def result_to_grpc(result: SearchResult, collection: str) -> pb.SearchResponse:
                 payload_json=payload_json(f["payload"]),
             )
         )
-    return pb.SearchResponse(hits=hits, collection=collection, latency_ms=result.latency_ms)
+    return pb.SearchResponse(hits=hits, collection=result.collection, latency_ms=result.latency_ms)
 
 
-def result_to_http(result: SearchResult, collection: str) -> SearchOut:
+def result_to_http(result: SearchResult) -> SearchOut:
     """The JSON body of a search's hits (with thumbnail URLs for hits that show an image)."""
     hits = []
     for hit in result.hits:
@@ -197,7 +197,7 @@ def result_to_http(result: SearchResult, collection: str) -> SearchOut:
                 payload=f["payload"],
             )
         )
-    return SearchOut(hits=hits, target=result.target, collection=collection, latency_ms=result.latency_ms)
+    return SearchOut(hits=hits, target=result.target, collection=result.collection, latency_ms=result.latency_ms)
 
 
 @dataclass(frozen=True)

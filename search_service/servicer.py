@@ -18,7 +18,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
         """One query against one kind of points."""
-        return result_to_grpc(self.backend.search(query_from_grpc(request)), self.backend.collection)
+        return result_to_grpc(self.backend.search(query_from_grpc(request)))
 
     def Info(self, request: pb.SearchInfoRequest, context: grpc.ServicerContext) -> pb.SearchInfoResponse:
         """The collection, bundle and limits."""

@@ -178,7 +178,7 @@ def create_app(
     @app.post("/v1/search", tags=["search"])
     def search(body: SearchBody) -> SearchOut:
         """One search by text, image (base64), vector or point id."""
-        return result_to_http(backend.search(query_from_http(body)), backend.collection)
+        return result_to_http(backend.search(query_from_http(body)))
 
     @app.post(
         "/v1/search/image",
@@ -200,7 +200,7 @@ def create_app(
         if not data:
             raise InvalidInput("the request body must be an image file")
         query = SearchQuery(image=data, target=target, limit=limit)
-        return result_to_http(await _run(backend.search, query), backend.collection)
+        return result_to_http(await _run(backend.search, query))
 
     @app.get("/v1/thumbnails/{point_id}", tags=["search"], response_class=Response)
     def thumbnail(point_id: str) -> Response:

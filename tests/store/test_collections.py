@@ -173,7 +173,7 @@ def test_a_second_bundle_is_refused_by_an_existing_collection_naming_both(
     capsys.readouterr()
     # The case: another bundle into the same collection, with its own quantisation and --restart.
     extra = ["--collection", "tiny-d32-s0", "--quantization", "int8", "--restart"]
-    assert index_main(_argv(data, int8_bundle, store, *extra)) == 1
+    assert index_main(_argv(data, int8_bundle, store, *extra)) == 2
     err = capsys.readouterr().err
     assert "collection 'tiny-d32-s0' belongs to bundle tiny-d32-s0" in err and "the write uses bundle tiny-int8" in err
     s = open_store(store)
@@ -244,7 +244,7 @@ def test_options_given_for_an_existing_collection_must_match_and_options_not_giv
     capsys.readouterr()
     # Given, even those no search depends on, they cannot take effect on it: refused, never silently ignored.
     for flag, value, ours in (("--indexing-threshold-kb", "5", 3), ("--max-segment-size-kb", "60", 50)):
-        assert index_main(_argv(data, tiny_bundle, store, flag, value)) == 1
+        assert index_main(_argv(data, tiny_bundle, store, flag, value)) == 2
         err = capsys.readouterr().err
         assert f"{ours}, not the given {value} ({flag})" in err and "cannot change on an existing collection" in err
     assert index_main(_argv(data, tiny_bundle, store, "--hnsw-m", "8", "--indexing-threshold-kb", "3")) == 0
@@ -252,7 +252,7 @@ def test_options_given_for_an_existing_collection_must_match_and_options_not_giv
     server = f"local:{tmp_path / 'local'}"
     assert index_main(_argv(data, tiny_bundle, server, "--shards", "2", "--kinds", "image")) == 0
     capsys.readouterr()
-    assert index_main(_argv(data, tiny_bundle, server, "--shards", "3", "--kinds", "image")) == 1
+    assert index_main(_argv(data, tiny_bundle, server, "--shards", "3", "--kinds", "image")) == 2
     assert "shard_number 2, not the given 3 (--shards)" in capsys.readouterr().err
     # An embedded-only option is refused for a server (it sizes its own segments).
     assert index_main(_argv(data, tiny_bundle, server, "--max-segment-size-kb", "50", "--kinds", "image")) == 2
@@ -265,7 +265,7 @@ def test_recreate_is_refused_while_aliases_point_at_the_collection(
     store = tmp_path / "q"
     assert index_main(_argv(data, tiny_bundle, store, "--alias", "live")) == 0
     capsys.readouterr()
-    assert index_main(_argv(data, tiny_bundle, store, "--recreate")) == 1
+    assert index_main(_argv(data, tiny_bundle, store, "--recreate")) == 2
     err = capsys.readouterr().err
     assert "--recreate refused: alias(es) live point at collection 'tiny-d32-s0'" in err and "--alias" in err
     s = open_store(store)
