@@ -22,6 +22,7 @@ from imgtxt.serving.config import ServerConfig
 from imgtxt.serving.interceptors import AdmissionGate, AuthInterceptor, ErrorMappingInterceptor
 from imgtxt.serving.prometheus import ServiceMetrics
 from imgtxt.serving.servicer import EncoderServicerBase, EncodeService
+from imgtxt.serving.tuning import BatchingPlan, log_plan
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class EncoderServer:
     """Refuses new rpcs (UNAVAILABLE) once the server stops."""
     metrics_port: int | None = None
     """Port of the `/metrics` endpoint, when one runs."""
+    batching: BatchingPlan | None = None
+    """How requests reach the session (batched or not, workers, threads) and why."""
     _metrics_http: Any = None
 
     def set_serving(self, serving: bool) -> None:
@@ -103,7 +106,10 @@ class EncoderServer:
         """Runs a warm-up batch through the session, then reports SERVING."""
         self.encoder.warm_up()
         info = self.encoder.info
-        self.metrics.set_info(info.bundle_version, info.execution_provider, info.precision)
+        batching = self.batching.mode if self.batching else ""
+        self.metrics.set_info(
+            info.bundle_version, info.execution_provider, info.precision, info.precision_reason, batching
+        )
         self.set_serving(True)
         logger.info(
             "serving",
@@ -112,6 +118,8 @@ class EncoderServer:
                 "port": self.port,
                 "bundle": info.bundle_version,
                 "provider": info.execution_provider,
+                "precision": info.precision,
+                "batching": batching,
             },
         )
 
@@ -200,12 +208,11 @@ def build_server(
     """
     metrics = ServiceMetrics(encoder.modality, config.max_batch)
     runner: Runner
-    if config.batching:
-        workers = config.resolved_batch_workers(encoder.provider, encoder.intra_op_threads)
-        runner = DynamicBatcher(encoder.run, metrics, config.max_batch, config.max_delay_us, config.max_queue, workers)
-        logger.info(
-            "dynamic batching",
-            extra={"batch_workers": workers, "max_batch": config.max_batch, "max_delay_us": config.max_delay_us},
+    plan = config.batching_plan(encoder.provider, encoder.modality, encoder.intra_op_threads)
+    log_plan(plan, encoder.modality)
+    if plan.batching:
+        runner = DynamicBatcher(
+            encoder.run, metrics, config.max_batch, config.max_delay_us, config.max_queue, plan.batch_workers
         )
     else:
         runner = InlineRunner(encoder.run, metrics)
@@ -224,7 +231,7 @@ def build_server(
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    service = EncodeService(encoder, runner, metrics, config.max_batch)
+    service = EncodeService(encoder, runner, metrics, config.max_batch, plan)
     add_to_server(make_servicer(service, config.max_message_bytes, config.stream_window), server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -235,7 +242,9 @@ def build_server(
     except ConfigError:
         runner.close()
         raise
-    out = EncoderServer(server, port, service_name, config, encoder, runner, metrics, health_servicer, gate)
+    out = EncoderServer(
+        server, port, service_name, config, encoder, runner, metrics, health_servicer, gate, batching=plan
+    )
     out.set_serving(False)
     if config.metrics_port is not None:
         out._metrics_http, out.metrics_port = metrics.serve_http(config.metrics_port, config.metrics_host)

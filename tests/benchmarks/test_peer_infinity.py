@@ -119,3 +119,22 @@ def test_a_directory_that_is_not_a_venv_is_refused(tmp_path: Path) -> None:
     (tmp_path / "somefile").write_text("x")
     with pytest.raises(pi.PeerUnavailable, match="not a virtualenv"):
         pi.ensure_peer_venv(tmp_path)
+
+
+def test_text_backbone_reads_the_grouped_config_as_the_trainer_saves_it() -> None:
+    assert pi.text_backbone({"model": {"text_backbone": "tiny"}}) == "tiny"
+    assert pi.text_backbone({"text_backbone": "tiny"}) == "tiny"  # older, flat configs
+    assert pi.text_backbone({}) == "minilm"  # exported without a config: the default backbone
+
+
+def test_the_same_weights_guard_fires_on_a_bundle_of_another_backbone(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def install(venv: Path) -> None:
+        raise AssertionError("the guard let a bundle of another text backbone through to the peer install")
+
+    monkeypatch.setattr(pi, "ensure_peer_venv", install)
+    with pytest.raises(SystemExit) as exc:
+        pi.main(["--bundle", str(tiny_bundle)])
+    assert exc.value.code == 2
+    assert "text backbone is 'tiny', not minilm: not the same weights as the peer" in capsys.readouterr().err

@@ -50,6 +50,8 @@ def test_fp16_graph_is_served_and_reported(fp16_bundle: Path) -> None:
                 "bundle_version": "fp16-v1",
                 "execution_provider": "CPUExecutionProvider",
                 "precision": "fp16",
+                "precision_reason": "--precision fp16 (flag)",
+                "batching": "off",
             },
         )
         assert metrics == 1.0
