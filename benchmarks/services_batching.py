@@ -2,9 +2,9 @@
 
 Each client is a thread with its own channel sending one-item `Encode` requests back to back; three service
 processes run at once, with the default `--batching auto` (the rule of `imgtxt.serving.tuning`), `--batching on` and
-`--batching off`, and are measured alternately (auto, on, off, auto, ...; the best of `--repeats` counts), so a change
-in the machine's load hits all three alike. Target (issue 26): auto at least as fast as the better of on and off, at
-every client count (within `NOISE`).
+`--batching off`, and are measured alternately (auto, on, off, then on, off, auto, ...: each mode goes first in some
+round; the best of `--repeats` counts), so a change in the machine's load hits all three alike. Target (issue 26):
+auto at least as fast as the better of on and off at every client count (within `NOISE`).
 
 In the same run the model alone, in-process, gives the ceiling of batching, measured like for like: each mode's session
 is built from the same flags by the same code as the service's, and called with the service's parallelism (batch 1
@@ -161,10 +161,12 @@ def _measure_services(args: argparse.Namespace, items: list[Any], plan: dict[str
             )
             services[mode] = (svc, metrics_port)
             _load(args.modality, svc.port, items, max(args.clients), 2)  # warm-up: connections, first batches
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             for clients in args.clients:
                 per_client = max(1, -(-args.requests // clients))
-                for mode, (svc, metrics_port) in services.items():
+                order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]  # each mode goes first in some round
+                for mode in order:
+                    svc, metrics_port = services[mode]
                     scraped, server_cpu = scrape(metrics_port), _cpu_seconds(svc.process.pid)
                     load = _load(args.modality, svc.port, items, clients, per_client)
                     load["server_cpu"] = _cpu_seconds(svc.process.pid) - server_cpu

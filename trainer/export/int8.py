@@ -4,11 +4,18 @@
   run time). Transformers' activation ranges vary with the input, and dynamic quantisation is what
   sentence-transformers ships for them.
 - Image tower: **static** quantisation, QDQ format, per-channel int8 weights and uint8 activations whose ranges are
-  calibrated on training images (the serving preprocessing of real photos, never the evaluation split).
+  calibrated on training images (the serving preprocessing of real photos, never the evaluation split), except the
+  nodes that carry the loss (`float_nodes`): the stem convolution, which sees the raw normalised pixels, and
+  everything after the backbone's last convolution (pooling, projection head, L2 normalisation). Measured on the
+  quick recipe's towers (Flickr8k val, `benchmarks/results/int8_serving.md`): quantising every node lost 0.7 rSum,
+  keeping the head alone in float did not help, keeping the stem and the head in float lost nothing, at about the
+  same speed (the stem is one convolution of 49, the head three small matmuls).
 
 Each variant's parity against the float32 torch tower is measured on the export's parity inputs, recorded in the
-manifest (`serving.precisions.int8`) and gated loosely (cosine >= MIN_COSINE_INT8); whether the retrieval loss is
-acceptable is measured on val by `benchmarks/int8_serving.py`.
+manifest (`serving.precisions.int8`) and gated loosely (cosine >= MIN_COSINE_INT8). Its retrieval cost is measured on
+the val split by `measure_retrieval` (each tower at int8 with the other at fp32, against both at fp32, through the
+serving path) and recorded beside it (`GraphVariant.retrieval`): `--precision auto` serves int8 on CPU only where that
+loss is at most 0.5 rSum. `benchmarks/int8_serving.py` adds the speed.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -30,8 +38,10 @@ from onnxruntime.quantization import (
 )
 from torch import nn
 
-from imgtxt.bundle import Parity
+from imgtxt.bundle import Parity, RetrievalCheck
+from imgtxt.datasets import CaptionedImage
 from imgtxt.errors import BundleError
+from imgtxt.retrieval_metrics import retrieval_metrics
 from trainer.onnx_export import cpu_session, measure_parity
 
 logger = logging.getLogger(__name__)
@@ -50,6 +60,23 @@ class _Batches(CalibrationDataReader):
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
+
+
+def float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes of an image tower kept in float by its static quantisation: the stem (the convolutions fed by the
+    graph's input) and every node after the last convolution (pooling, projection head, normalisation)."""
+    nodes = list(model.graph.node)
+    inputs = {i.name for i in model.graph.input}
+    convs = [k for k, n in enumerate(nodes) if n.op_type == "Conv"]
+    if not convs:
+        return []
+    # The stem reads the pixels directly or through a shape-only op (e.g. static padding) of them.
+    fed = set(inputs)
+    for n in nodes[: convs[0]]:
+        if set(n.input) & fed:
+            fed |= set(n.output)
+    stem = [n.name for n in nodes if n.op_type == "Conv" and set(n.input) & fed]
+    return stem + [n.name for n in nodes[convs[-1] + 1 :]]
 
 
 def export_int8(
@@ -94,6 +121,7 @@ def export_int8(
         else:
             assert calibration is not None
             (input_name,) = parity_feeds
+            keep_float = float_nodes(onnx.load(str(prepared)))
             quantize_static(
                 prepared,
                 out_path,
@@ -103,6 +131,7 @@ def export_int8(
                 weight_type=QuantType.QInt8,
                 activation_type=QuantType.QUInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=keep_float,
             )
     parity = measure_parity(module, cpu_session(out_path), parity_feeds)
     if parity.min_cosine < MIN_COSINE_INT8:
@@ -119,3 +148,34 @@ def calibration_pixels(paths: Sequence[Path], preprocess: object) -> np.ndarray:
     from imgtxt.preprocess import preprocess_image
 
     return np.stack([preprocess_image(p.read_bytes(), preprocess) for p in paths])  # type: ignore[arg-type]
+
+
+def measure_retrieval(bundle_dir: Path, records: Sequence[CaptionedImage], split: str) -> dict[str, RetrievalCheck]:
+    """Val rSum of each int8 tower of a (staged) bundle against fp32, as `imgtxt eval --bundle --precision` runs it.
+
+    Args:
+        bundle_dir: A bundle with fp32 and int8 graphs of the image and text towers.
+        records: The split's images with their captions.
+        split: The split's name (recorded).
+
+    Returns:
+        `image` and `text` -> the rSum with that tower at int8 and the other at fp32, against both at fp32.
+    """
+    from evaluation.offline import encode_with_bundle
+
+    paths = [r.path for r in records]
+    captions = [c for r in records for c in r.captions]
+    owners = np.asarray([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int64)
+    image32, text32, _ = encode_with_bundle(bundle_dir, paths, captions, device="cpu", precision="fp32")
+    image8, text8, _ = encode_with_bundle(bundle_dir, paths, captions, device="cpu", precision="int8")
+    fp32 = float(retrieval_metrics(image32 @ text32.T, owners)["rsum"])
+    checks = {
+        "image": RetrievalCheck(split, len(records), fp32, float(retrieval_metrics(image8 @ text32.T, owners)["rsum"])),
+        "text": RetrievalCheck(split, len(records), fp32, float(retrieval_metrics(image32 @ text8.T, owners)["rsum"])),
+    }
+    for modality, check in checks.items():
+        logger.info(
+            "int8 retrieval check",
+            extra={"modality": modality, "split": split, "fp32_rsum": fp32, "rsum_loss": check.rsum_loss},
+        )
+    return checks
