@@ -20,6 +20,7 @@ loss is at most 0.5 rSum. `benchmarks/int8_serving.py` adds the speed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -85,6 +86,15 @@ def float_nodes(model: onnx.ModelProto, parts: Sequence[str] = FLOAT_PARTS) -> l
     return stem + ([n.name for n in nodes[convs[-1] + 1 :]] if "head" in parts else [])
 
 
+@contextlib.contextmanager
+def _prepared(fp32_path: Path) -> Iterator[Path]:
+    """The graph after ONNX Runtime's quantisation pre-processing (shape inference + folding), in a temporary file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        yield prepared
+
+
 def quantize_image_static(
     fp32_path: Path,
     out_path: Path,
@@ -104,9 +114,7 @@ def quantize_image_static(
         parts: Parts kept in float (`stem`, `head`).
         method: Calibration: `MinMax`, `Entropy` or `Percentile` (ONNX Runtime's `CalibrationMethod`).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)  # shape inference + folding
+    with _prepared(fp32_path) as prepared:
         quantize_static(
             prepared,
             out_path,
@@ -150,9 +158,7 @@ def export_int8(
         (input_name,) = parity_feeds
         quantize_image_static(fp32_path, out_path, calibration, input_name)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            prepared = Path(tmp) / "prepared.onnx"
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)  # shape inference + folding
+        with _prepared(fp32_path) as prepared:
             # MatMul weights only, per output channel, 7-bit range: on all-MiniLM-L6-v2 (Flickr8k val) this kept rSum
             # within 1.2 of fp32 where the defaults (every op, per tensor) lost 5.8, at the same speed.
             quantize_dynamic(
