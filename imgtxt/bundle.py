@@ -482,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         for modality, variant in towers.items():
             p = variant.parity
             parity = f"max|d|={p.max_abs_diff:.2e} min cos={p.min_cosine:.6f}" if p else ""
+            if (r := variant.retrieval) is not None:
+                parity += f"  {r.split} rSum loss {r.rsum_loss:+.2f} ({r.images} images)"
             print(f"{modality:<10} {precision}  {variant.file}  {parity}")
     print(
         f"serving    side {sv.image_size}px  flip_average={sv.flip_average}  trained for quantization="
