@@ -213,6 +213,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         plan[mode] = {
             "args": ns,
             "batching": batching.batching,
+            "adaptive": batching.run_alone_when_idle,
             "threads": threads,
             "workers": batching.batch_workers,
             "reason": batching.reason,
@@ -230,6 +231,8 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runs_at_once(p: dict[str, Any], clients: int, max_workers: int) -> str:
+    if p["adaptive"]:
+        return f"adaptive: {p['workers']} run slot(s) x {p['threads']} ORT thread(s)"
     if p["batching"]:
         return f"batching on: {p['workers']} batch worker(s) x {p['threads']} ORT thread(s)"
     return (
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     max_workers = server_config_from_args(plan["off_args"]).max_workers
     report.line(f"{args.modality}: {source}; {args.requests} one-item requests per measurement, clients {args.clients}")
     report.line(f"  {available_cores()} cores; server flags: {' '.join(args.server_flags.split()) or '(defaults)'}")
-    report.line(f"  auto chose batching {'on' if plan['auto']['batching'] else 'off'}: {plan['auto']['reason']}")
+    report.line(f"  auto: {plan['auto']['reason']}")
     measured = _measure_services(args, items, plan)
     rows: list[dict[str, Any]] = []
     verdicts = []
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "batching": mode,
                     "clients": clients,
-                    "runs": "on" if plan[mode]["batching"] else "off",
+                    "runs": _runs_at_once(plan[mode], clients, max_workers),
                     "items_per_s": round(s["rate"], 1),
                     "p50_ms": round(s["p50"], 1),
                     "p99_ms": round(s["p99"], 1),

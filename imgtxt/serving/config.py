@@ -40,11 +40,12 @@ class ServerConfig:
     """Most items per request or stream chunk, and per coalesced session run."""
     batching: str = "auto"
     """`on`: coalesce concurrent requests into session runs; `off`: each request runs alone, in its own thread;
-    `auto`: what `imgtxt.serving.tuning.choose_batching` decides for the hardware (off on CPU, on on CUDA)."""
+    `auto`: what `imgtxt.serving.tuning.choose_batching` decides for the hardware (adaptive batching: a request that
+    finds a run slot idle runs at once, alone; those arriving while every slot is busy are coalesced)."""
     max_delay_us: int = 2000
     """How long the first request of a batch waits for others to join, in microseconds."""
     batch_workers: int = 0
-    """With batching on: coalesced session runs in flight at once, each in its own thread; 0 = 1 on CUDA (one device
+    """With batching (auto or on): session runs in flight at once, each in its own thread; 0 = 1 on CUDA (one device
     runs one batch at a time, and two would halve the batches), on CPU as many as fit: cores / intra-op threads
     (`imgtxt.serving.tuning.plan_batching`)."""
     max_queue: int = 1024
@@ -122,7 +123,7 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
         "--intra-op-threads",
         type=non_negative_int,
         default=0,
-        help="ORT intra-op threads (0: cores / batch workers with batching on, cores - 1 with it off)",
+        help="ORT intra-op threads (0: cores / batch workers with batching auto or on, cores - 1 with it off)",
     )
     g.add_argument("--inter-op-threads", type=positive_int, default=1, help="ORT inter-op threads")
     g.add_argument("--optimization", choices=tuple(OPTIMIZATION_LEVELS), default="all", help="ORT graph optimisation")
@@ -144,8 +145,9 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
         "--batching",
         choices=BATCHING_MODES,
         default=d.batching,
-        help="dynamic batching of concurrent requests; auto: chosen for the hardware (off on CPU, where it does not "
-        "pay, on on CUDA); on/off override it",
+        help="dynamic batching of concurrent requests; auto: chosen for the hardware (a request finding a run slot "
+        "idle runs at once, alone; those arriving while every slot is busy are coalesced); on: always coalesce; "
+        "off: every request alone; on/off override the rule",
     )
     s.add_argument("--max-delay-us", type=non_negative_int, default=d.max_delay_us, help="batch wait, microseconds")
     s.add_argument(

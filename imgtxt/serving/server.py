@@ -212,7 +212,13 @@ def build_server(
     log_plan(plan, encoder.modality)
     if plan.batching:
         runner = DynamicBatcher(
-            encoder.run, metrics, config.max_batch, config.max_delay_us, config.max_queue, plan.batch_workers
+            encoder.run,
+            metrics,
+            config.max_batch,
+            config.max_delay_us,
+            config.max_queue,
+            plan.batch_workers,
+            plan.run_alone_when_idle,
         )
     else:
         runner = InlineRunner(encoder.run, metrics)

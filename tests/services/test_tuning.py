@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from imgtxt.client import TextEncoderClient
@@ -14,33 +18,40 @@ from imgtxt.errors import ConfigError
 from imgtxt.serving.config import add_server_flags, server_config_from_args
 from imgtxt.serving.tuning import CPU_BATCH_WORKERS, Hardware, choose_batching, plan_batching
 from tests.services.conftest import serving
+from tests.services.test_batching import _wait_until
 from text_encoder_service.server import create_server
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
-@pytest.mark.parametrize("cores", [1, 2, 16])
-def test_the_rule_runs_unbatched_on_a_cpu_with_a_core_left_for_requests(tower: str, cores: int) -> None:
+@pytest.mark.parametrize(("cores", "slots", "threads"), [(1, 1, 1), (2, 2, 1), (16, 2, 8)])
+def test_the_rule_on_a_cpu_batches_only_what_arrives_while_every_slot_is_busy(
+    tower: str, cores: int, slots: int, threads: int
+) -> None:
     plan = choose_batching(Hardware(cores, CPU, tower))
-    assert (plan.batching, plan.batch_workers, plan.intra_op_threads) == (False, 0, max(1, cores - 1))
-    assert plan.mode == "off" and plan.source == "auto"
-    assert f"{cores} core(s)" in plan.reason and tower in plan.reason
+    assert (plan.batching, plan.run_alone_when_idle) == (True, True)
+    assert (plan.batch_workers, plan.intra_op_threads) == (slots, threads)
+    assert plan.mode == "adaptive" and plan.source == "auto"
+    assert f"{cores} core(s), {tower} tower" in plan.reason
+    assert plan_batching("auto", Hardware(cores, CPU, tower)) == plan  # the flags' defaults give the rule's plan
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
-def test_the_rule_keeps_batching_with_one_worker_on_cuda(tower: str) -> None:
+def test_the_rule_keeps_batching_with_one_slot_on_cuda(tower: str) -> None:
     plan = choose_batching(Hardware(8, CUDA, tower))
     assert (plan.batching, plan.batch_workers, plan.intra_op_threads) == (True, 1, 8 // CPU_BATCH_WORKERS)
-    assert CUDA in plan.reason
+    assert plan.run_alone_when_idle and CUDA in plan.reason
+    assert plan_batching("auto", Hardware(8, CUDA, tower)) == plan
 
 
 def test_flags_override_the_rule_and_say_so() -> None:
     cpu, gpu = Hardware(8, CPU, "text"), Hardware(8, CUDA, "text")
     on = plan_batching("on", cpu)
     assert (on.batching, on.batch_workers, on.intra_op_threads, on.source) == (True, 2, 4, "flag")
-    assert on.reason.startswith("--batching on (flag; the rule would choose off")
+    assert not on.run_alone_when_idle and on.mode == "on"
+    assert on.reason.startswith("--batching on (flag; the rule would choose: CPUExecutionProvider on 8 core(s)")
     off = plan_batching("off", gpu)
     assert (off.batching, off.batch_workers, off.intra_op_threads, off.source) == (False, 0, 7, "flag")
-    assert "the rule would choose on" in off.reason
+    assert off.mode == "off" and "the rule would choose: CUDAExecutionProvider" in off.reason
     # explicit counts are kept; the other one fills the cores
     assert plan_batching("on", cpu, batch_workers=4).intra_op_threads == 2
     assert plan_batching("on", cpu, intra_op_threads=1).batch_workers == 8
@@ -64,18 +75,67 @@ def test_info_and_metrics_report_the_choice(text_encoder: TextEncoder, caplog: p
         with TextEncoderClient(f"127.0.0.1:{server.port}") as client:
             info = client.info()
             assert client.encode(["a dog", "a cat"]).ok.all()
-        assert (info.batching, info.batch_workers, info.intra_op_threads) == ("off", 0, text_encoder.intra_op_threads)
-        assert info.batching_reason.startswith(f"{CPU} on ")
+        plan = server.batching
+        assert plan is not None and plan.run_alone_when_idle
+        assert (info.batching, info.batch_workers, info.intra_op_threads) == ("adaptive", plan.batch_workers, 1)
+        assert info.batching_reason == plan.reason and info.batching_reason.startswith(f"{CPU} on ")
         assert (info.precision, info.precision_reason) == ("fp32", "--precision fp32 (flag)")
-        assert server.runner.__class__.__name__ == "InlineRunner"
         labels = {"modality": "text", "bundle_version": info.bundle_version, "execution_provider": CPU}
-        labels |= {"precision": "fp32", "precision_reason": info.precision_reason, "batching": "off"}
+        labels |= {"precision": "fp32", "precision_reason": info.precision_reason, "batching": "adaptive"}
         assert server.metrics.registry.get_sample_value("imgtxt_encoder_info", labels) == 1.0
-    assert any(r.levelno == logging.INFO and "batching off (automatic)" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.INFO and "batching adaptive (automatic)" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with serving(create_server, text_encoder, batching="on", batch_workers=1) as server:
-        with TextEncoderClient(f"127.0.0.1:{server.port}") as client:
-            info = client.info()
-        assert (info.batching, info.batch_workers) == ("on", 1)
-        assert info.batching_reason.startswith("--batching on (flag; the rule would choose off")
-    assert any(r.levelno == logging.WARNING and "set by flag" in r.getMessage() for r in caplog.records)
+    for mode in ("on", "off"):
+        with serving(create_server, text_encoder, batching=mode, batch_workers=1) as server:
+            with TextEncoderClient(f"127.0.0.1:{server.port}") as client:
+                info = client.info()
+            assert (info.batching, info.batch_workers) == (mode, 1 if mode == "on" else 0)
+            assert info.batching_reason.startswith(f"--batching {mode} (flag; the rule would choose: ")
+    flagged = [r for r in caplog.records if r.levelno == logging.WARNING and "set by flag" in r.getMessage()]
+    assert len(flagged) == 2
+
+
+class RecordingTextEncoder(TextEncoder):
+    """The real text encoder that records each session run's thread and size, and holds runs while `hold` is set."""
+
+    def __init__(self, base: TextEncoder) -> None:
+        super().__init__(base.bundle, base.session)
+        self.runs: list[tuple[str, int]] = []
+        self.hold = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        with self.lock:
+            self.runs.append((threading.current_thread().name, len(features)))
+        if self.hold.is_set():
+            self.release.wait(30)
+        return super().run(features)
+
+
+def test_adaptive_batching_runs_a_lone_request_at_once_and_coalesces_under_load(text_encoder: TextEncoder) -> None:
+    encoder = RecordingTextEncoder(text_encoder)
+    # a long delay: a request that queued would wait for it (or for max_batch); one that runs alone does not
+    with serving(create_server, encoder, max_batch=8, max_delay_us=20_000_000, batch_workers=2) as server:
+        assert server.batching is not None and server.batching.run_alone_when_idle
+        with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client, ThreadPoolExecutor(8) as pool:
+            client.info()
+            encoder.runs.clear()
+            for i in range(3):  # one client: each request runs at once, in its rpc's thread
+                assert client.encode([f"caption {i}"]).ok.all()
+            assert [size for _, size in encoder.runs] == [1, 1, 1]
+            assert all(name.startswith("grpc") for name, _ in encoder.runs)
+            encoder.runs.clear()
+            encoder.hold.set()
+            busy = [pool.submit(client.encode, [f"busy {i}"]) for i in range(2)]  # they take both slots
+            _wait_until(lambda: len(encoder.runs) == 2)
+            queued = [pool.submit(client.encode, [f"queued {i}"]) for i in range(6)]
+            _wait_until(lambda: server.runner.depth == 6)  # type: ignore[attr-defined]
+            # 8 items would close the batch at once; 6 wait for a free slot, then (max_batch not reached) for the
+            # delay: add 2 more so that the batch closes by size
+            queued += [pool.submit(client.encode, [f"queued {i}"]) for i in range(6, 8)]
+            encoder.hold.clear()
+            encoder.release.set()
+            assert all(f.result().ok.all() for f in busy + queued)
+    assert sorted(size for _, size in encoder.runs) == [1, 1, 8]
+    assert [name.startswith("batcher") for name, size in encoder.runs if size == 8] == [True]
