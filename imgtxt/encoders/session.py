@@ -135,8 +135,9 @@ def choose_precision(requested: str, modality: str, serving: ServingSpec, provid
     loss = check.rsum_loss
     verdict = "<=" if loss <= INT8_MAX_RSUM_LOSS else ">"
     reason = (
-        f"auto: int8 loses {loss:.2f} val rSum ({check.images} {check.split} images, {check.fp32_rsum:.2f} at fp32) "
-        f"{verdict} {INT8_MAX_RSUM_LOSS}"
+        f"auto: int8 {'loses' if loss >= 0 else 'gains'} {abs(loss):.2f} {check.split} rSum ({check.images} images, "
+        f"{check.fp32_rsum:.2f} at fp32; loss "
+        f"{loss:+.2f} {verdict} {INT8_MAX_RSUM_LOSS})"
     )
     return PrecisionChoice("int8" if loss <= INT8_MAX_RSUM_LOSS else "fp32", reason)
 

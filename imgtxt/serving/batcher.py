@@ -5,10 +5,11 @@ oldest waiting request, which opens a batch; it closes when it holds `max_batch`
 since that request arrived, whichever comes first. While the workers run their batches, the next ones fill, so under
 load batches grow by themselves and the delay is rarely waited in full.
 
-With `run_alone_when_idle` (what `--batching auto` runs), `workers` is the number of run slots: a request that finds
-no one waiting and a slot free runs at once, alone, in its caller's thread (no wait for company, no hand-off between
-threads: what batching off does); only requests that arrive while every slot is busy queue and are coalesced. A lone
-client then pays nothing for batching, and a loaded service batches as much as the load allows.
+With `run_alone_when_idle` (what `--batching auto` runs), a request that finds the service idle (no run in flight, no
+one waiting) runs at once, alone, in its caller's thread (no wait for company, no hand-off between threads: what
+batching off does); requests that arrive while a run is in flight queue and are coalesced by the workers, as before.
+A lone client then pays nothing for batching, and a loaded service batches as much as the load allows (a request
+arriving while a batch runs would be a batch of one if it ran at once, and batch-1 runs use a CPU's cores worst).
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ class DynamicBatcher:
             max_delay_us: How long a batch's first request waits for company.
             max_queue: Most items waiting; beyond it `submit` raises Overloaded.
             workers: Session runs in flight at once, each in its own thread.
-            run_alone_when_idle: A request finding the queue empty and fewer than `workers` runs in flight runs at
-                once in the caller's thread instead of queueing (`workers` then bounds the runs of both kinds).
+            run_alone_when_idle: A request finding the queue empty and no run in flight runs at once in the caller's
+                thread instead of queueing (`workers` then bounds the runs of both kinds).
         """
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -174,7 +175,7 @@ class DynamicBatcher:
 
     def _claim_idle_slot(self) -> bool:
         with self._cond:
-            if self._closed or self._pending or self._running >= self.workers:
+            if self._closed or self._pending or self._running:
                 return False
             self._running += 1
             return True
@@ -207,7 +208,7 @@ class DynamicBatcher:
                         return None
                     self._cond.wait()
                     continue
-                if self._running >= self.workers:  # every slot runs a request alone: wait for one to end
+                if self._running >= self.workers:  # every slot is busy (a request alone among them): wait
                     self._cond.wait()
                     continue
                 left = self._pending[0].enqueued + self.max_delay - time.perf_counter()

@@ -41,7 +41,7 @@ class ServerConfig:
     batching: str = "auto"
     """`on`: coalesce concurrent requests into session runs; `off`: each request runs alone, in its own thread;
     `auto`: what `imgtxt.serving.tuning.choose_batching` decides for the hardware (adaptive batching: a request that
-    finds a run slot idle runs at once, alone; those arriving while every slot is busy are coalesced)."""
+    finds the service idle runs at once, alone; those arriving while a run is in flight are coalesced)."""
     max_delay_us: int = 2000
     """How long the first request of a batch waits for others to join, in microseconds."""
     batch_workers: int = 0
@@ -146,7 +146,7 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
         choices=BATCHING_MODES,
         default=d.batching,
         help="dynamic batching of concurrent requests; auto: chosen for the hardware (a request finding a run slot "
-        "idle runs at once, alone; those arriving while every slot is busy are coalesced); on: always coalesce; "
+        "idle runs at once, alone; those arriving while a run is in flight are coalesced); on: always coalesce; "
         "off: every request alone; on/off override the rule",
     )
     s.add_argument("--max-delay-us", type=non_negative_int, default=d.max_delay_us, help="batch wait, microseconds")

@@ -7,8 +7,8 @@ Why the rule is what it is (measured with `benchmarks/services_batching.py`; fig
 `benchmarks/results/services_batching_*.md`):
 
 - **Batching that never costs: dynamic batching that runs a request alone when the service is idle.** A request that
-  finds no one waiting and a run slot free runs at once in its rpc's thread (no wait for company, no hand-off between
-  threads); requests that arrive while every slot is busy queue and are coalesced. On the 2-core test machine, plain
+  finds no run in flight and no one waiting runs at once in its rpc's thread (no wait for company, no hand-off between
+  threads); requests that arrive while a run is in flight queue and are coalesced. On the 2-core test machine, plain
   batching lost a third of the throughput of batching off to one client (the wait for company and the hand-off),
   while with 32 clients the text tower served 1.7x more batched than unbatched: which mode wins depends on the load,
   and this one takes the better of the two at both.
@@ -74,12 +74,12 @@ class BatchingPlan:
     source: str = "auto"
     """`auto` (the rule decided) or `flag` (`--batching on|off` decided)."""
     run_alone_when_idle: bool = False
-    """With batching: a request finding the queue empty and a run slot free runs at once, alone, in its rpc's thread
-    (`DynamicBatcher`'s `run_alone_when_idle`); `batch_workers` is then the number of run slots."""
+    """With batching: a request finding the service idle (no run in flight, queue empty) runs at once, alone, in its
+    rpc's thread (`DynamicBatcher`'s `run_alone_when_idle`); `batch_workers` bounds the runs of both kinds."""
 
     @property
     def mode(self) -> str:
-        """`adaptive` (batching that runs a request alone when a slot is idle), `on` or `off`."""
+        """`adaptive` (batching that runs a request alone when the service is idle), `on` or `off`."""
         if not self.batching:
             return "off"
         return "adaptive" if self.run_alone_when_idle else "on"
@@ -101,7 +101,7 @@ def choose_batching(hw: Hardware) -> BatchingPlan:
             batch_workers=1,
             intra_op_threads=max(1, hw.cores // CPU_BATCH_WORKERS),
             reason=f"{hw.provider}: an accelerator gains from batches; one device runs one batch at a time, so one "
-            "run slot; a request arriving when it is idle runs at once",
+            "run slot; a request arriving while the service is idle runs at once",
             run_alone_when_idle=True,
         )
     slots = min(CPU_BATCH_WORKERS, hw.cores)
@@ -110,8 +110,8 @@ def choose_batching(hw: Hardware) -> BatchingPlan:
         batch_workers=slots,
         intra_op_threads=max(1, hw.cores // slots),
         reason=f"{CPU} on {hw.cores} core(s), {hw.tower} tower: {slots} run slot(s) sharing the cores; a request that "
-        "finds a slot free runs at once, alone (as with batching off), those arriving while every slot is busy are "
-        "coalesced (as with batching on)",
+        "finds the service idle runs at once, alone (as with batching off), those arriving while a run is in flight "
+        "are coalesced (as with batching on)",
         run_alone_when_idle=True,
     )
 

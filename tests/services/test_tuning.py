@@ -118,7 +118,7 @@ def test_adaptive_batching_runs_a_lone_request_at_once_and_coalesces_under_load(
     # a long delay: a request that queued would wait for it (or for max_batch); one that runs alone does not
     with serving(create_server, encoder, max_batch=8, max_delay_us=20_000_000, batch_workers=2) as server:
         assert server.batching is not None and server.batching.run_alone_when_idle
-        with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client, ThreadPoolExecutor(8) as pool:
+        with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client, ThreadPoolExecutor(9) as pool:
             client.info()
             encoder.runs.clear()
             for i in range(3):  # one client: each request runs at once, in its rpc's thread
@@ -127,15 +127,13 @@ def test_adaptive_batching_runs_a_lone_request_at_once_and_coalesces_under_load(
             assert all(name.startswith("grpc") for name, _ in encoder.runs)
             encoder.runs.clear()
             encoder.hold.set()
-            busy = [pool.submit(client.encode, [f"busy {i}"]) for i in range(2)]  # they take both slots
-            _wait_until(lambda: len(encoder.runs) == 2)
-            queued = [pool.submit(client.encode, [f"queued {i}"]) for i in range(6)]
-            _wait_until(lambda: server.runner.depth == 6)  # type: ignore[attr-defined]
-            # 8 items would close the batch at once; 6 wait for a free slot, then (max_batch not reached) for the
-            # delay: add 2 more so that the batch closes by size
-            queued += [pool.submit(client.encode, [f"queued {i}"]) for i in range(6, 8)]
+            busy = pool.submit(client.encode, ["busy"])  # the service is idle: it runs at once, and is held
+            _wait_until(lambda: len(encoder.runs) == 1)
+            # a run is in flight: these queue (a slot is free, but a batch closes at max_batch=8 or after the delay)
+            queued = [pool.submit(client.encode, [f"queued {i}"]) for i in range(8)]
+            _wait_until(lambda: len(encoder.runs) == 2)  # the 8th closed the batch, and the free slot runs it
             encoder.hold.clear()
             encoder.release.set()
-            assert all(f.result().ok.all() for f in busy + queued)
-    assert sorted(size for _, size in encoder.runs) == [1, 1, 8]
-    assert [name.startswith("batcher") for name, size in encoder.runs if size == 8] == [True]
+            assert all(f.result().ok.all() for f in [busy, *queued])
+    assert [size for _, size in encoder.runs] == [1, 8]
+    assert encoder.runs[0][0].startswith("grpc") and encoder.runs[1][0].startswith("batcher")
