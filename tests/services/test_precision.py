@@ -56,7 +56,7 @@ def test_fp16_graph_is_served_and_reported(fp16_bundle: Path) -> None:
                 "execution_provider": "CPUExecutionProvider",
                 "precision": "fp16",
                 "precision_reason": "--precision fp16 (flag)",
-                "batching": "off",
+                "batching": "adaptive",
             },
         )
         assert metrics == 1.0
@@ -159,7 +159,7 @@ def test_auto_serves_int8_on_cpu_only_where_the_bundle_proves_it_safe(
             info = client.info()
         assert (info.precision, info.precision_reason) == ("int8", text.info.precision_reason)
         labels = {"modality": "text", "bundle_version": "int8-v1", "execution_provider": "CPUExecutionProvider"}
-        labels |= {"precision": "int8", "precision_reason": info.precision_reason, "batching": "off"}
+        labels |= {"precision": "int8", "precision_reason": info.precision_reason, "batching": "adaptive"}
         assert server.metrics.registry.get_sample_value("imgtxt_encoder_info", labels) == 1.0
     finally:
         server.stop(grace=0)
