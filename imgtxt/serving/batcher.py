@@ -6,10 +6,11 @@ since that request arrived, whichever comes first. While the workers run their b
 load batches grow by themselves and the delay is rarely waited in full.
 
 With `run_alone_when_idle` (what `--batching auto` runs), a request that finds the service idle (no run in flight, no
-one waiting) runs at once, alone, in its caller's thread (no wait for company, no hand-off between threads: what
-batching off does); requests that arrive while a run is in flight queue and are coalesced by the workers, as before.
-A lone client then pays nothing for batching, and a loaded service batches as much as the load allows (a request
-arriving while a batch runs would be a batch of one if it ran at once, and batch-1 runs use a CPU's cores worst).
+one waiting) and lightly loaded (the last coalesced run held a single request) runs at once, alone, in its caller's
+thread (no wait for company, no hand-off between threads: what batching off does); every other request queues and is
+coalesced by the workers, as before. A lone client then pays nothing for batching, and a loaded service batches as
+much as the load allows: under load, the first request after a lull would otherwise run as a batch of one while its
+company arrives, and batch-1 runs use a CPU's cores worst.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ class DynamicBatcher:
             max_delay_us: How long a batch's first request waits for company.
             max_queue: Most items waiting; beyond it `submit` raises Overloaded.
             workers: Session runs in flight at once, each in its own thread.
-            run_alone_when_idle: A request finding the queue empty and no run in flight runs at once in the caller's
-                thread instead of queueing (`workers` then bounds the runs of both kinds).
+            run_alone_when_idle: A request finding the queue empty, no run in flight and the last coalesced run of
+                a single request runs at once in the caller's thread instead of queueing (`workers` then bounds the
+                runs of both kinds).
         """
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -122,6 +124,7 @@ class DynamicBatcher:
         self._waiting = 0
         self.run_alone_when_idle = run_alone_when_idle
         self._running = 0  # session runs in flight (batches, and requests run alone)
+        self._light = True  # the last coalesced run held one request: the load is light
         self._cond = threading.Condition()
         self._depth_gauge = metrics.labels(metrics.queue_depth)
         self._threads = [threading.Thread(target=self._loop, name=f"batcher-{k}", daemon=True) for k in range(workers)]
@@ -175,7 +178,7 @@ class DynamicBatcher:
 
     def _claim_idle_slot(self) -> bool:
         with self._cond:
-            if self._closed or self._pending or self._running:
+            if self._closed or self._pending or self._running or not self._light:
                 return False
             self._running += 1
             return True
@@ -226,6 +229,7 @@ class DynamicBatcher:
             self._depth -= sum(len(p.features) for p in batch)
             self._depth_gauge.set(self._depth)
             self._running += 1
+            self._light = len(batch) == 1
             if self._waiting:
                 self._cond.notify_all()  # room for blocked stream chunks
             elif self._pending:

@@ -15,7 +15,9 @@ from imgtxt.client import TextEncoderClient
 from imgtxt.encoders.session import CPU, CUDA
 from imgtxt.encoders.text import TextEncoder
 from imgtxt.errors import ConfigError
+from imgtxt.serving.batcher import DynamicBatcher
 from imgtxt.serving.config import add_server_flags, server_config_from_args
+from imgtxt.serving.prometheus import ServiceMetrics
 from imgtxt.serving.tuning import CPU_BATCH_WORKERS, Hardware, choose_batching, plan_batching
 from tests.services.conftest import serving
 from tests.services.test_batching import _wait_until
@@ -137,3 +139,37 @@ def test_adaptive_batching_runs_a_lone_request_at_once_and_coalesces_under_load(
             assert all(f.result().ok.all() for f in [busy, *queued])
     assert [size for _, size in encoder.runs] == [1, 8]
     assert encoder.runs[0][0].startswith("grpc") and encoder.runs[1][0].startswith("batcher")
+
+
+def test_after_a_coalesced_run_a_lone_request_queues_once_then_runs_alone_again() -> None:
+    runs: list[tuple[str, int]] = []
+    hold, release = threading.Event(), threading.Event()
+
+    def run(features: Sequence[object]) -> np.ndarray:
+        runs.append((threading.current_thread().name, len(features)))
+        if hold.is_set():
+            release.wait(30)
+        return np.zeros((len(features), 4), np.float32)
+
+    batcher = DynamicBatcher(
+        run, ServiceMetrics("text", 3), max_batch=3, max_delay_us=50_000, max_queue=64, workers=2,
+        run_alone_when_idle=True,
+    )  # fmt: skip
+    try:
+        hold.set()
+        alone = threading.Thread(target=batcher.submit, args=(["a"],), name="caller-0")
+        alone.start()
+        _wait_until(lambda: len(runs) == 1)
+        queued = [batcher.submit([f"q{i}"]) for i in range(3)]  # a run is in flight: coalesced, closed by size
+        _wait_until(lambda: len(runs) == 2)
+        hold.clear()
+        release.set()
+        alone.join(30)
+        assert all(f.result(30).shape == (1, 4) for f in queued)
+        assert batcher.submit(["after the burst"]).result(30).shape == (1, 4)  # queues: the load was not light
+        assert batcher.submit(["lone again"]).result(30).shape == (1, 4)  # the last run held one request: alone
+    finally:
+        batcher.close()
+    assert [size for _, size in runs] == [1, 3, 1, 1]
+    threads = [name.split("-")[0] for name, _ in runs]
+    assert threads == ["caller", "batcher", "batcher", threading.current_thread().name.split("-")[0]]
