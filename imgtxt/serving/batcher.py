@@ -7,8 +7,9 @@ load batches grow by themselves and the delay is rarely waited in full.
 
 With `run_alone_when_idle` (what `--batching auto` runs), a request that finds the service idle (no run in flight, no
 one waiting) and lightly loaded (the last coalesced run held a single request) runs at once, alone, in its caller's
-thread (no wait for company, no hand-off between threads: what batching off does); every other request queues and is
-coalesced by the workers, as before. A lone client then pays nothing for batching, and a loaded service batches as
+thread (no wait for company, no hand-off between threads: what batching off does); every other request, and every
+stream chunk (whose reader thread goes on preprocessing the next one meanwhile), queues and is coalesced by the
+workers, as before. A lone client then pays nothing for batching, and a loaded service batches as
 much as the load allows: under load, the first request after a lull would otherwise run as a batch of one while its
 company arrives, and batch-1 runs use a CPU's cores worst.
 """
@@ -156,7 +157,8 @@ class DynamicBatcher:
             ServerStopping: The batcher is closed (the server is stopping).
         """
         item = _Pending(features)
-        if self.run_alone_when_idle and self._claim_idle_slot():
+        # Stream chunks (`wait` given) always queue: their reader thread goes on preprocessing the next chunk.
+        if self.run_alone_when_idle and wait is None and self._claim_idle_slot():
             return self._run_alone(item)
         with self._cond:
             while not self._closed and self._depth + len(features) > self.max_queue and wait is not None and wait():

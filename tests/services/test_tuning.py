@@ -173,3 +173,16 @@ def test_after_a_coalesced_run_a_lone_request_queues_once_then_runs_alone_again(
     assert [size for _, size in runs] == [1, 3, 1, 1]
     threads = [name.split("-")[0] for name, _ in runs]
     assert threads == ["caller", "batcher", "batcher", threading.current_thread().name.split("-")[0]]
+
+
+def test_adaptive_batching_queues_stream_chunks_so_their_reader_keeps_preprocessing(text_encoder: TextEncoder) -> None:
+    encoder = RecordingTextEncoder(text_encoder)
+    with (
+        serving(create_server, encoder, max_batch=4, max_delay_us=0) as server,
+        TextEncoderClient(f"127.0.0.1:{server.port}") as client,
+    ):
+        client.info()
+        encoder.runs.clear()
+        results = list(client.encode_stream([f"caption {i}" for i in range(8)], chunk_size=2))
+    assert len(results) == 4 and all(r.ok.all() for r in results)
+    assert encoder.runs and all(name.startswith("batcher") for name, _ in encoder.runs)
