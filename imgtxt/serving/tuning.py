@@ -9,9 +9,9 @@ Why the rule is what it is (measured with `benchmarks/services_batching.py`; fig
 - **Batching that never costs: dynamic batching that runs a request alone when the service is idle.** A request that
   finds no run in flight and no one waiting runs at once in its rpc's thread (no wait for company, no hand-off between
   threads); requests that arrive while a run is in flight queue and are coalesced. On the 2-core test machine, plain
-  batching lost a third of the throughput of batching off to one client (the wait for company and the hand-off),
-  while with 32 clients the text tower served 1.7x more batched than unbatched: which mode wins depends on the load,
-  and this one takes the better of the two at both.
+  batching served one client about 0.75x of batching off's throughput (the wait for company and the hand-off), and
+  32 clients 1.0-1.25x: which mode wins depends on the load, and this one matched or beat the better of the two at
+  both, on both towers.
 - **CPU: `CPU_BATCH_WORKERS` run slots** sharing the cores (cores / slots intra-op threads each): one run computes
   while the other's batch is collated or its answers handed back.
 - **CUDA (any accelerator provider): one run slot.** One item leaves a GPU idle, so it gains most from batches; the
