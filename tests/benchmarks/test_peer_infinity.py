@@ -138,3 +138,13 @@ def test_the_same_weights_guard_fires_on_a_bundle_of_another_backbone(
         pi.main(["--bundle", str(tiny_bundle)])
     assert exc.value.code == 2
     assert "text backbone is 'tiny', not minilm: not the same weights as the peer" in capsys.readouterr().err
+
+
+def test_stage_breakdown_spreads_the_queue_over_every_request_when_some_ran_alone() -> None:
+    from benchmarks.server_metrics import stage_breakdown
+
+    # 100 requests of 10 ms each: 90 ran alone (no queue), 10 waited 2 ms each
+    delta = {"queue_sum": 0.02, "queue_count": 10, "inference_sum": 0.8, "inference_count": 100}
+    delta |= {"Encode_sum": 1.0, "Encode_count": 100, "preprocess_sum": 0.0, "preprocess_count": 100}
+    out = stage_breakdown(delta)
+    assert out["queue"] == pytest.approx(0.2) and out["other"] == pytest.approx(10 - 0.2 - 8)
