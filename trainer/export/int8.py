@@ -7,9 +7,11 @@
   calibrated on training images (the serving preprocessing of real photos, never the evaluation split), except the
   nodes that carry the loss (`float_nodes`): the stem convolution, which sees the raw normalised pixels, and
   everything after the backbone's last convolution (pooling, projection head, L2 normalisation). Measured on the
-  quick recipe's towers (Flickr8k val, `benchmarks/results/int8_serving.md`): quantising every node lost 0.7 rSum,
-  keeping the head alone in float did not help, keeping the stem and the head in float lost nothing, at about the
-  same speed (the stem is one convolution of 49, the head three small matmuls).
+  quick recipe's towers (Flickr8k val, 128 calibration images; `benchmarks/int8_serving.py --variants`, figures in
+  `benchmarks/results/int8_serving.md`): quantising every node lost 0.68 rSum, keeping the head alone in float (with
+  min-max or entropy calibration) lost 1.12; keeping the stem in float gained 0.64, the stem and the head 0.20 (within
+  the noise of each other), at the same speed (about 2x fp32): the stem is one convolution of 49, the head three
+  small matmuls.
 
 Each variant's parity against the float32 torch tower is measured on the export's parity inputs, recorded in the
 manifest (`serving.precisions.int8`) and gated loosely (cosine >= MIN_COSINE_INT8). Its retrieval cost is measured on
