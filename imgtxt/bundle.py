@@ -99,6 +99,15 @@ class GraphVariant:
     """Reduced precisions: its val rSum against fp32, measured at export (None: not measured, e.g. older bundles);
     `--precision auto` serves an int8 graph on CPU only when this shows it safe."""
 
+    def describe(self) -> str:
+        """Its export figures in one line: parity, and the val rSum check where there is one."""
+        p, r = self.parity, self.retrieval
+        parts = [f"max|d|={p.max_abs_diff:.2e}  min cos={p.min_cosine:.6f}"] if p else []
+        if r is not None:
+            loss = f"loss {r.rsum_loss:+.2f}, {r.images} images"
+            parts.append(f"{r.split} rSum {r.rsum:.2f} vs fp32 {r.fp32_rsum:.2f} ({loss})")
+        return "  ".join(parts)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphVariant:
         """Rebuilds a variant from its manifest form."""
@@ -480,11 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     sv = m.serving
     for precision, towers in sv.precisions.items():
         for modality, variant in towers.items():
-            p = variant.parity
-            parity = f"max|d|={p.max_abs_diff:.2e} min cos={p.min_cosine:.6f}" if p else ""
-            if (r := variant.retrieval) is not None:
-                parity += f"  {r.split} rSum loss {r.rsum_loss:+.2f} ({r.images} images)"
-            print(f"{modality:<10} {precision}  {variant.file}  {parity}")
+            print(f"{modality:<10} {precision}  {variant.file}  {variant.describe()}")
     print(
         f"serving    side {sv.image_size}px  flip_average={sv.flip_average}  trained for quantization="
         f"{sv.quantization}  unit head={'trained' if sv.unit_head else 'none'}"

@@ -145,7 +145,7 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
         "--batching",
         choices=BATCHING_MODES,
         default=d.batching,
-        help="dynamic batching of concurrent requests; auto: chosen for the hardware (a request finding a run slot "
+        help="dynamic batching of concurrent requests; auto: chosen for the hardware (a request finding the service "
         "idle runs at once, alone; those arriving while a run is in flight are coalesced); on: always coalesce; "
         "off: every request alone; on/off override the rule",
     )
@@ -154,7 +154,7 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
         "--batch-workers",
         type=non_negative_int,
         default=d.batch_workers,
-        help="coalesced session runs in flight at once (0: cores / intra-op threads on CPU, 1 on CUDA)",
+        help="with batching, session runs in flight at once (0: 2 on CPU, or cores / intra-op threads; 1 on CUDA)",
     )
     s.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="queued items before overload")
     s.add_argument("--max-message-bytes", type=positive_int, default=d.max_message_bytes, help="gRPC message limit")

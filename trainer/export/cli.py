@@ -113,10 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     m = bundle.manifest
     for precision, towers in m.serving.precisions.items():
         for name, variant in towers.items():
-            p = variant.parity
-            figures = f"max|d|={p.max_abs_diff:.2e}  min cos={p.min_cosine:.6f}" if p else ""
-            if (r := variant.retrieval) is not None:
-                figures += f"  {r.split} rSum {r.rsum:.2f} vs fp32 {r.fp32_rsum:.2f} (loss {r.rsum_loss:+.2f})"
-            print(f"{name:<6} {precision:<5} {variant.file}  {figures}")
+            print(f"{name:<6} {precision:<5} {variant.file}  {variant.describe()}")
     print(f"bundle {m.bundle_version} written to {bundle.path} (sha256 {bundle.sha256})")
     return 0
