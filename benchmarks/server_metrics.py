@@ -40,13 +40,16 @@ def stage_breakdown(delta: dict[str, float]) -> dict[str, float]:
 
     `delta` maps `<stage>_sum` / `<stage>_count` (queue, preprocess, inference; `Encode` for the whole rpc;
     `batch` for items per run) to their growth over the period. `inference` is the mean session run a request waits
-    for (every request of a batch waits for the whole run); `other` is the rest of an Encode rpc: gRPC, protobuf,
+    for (every request of a batch waits for the whole run); `queue` is per request (a request that ran alone, as
+    adaptive batching runs one on an idle service, waited 0); `other` is the rest of an Encode rpc: gRPC, protobuf,
     the Python request path, waking up, the GIL.
     """
     mean = {k: 1000 * delta[f"{k}_sum"] / delta[f"{k}_count"] for k in STAGES if delta.get(f"{k}_count")}
     if "Encode" not in mean or "inference" not in mean:
         return {}
     out = {k: mean.get(k, 0.0) for k in ("queue", "preprocess", "inference")}
+    if delta.get("queue_count"):  # per request: one run alone (adaptive batching) waited in no queue
+        out["queue"] = 1000 * delta["queue_sum"] / delta["Encode_count"]
     out["other"] = mean["Encode"] - sum(out.values())
     if delta.get("batch_count"):
         out["items_per_run"] = delta["batch_sum"] / delta["batch_count"]

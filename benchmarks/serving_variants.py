@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                     ckpt.model, bundle, f"variant-{size}-{flip}", ckpt.config, flip_average=flip, image_size=size
                 )
                 if texts is None:  # captions are encoded once: the text graph is the same in every variant
-                    _, texts = encode_with_bundle(bundle, [], captions, args.batch_size, device="cpu")
+                    _, texts, _ = encode_with_bundle(bundle, [], captions, args.batch_size, device="cpu")
                 t0 = time.perf_counter()
-                images, _ = encode_with_bundle(bundle, paths, [], args.batch_size, device="cpu")
+                images, _, _ = encode_with_bundle(bundle, paths, [], args.batch_size, device="cpu")
                 seconds = time.perf_counter() - t0
                 base_s = base_s or seconds
                 m = retrieval_metrics(images @ texts.T, owners)

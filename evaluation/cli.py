@@ -1,6 +1,7 @@
 """`imgtxt eval`: the standard R@K protocol in three modes of one command, over one metrics module.
 
-- `--bundle DIR`: the bundle's ONNX towers through the encoder layer (no torch).
+- `--bundle DIR`: the bundle's ONNX towers through the encoder layer (no torch), at `--precision` (`auto`: per tower,
+  as the services choose).
 - `--checkpoint PATH`: a training checkpoint's PyTorch towers (needs `imgtxt[train]`).
 - `--via-index`: through the encoder services (or `--in-process --bundle DIR`) and the vector store, as served.
 
@@ -100,13 +101,17 @@ def _offline(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[st
     captions = [c for r in records for c in r.captions]
     owners = np.asarray([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int64)
     t0 = time.perf_counter()
+    precision: dict[str, str] = {}
     if args.bundle is not None:
-        img, txt = encode_with_bundle(args.bundle, paths, captions, args.batch_size, args.device)
+        img, txt, precision = encode_with_bundle(
+            args.bundle, paths, captions, args.batch_size, args.device, args.precision
+        )
     else:
         img, txt = encode_with_checkpoint(args.checkpoint, paths, captions, args.batch_size)
     sim = img @ txt.T
     result: dict[str, Any] = {
         "source": str(args.bundle or args.checkpoint),
+        **({"precision": precision} if precision else {}),
         "split": args.split,
         "n_images": len(records),
         "n_texts": len(captions),

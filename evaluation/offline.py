@@ -37,18 +37,37 @@ def encode_all(
 
 
 def encode_with_bundle(
-    bundle_dir: Path, image_paths: list[Path], captions: list[str], batch_size: int = 32, device: str = "auto"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes image files and captions with a bundle's towers through the serving preprocessing (no torch)."""
+    bundle_dir: Path,
+    image_paths: list[Path],
+    captions: list[str],
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Encodes image files and captions with a bundle's towers through the serving preprocessing (no torch).
+
+    Args:
+        bundle_dir: The bundle.
+        image_paths: Image files, in order.
+        captions: Captions, in order.
+        batch_size: Images per encoding batch (captions: 4x as many).
+        device: ONNX Runtime device.
+        precision: Graphs to run (`fp32`, `fp16`, `int8`, or `auto`, decided per tower as the services decide).
+
+    Returns:
+        Image and caption embeddings, and the precision each tower ran at (`image`, `text`).
+    """
     from imgtxt.encoders.bundle import BundleEncoder
     from imgtxt.encoders.session import SessionConfig, default_cache_dir
 
-    with BundleEncoder.from_bundle(bundle_dir, SessionConfig(device=device, cache_dir=default_cache_dir())) as enc:
+    cfg = SessionConfig(device=device, cache_dir=default_cache_dir())
+    with BundleEncoder.from_bundle(bundle_dir, cfg, precision=precision) as enc:
         images = encode_all(
             lambda ps: enc.encode_images([p.read_bytes() for p in ps]), image_paths, batch_size, "images"
         )
         texts = encode_all(enc.encode_texts, captions, batch_size * 4, "captions")
-    return images, texts
+        served = {"image": enc.image.precision, "text": enc.text.precision}
+    return images, texts, served
 
 
 def encode_with_checkpoint(

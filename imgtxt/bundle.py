@@ -71,6 +71,26 @@ class TowerSpec:
 
 
 @dataclass(frozen=True)
+class RetrievalCheck:
+    """A reduced-precision graph's retrieval against the fp32 graphs, measured at export: val rSum with this tower at
+    its precision and the other tower at fp32, against both at fp32 (`imgtxt export --int8`)."""
+
+    split: str
+    """Split measured (`val`)."""
+    images: int
+    """Images of the split measured (each with its captions)."""
+    fp32_rsum: float
+    """rSum with both towers at fp32."""
+    rsum: float
+    """rSum with this tower at this precision, the other at fp32."""
+
+    @property
+    def rsum_loss(self) -> float:
+        """rSum lost to this precision (negative: it gained)."""
+        return self.fp32_rsum - self.rsum
+
+
+@dataclass(frozen=True)
 class GraphVariant:
     """One tower's graph at one precision."""
 
@@ -78,12 +98,24 @@ class GraphVariant:
     """ONNX file name inside the bundle (inputs and outputs are float32 / int64 at every precision)."""
     parity: Parity | None = None
     """Agreement with the float32 PyTorch tower, measured at export."""
+    retrieval: RetrievalCheck | None = None
+    """Reduced precisions: its val rSum against fp32, measured at export (None: not measured, e.g. older bundles);
+    `--precision auto` serves an int8 graph on CPU only when this shows it safe."""
+
+    def describe(self) -> str:
+        """Its export figures in one line: parity, and the val rSum check where there is one."""
+        p, r = self.parity, self.retrieval
+        parts = [f"max|d|={p.max_abs_diff:.2e}  min cos={p.min_cosine:.6f}"] if p else []
+        if r is not None:
+            loss = f"loss {r.rsum_loss:+.2f}, {r.images} images"
+            parts.append(f"{r.split} rSum {r.rsum:.2f} vs fp32 {r.fp32_rsum:.2f} ({loss})")
+        return "  ".join(parts)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphVariant:
         """Rebuilds a variant from its manifest form."""
-        parity = d.get("parity")
-        return cls(d["file"], Parity(**parity) if parity else None)
+        parity, retrieval = d.get("parity"), d.get("retrieval")
+        return cls(d["file"], Parity(**parity) if parity else None, RetrievalCheck(**retrieval) if retrieval else None)
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,7 @@ def _print_summary(bundle: Bundle) -> None:
     sv = m.serving
     for precision, towers in sv.precisions.items():
         for modality, variant in towers.items():
-            p = variant.parity
-            parity = f"max|d|={p.max_abs_diff:.2e} min cos={p.min_cosine:.6f}" if p else ""
-            print(f"{modality:<10} {precision}  {variant.file}  {parity}")
+            print(f"{modality:<10} {precision}  {variant.file}  {variant.describe()}")
     print(
         f"serving    side {sv.image_size}px  flip_average={sv.flip_average}  trained for quantization="
         f"{sv.quantization}  unit head={sv.unit_provenance}"

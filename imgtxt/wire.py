@@ -7,12 +7,16 @@ Python lists is slow). Imports no ONNX Runtime: the thin clients use it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from imgtxt.encoders.types import EncodeResult, EncoderInfo, ItemCode, ItemOutcome
 from imgtxt.errors import InvalidInput
 from imgtxt.v1 import encoder_pb2 as pb
+
+if TYPE_CHECKING:  # the clients import this module without ONNX Runtime
+    from imgtxt.serving.tuning import BatchingPlan
 
 WIRE_DTYPE = np.dtype("<f4")
 # Largest gRPC message a server receives or sends by default; clients use the same default.
@@ -78,8 +82,10 @@ def from_response(response: pb.EncodeResponse, offset: int = 0) -> EncodeResult:
     return EncodeResult(embeddings, outcomes)
 
 
-def to_info_response(info: EncoderInfo, max_batch: int, max_message_bytes: int) -> pb.InfoResponse:
-    """Builds the `InfoResponse` from the encoder's description and the server's request limits."""
+def to_info_response(
+    info: EncoderInfo, max_batch: int, max_message_bytes: int, batching: BatchingPlan | None = None
+) -> pb.InfoResponse:
+    """Builds the `InfoResponse` from the encoder's description, the server's request limits and its batching."""
     return pb.InfoResponse(
         modality=info.modality,
         bundle_version=info.bundle_version,
@@ -91,6 +97,11 @@ def to_info_response(info: EncoderInfo, max_batch: int, max_message_bytes: int) 
         providers=info.providers,
         limits=pb.Limits(max_batch=max_batch, max_message_bytes=max_message_bytes, **info.limits),
         precision=info.precision,
+        precision_reason=info.precision_reason,
+        batching=batching.mode if batching else "",
+        batch_workers=batching.batch_workers if batching else 0,
+        intra_op_threads=batching.intra_op_threads if batching else 0,
+        batching_reason=batching.reason if batching else "",
     )
 
 

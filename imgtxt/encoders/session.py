@@ -10,14 +10,18 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from imgtxt.bundle import ServingSpec
 from imgtxt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-# `auto`: fp16 where the session runs on CUDA and the bundle has fp16 graphs, else fp32. int8 is never chosen for
-# the caller: its retrieval cost is a trade-off to measure on one's own data (benchmarks/int8_serving.py).
+# `auto`: fp16 where the session runs on CUDA and the bundle has fp16 graphs; on CPU, int8 where the bundle proves it
+# safe (its export recorded a val rSum loss of at most INT8_MAX_RSUM_LOSS for the tower); fp32 otherwise.
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "int8")
+INT8_MAX_RSUM_LOSS = 0.5
+"""Largest val rSum loss (against fp32, measured by `imgtxt export --int8`) at which `--precision auto` serves a tower's
+int8 graph on CPU."""
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -83,6 +87,59 @@ class SessionConfig:
 def cuda_available() -> bool:
     """Whether this ONNX Runtime build offers the CUDA provider (it may still fail to load its libraries)."""
     return CUDA in ort.get_available_providers()
+
+
+def expected_provider(device: str) -> str:
+    """The provider a session on `device` is expected to run on, before it exists (CUDA may still fail to load)."""
+    return CUDA if device != "cpu" and cuda_available() else CPU
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """Which graph precision a tower is served at, and why."""
+
+    precision: str
+    """`fp32`, `fp16` or `int8`."""
+    reason: str
+    """Why, in words (logged and reported in `Info`)."""
+    source: str = "auto"
+    """`auto` (decided from the bundle and the provider) or `flag` (`--precision` named it)."""
+
+
+def choose_precision(requested: str, modality: str, serving: ServingSpec, provider: str) -> PrecisionChoice:
+    """The precision `--precision requested` serves `modality` at, on `provider`.
+
+    `auto` takes fp16 on CUDA when the bundle has it, int8 on CPU when the bundle's int8 graph of the tower has a
+    recorded val rSum loss of at most `INT8_MAX_RSUM_LOSS`, and fp32 otherwise. Any other value is served as given
+    (the bundle must have it).
+
+    Raises:
+        ConfigError: Unknown precision.
+    """
+    if requested not in PRECISION_CHOICES:
+        raise ConfigError(f"precision must be one of {PRECISION_CHOICES}, got {requested!r}")
+    if requested != "auto":
+        return PrecisionChoice(requested, f"--precision {requested} (flag)", "flag")
+    if provider == CUDA:
+        if modality in serving.precisions.get("fp16", {}):
+            return PrecisionChoice("fp16", "auto: CUDA, and the bundle has an fp16 graph")
+        return PrecisionChoice("fp32", "auto: CUDA, and the bundle has no fp16 graph")
+    int8 = serving.precisions.get("int8", {}).get(modality)
+    if int8 is None:
+        return PrecisionChoice("fp32", "auto: the bundle has no int8 graph")
+    check = int8.retrieval
+    if check is None:
+        return PrecisionChoice(
+            "fp32", "auto: the int8 graph has no recorded val rSum check (re-export with `imgtxt export --int8`)"
+        )
+    loss = check.rsum_loss
+    verdict = "<=" if loss <= INT8_MAX_RSUM_LOSS else ">"
+    reason = (
+        f"auto: int8 {'loses' if loss >= 0 else 'gains'} {abs(loss):.2f} {check.split} rSum ({check.images} images, "
+        f"{check.fp32_rsum:.2f} at fp32; loss "
+        f"{loss:+.2f} {verdict} {INT8_MAX_RSUM_LOSS})"
+    )
+    return PrecisionChoice("int8" if loss <= INT8_MAX_RSUM_LOSS else "fp32", reason)
 
 
 def _requested_providers(device: str) -> list[str]:

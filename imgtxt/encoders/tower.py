@@ -18,16 +18,15 @@ import onnxruntime as ort
 
 from imgtxt.bundle import Bundle, TowerSpec, load_bundle
 from imgtxt.encoders.session import (
-    CUDA,
-    PRECISION_CHOICES,
     SessionConfig,
     active_provider,
+    choose_precision,
     create_session,
-    cuda_available,
     default_cache_dir,
+    expected_provider,
 )
 from imgtxt.encoders.types import EncodeResult, EncoderInfo, ItemOutcome
-from imgtxt.errors import ConfigError, ImgTxtError
+from imgtxt.errors import ImgTxtError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,9 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
     modality: ClassVar[str]
     """`image` or `text`: which tower of the bundle this class serves."""
     precision: str = "fp32"
-    """Precision of the graph the session runs (`fp32`, `fp16`), set by `from_session_config`."""
+    """Precision of the graph the session runs (`fp32`, `fp16`, `int8`), set by `from_session_config`."""
+    precision_reason: str = ""
+    """Why that precision (`imgtxt.encoders.session.PrecisionChoice.reason`), set by `from_session_config`."""
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession) -> None:
         self.bundle = bundle
@@ -124,8 +125,9 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
         Args:
             bundle: The loaded bundle.
             cfg: Device, threads, optimisation and cache of the session.
-            precision: `fp32`, `fp16`, or `auto` (fp16 when the session runs on CUDA and the bundle has an fp16
-                graph, fp32 otherwise: half precision is a GPU format, slower than fp32 on most CPUs).
+            precision: `fp32`, `fp16`, `int8`, or `auto` (`imgtxt.encoders.session.choose_precision`: fp16 on CUDA
+                when the bundle has an fp16 graph; on CPU int8 when the bundle records that its int8 graph loses at
+                most 0.5 val rSum; fp32 otherwise).
             **options: Modality-specific options of the subclass constructor (e.g. `limits` for images).
 
         Raises:
@@ -133,32 +135,36 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
             ConfigError: Unknown precision.
             DeviceUnavailable: `device="cuda"` and CUDA is not usable.
         """
-        if precision not in PRECISION_CHOICES:
-            raise ConfigError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
         serving = bundle.manifest.serving
-        chosen = precision
-        if precision == "auto":
-            has_fp16 = cls.modality in serving.precisions.get("fp16", {})
-            chosen = "fp16" if has_fp16 and cfg.device != "cpu" and cuda_available() else "fp32"
-        variant = serving.graph(cls.modality, chosen)
-        session = create_session(bundle.file(variant.file), cfg, cache_key=bundle.sha256[:32])
-        if precision == "auto" and chosen == "fp16" and active_provider(session) != CUDA:
-            logger.warning(
-                "CUDA did not load: serving the fp32 graph instead of fp16", extra={"modality": cls.modality}
-            )
-            chosen = "fp32"
-            session = create_session(
-                bundle.file(serving.graph(cls.modality, chosen).file), cfg, cache_key=bundle.sha256[:32]
-            )
+        expected = expected_provider(cfg.device)
+        choice = choose_precision(precision, cls.modality, serving, expected)
+        session = create_session(
+            bundle.file(serving.graph(cls.modality, choice.precision).file), cfg, cache_key=bundle.sha256[:32]
+        )
+        actual = active_provider(session)
+        if choice.source == "auto" and actual != expected:  # CUDA did not load: decide again for the CPU
+            fallback = choose_precision(precision, cls.modality, serving, actual)
+            if fallback.precision != choice.precision:
+                logger.warning(
+                    "CUDA did not load: serving the %s graph instead of %s",
+                    fallback.precision,
+                    choice.precision,
+                    extra={"modality": cls.modality},
+                )
+                session = create_session(
+                    bundle.file(serving.graph(cls.modality, fallback.precision).file), cfg, cache_key=bundle.sha256[:32]
+                )
+            choice = fallback
         encoder = cls(bundle, session, **options)
-        encoder.precision = chosen
+        encoder.precision, encoder.precision_reason = choice.precision, choice.reason
         logger.info(
             "encoder loaded",
             extra={
                 "modality": cls.modality,
                 "bundle": bundle.version,
                 "provider": encoder.provider,
-                "precision": chosen,
+                "precision": choice.precision,
+                "precision_reason": choice.reason,
                 "intra_op_threads": cfg.resolved_intra_op_threads,
             },
         )
@@ -188,6 +194,7 @@ class TowerEncoder(ABC, Generic[ItemT, FeatureT]):
             execution_provider=self.provider,
             providers=list(self.session.get_providers()),
             precision=self.precision,
+            precision_reason=self.precision_reason,
             limits=self.limits(),
         )
 

@@ -114,7 +114,9 @@ class EncoderInfo:
     limits: dict[str, int] = field(default_factory=dict)
     """Per-item limits of this modality (image bytes/pixels, text tokens/characters)."""
     precision: str = "fp32"
-    """Precision of the served graph (`fp32`, `fp16`)."""
+    """Precision of the served graph (`fp32`, `fp16`, `int8`)."""
+    precision_reason: str = ""
+    """Why that precision: the flag, or what `--precision auto` read in the bundle."""
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,14 @@
 oldest waiting request, which opens a batch; it closes when it holds `max_batch` items or `max_delay_us` has passed
 since that request arrived, whichever comes first. While the workers run their batches, the next ones fill, so under
 load batches grow by themselves and the delay is rarely waited in full.
+
+With `run_alone_when_idle` (what `--batching auto` runs), a request that finds the service idle (no run in flight, no
+one waiting) and lightly loaded (the last coalesced run held a single request) runs at once, alone, in its caller's
+thread (no wait for company, no hand-off between threads: what batching off does); every other request, and every
+stream chunk (whose reader thread goes on preprocessing the next one meanwhile), queues and is coalesced by the
+workers, as before. A lone client then pays nothing for batching, and a loaded service batches as
+much as the load allows: under load, the first request after a lull would otherwise run as a batch of one while its
+company arrives, and batch-1 runs use a CPU's cores worst.
 """
 
 from __future__ import annotations
@@ -87,6 +95,7 @@ class DynamicBatcher:
         max_delay_us: int,
         max_queue: int,
         workers: int = 1,
+        run_alone_when_idle: bool = False,
     ) -> None:
         """Starts the worker threads.
 
@@ -98,6 +107,9 @@ class DynamicBatcher:
             max_delay_us: How long a batch's first request waits for company.
             max_queue: Most items waiting; beyond it `submit` raises Overloaded.
             workers: Session runs in flight at once, each in its own thread.
+            run_alone_when_idle: A request finding the queue empty, no run in flight and the last coalesced run of
+                a single request runs at once in the caller's thread instead of queueing (`workers` then bounds the
+                runs of both kinds).
         """
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -111,6 +123,9 @@ class DynamicBatcher:
         self._depth = 0
         self._closed = False
         self._waiting = 0
+        self.run_alone_when_idle = run_alone_when_idle
+        self._running = 0  # session runs in flight (batches, and requests run alone)
+        self._light = True  # the last coalesced run held one request: the load is light
         self._cond = threading.Condition()
         self._depth_gauge = metrics.labels(metrics.queue_depth)
         self._threads = [threading.Thread(target=self._loop, name=f"batcher-{k}", daemon=True) for k in range(workers)]
@@ -142,6 +157,9 @@ class DynamicBatcher:
             ServerStopping: The batcher is closed (the server is stopping).
         """
         item = _Pending(features)
+        # Stream chunks (`wait` given) always queue: their reader thread goes on preprocessing the next chunk.
+        if self.run_alone_when_idle and wait is None and self._claim_idle_slot():
+            return self._run_alone(item)
         with self._cond:
             while not self._closed and self._depth + len(features) > self.max_queue and wait is not None and wait():
                 self._waiting += 1
@@ -160,6 +178,31 @@ class DynamicBatcher:
             self._cond.notify()
         return item.future
 
+    def _claim_idle_slot(self) -> bool:
+        with self._cond:
+            if self._closed or self._pending or self._running or not self._light:
+                return False
+            self._running += 1
+            return True
+
+    def _release_slot(self) -> None:
+        with self._cond:
+            self._running -= 1
+            if self._pending:
+                self._cond.notify_all()  # a worker may be waiting for this slot (and submitters share the condition)
+
+    def _run_alone(self, item: _Pending) -> Future[np.ndarray]:
+        start = time.perf_counter()
+        try:
+            item.future.set_result(self._run(item.features))
+        except Exception as exc:  # handed to the caller, whose error mapping logs it
+            item.future.set_exception(exc)
+        finally:
+            self._release_slot()
+        self._metrics.observe_stage("inference", time.perf_counter() - start)
+        self._metrics.observe_batch(len(item.features))
+        return item.future
+
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
             # Every idle worker waits here; whichever wakes once the oldest request's batch is due takes it (another
@@ -168,6 +211,9 @@ class DynamicBatcher:
                 if not self._pending:
                     if self._closed:
                         return None
+                    self._cond.wait()
+                    continue
+                if self._running >= self.workers:  # every slot is busy (a request alone among them): wait
                     self._cond.wait()
                     continue
                 left = self._pending[0].enqueued + self.max_delay - time.perf_counter()
@@ -184,6 +230,8 @@ class DynamicBatcher:
                 batch.append(self._pending.popleft())
             self._depth -= sum(len(p.features) for p in batch)
             self._depth_gauge.set(self._depth)
+            self._running += 1
+            self._light = len(batch) == 1
             if self._waiting:
                 self._cond.notify_all()  # room for blocked stream chunks
             elif self._pending:
@@ -203,6 +251,7 @@ class DynamicBatcher:
                     p.future.set_exception(exc)
                 continue
             finally:
+                self._release_slot()
                 self._metrics.observe_stage("inference", time.perf_counter() - start)
             self._metrics.observe_batch(len(features))
             offset = 0

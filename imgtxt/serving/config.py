@@ -9,25 +9,20 @@ from pathlib import Path
 from imgtxt.config import apply_env_defaults, non_negative_int, positive_int
 from imgtxt.connection import KEEPALIVE, Keepalive
 from imgtxt.encoders.session import (
-    CUDA,
     DEVICES,
     OPTIMIZATION_LEVELS,
     PRECISION_CHOICES,
     SessionConfig,
-    available_cores,
     default_cache_dir,
+    expected_provider,
 )
 from imgtxt.errors import ConfigError
 from imgtxt.logs import add_logging_flags
 from imgtxt.preprocess import ImageLimits
+from imgtxt.serving.tuning import BATCHING_MODES, BatchingPlan, Hardware, plan_batching
 from imgtxt.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 DEFAULT_PORTS = {"image": 50051, "text": 50052}
-CPU_BATCH_WORKERS = 2
-"""Session runs the cores are split between on CPU when neither `--batch-workers` nor `--intra-op-threads` is set. One
-run computes while the other's batch is collated or its answers handed back, and each run synchronises half the
-intra-op threads. On 2 cores (text tower, 32 clients, short runs of `benchmarks/services_batching.py` with
-`--server-flags '--batch-workers N'`), 2 workers of 1 thread each served about 1.3x what 1 worker of 2 threads did."""
 
 
 @dataclass(frozen=True)
@@ -44,13 +39,16 @@ class ServerConfig:
     """Rpcs in progress beyond which gRPC answers RESOURCE_EXHAUSTED."""
     max_batch: int = 64
     """Most items per request or stream chunk, and per coalesced session run."""
-    batching: bool = True
-    """Coalesce concurrent requests into one session run (off: each request runs alone, in its own thread)."""
+    batching: str = "auto"
+    """`on`: coalesce concurrent requests into session runs; `off`: each request runs alone, in its own thread;
+    `auto`: what `imgtxt.serving.tuning.choose_batching` decides for the hardware (adaptive batching: a request that
+    finds the service idle runs at once, alone; those arriving while a run is in flight are coalesced)."""
     max_delay_us: int = 2000
     """How long the first request of a batch waits for others to join, in microseconds."""
     batch_workers: int = 0
-    """With batching on: coalesced session runs in flight at once, each in its own thread; 0 = 1 on CUDA (one device
-    runs one batch at a time, and two would halve the batches), on CPU as many as fit: cores / intra-op threads."""
+    """With batching (auto or on): session runs in flight at once, each in its own thread; 0 = 1 on CUDA (one device
+    runs one batch at a time, and two would halve the batches), on CPU as many as fit: cores / intra-op threads
+    (`imgtxt.serving.tuning.plan_batching`)."""
     max_queue: int = 1024
     """Items waiting for the session beyond which requests are refused with RESOURCE_EXHAUSTED."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -81,6 +79,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.batching not in BATCHING_MODES:
+            raise ConfigError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
         if self.batch_workers < 0:
             raise ConfigError(f"batch_workers must be >= 0 (0: automatic), got {self.batch_workers}")
         if self.max_delay_us < 0 or self.grace_s < 0 or self.drain_delay_s < 0 or self.stream_window < 1:
@@ -92,21 +92,16 @@ class ServerConfig:
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("auth_token must not be empty (leave it unset to disable auth)")
 
-    def resolved_batch_workers(self, provider: str, intra_op_threads: int | None = None) -> int:
-        """Batch workers for a session on `provider` (the execution provider it actually runs on).
+    def batching_plan(self, provider: str, tower: str, intra_op_threads: int = 0) -> BatchingPlan:
+        """How a service on this host runs its session on `provider` (the execution provider it actually runs on).
 
         Args:
             provider: The session's active execution provider.
-            intra_op_threads: Threads each of its runs uses (the server passes the session's own); None = what
+            tower: `image` or `text`.
+            intra_op_threads: Threads each of its runs uses (the server passes the session's own); 0 = what
                 `session_config_from_args` gives without `--intra-op-threads`.
         """
-        if self.batch_workers:
-            return self.batch_workers
-        if provider == CUDA:
-            return 1
-        cores = available_cores()
-        threads = intra_op_threads or max(1, cores // CPU_BATCH_WORKERS)
-        return max(1, cores // threads)
+        return plan_batching(self.batching, Hardware.here(provider, tower), self.batch_workers, intra_op_threads)
 
     @property
     def tls(self) -> bool:
@@ -132,7 +127,7 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
         "--intra-op-threads",
         type=non_negative_int,
         default=0,
-        help="ORT intra-op threads (0: cores / batch workers with batching on, cores - 1 with it off)",
+        help="ORT intra-op threads (0: cores / batch workers with batching auto or on, cores - 1 with it off)",
     )
     g.add_argument("--inter-op-threads", type=positive_int, default=1, help="ORT inter-op threads")
     g.add_argument("--optimization", choices=tuple(OPTIMIZATION_LEVELS), default="all", help="ORT graph optimisation")
@@ -150,13 +145,20 @@ def add_server_flags(parser: argparse.ArgumentParser, modality: str) -> None:
     s.add_argument("--max-workers", type=positive_int, default=d.max_workers, help="gRPC thread pool size")
     s.add_argument("--max-concurrent-rpcs", type=positive_int, default=d.max_concurrent_rpcs, help="rpcs at once")
     s.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="items per request and per run")
-    s.add_argument("--batching", choices=("on", "off"), default="on", help="dynamic batching of concurrent requests")
+    s.add_argument(
+        "--batching",
+        choices=BATCHING_MODES,
+        default=d.batching,
+        help="dynamic batching of concurrent requests; auto: chosen for the hardware (a request finding the service "
+        "idle runs at once, alone; those arriving while a run is in flight are coalesced); on: always coalesce; "
+        "off: every request alone; on/off override the rule",
+    )
     s.add_argument("--max-delay-us", type=non_negative_int, default=d.max_delay_us, help="batch wait, microseconds")
     s.add_argument(
         "--batch-workers",
         type=non_negative_int,
         default=d.batch_workers,
-        help="coalesced session runs in flight at once (0: cores / intra-op threads on CPU, 1 on CUDA)",
+        help="with batching, session runs in flight at once (0: 2 on CPU, or cores / intra-op threads; 1 on CUDA)",
     )
     s.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="queued items before overload")
     s.add_argument("--max-message-bytes", type=positive_int, default=d.max_message_bytes, help="gRPC message limit")
@@ -201,7 +203,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_workers=args.max_workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_batch=args.max_batch,
-        batching=args.batching == "on",
+        batching=args.batching,
         max_delay_us=args.max_delay_us,
         batch_workers=args.batch_workers,
         max_queue=args.max_queue,
@@ -217,20 +219,23 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def session_config_from_args(args: argparse.Namespace) -> SessionConfig:
+def session_config_from_args(args: argparse.Namespace, tower: str = "text") -> SessionConfig:
     """The ONNX Runtime part of parsed flags.
 
-    With dynamic batching and no explicit `--intra-op-threads`, the batch workers share every core: each of the
-    `--batch-workers` session runs in flight (`CPU_BATCH_WORKERS` when that is 0 too) gets cores / workers threads,
-    at least 1. The `cores - 1` default (which leaves a core to requests that each run their own session) would leave
-    cores idle between batches. On CUDA the intra-op threads only run the few operators left on the CPU.
+    The intra-op threads come from the batching plan (`imgtxt.serving.tuning.plan_batching`) for the provider the
+    session is expected to run on, unless `--intra-op-threads` is set: with batching on, the batch workers share every
+    core (cores / workers each); with it off, each request's run gets cores - 1. On CUDA the intra-op threads only run
+    the few operators left on the CPU.
+
+    Args:
+        args: Parsed `add_server_flags` flags.
+        tower: `image` or `text` (the rule may weigh it).
     """
-    threads = args.intra_op_threads
-    if not threads and args.batching == "on":
-        threads = max(1, available_cores() // (args.batch_workers or CPU_BATCH_WORKERS))
+    hw = Hardware.here(expected_provider(args.device), tower)
+    plan = plan_batching(args.batching, hw, args.batch_workers, args.intra_op_threads)
     return SessionConfig(
         device=args.device,
-        intra_op_threads=threads,
+        intra_op_threads=plan.intra_op_threads,
         inter_op_threads=args.inter_op_threads,
         optimization=args.optimization,
         cache_dir=args.cache_dir,

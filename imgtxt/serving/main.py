@@ -54,7 +54,7 @@ def run_service(
     setup_logging(args.verbose, args.log_json)
     try:
         config = server_config_from_args(args)
-        session_config = session_config_from_args(args)
+        session_config = session_config_from_args(args, modality)
         logger.info(
             "configuration",
             extra={

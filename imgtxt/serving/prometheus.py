@@ -58,7 +58,7 @@ class ServiceMetrics:
         self.info = Gauge(
             "imgtxt_encoder_info",
             "Always 1; labels say what is served and on which execution provider.",
-            [*labels, "bundle_version", "execution_provider", "precision"],
+            [*labels, "bundle_version", "execution_provider", "precision", "precision_reason", "batching"],
             registry=r,
         )
         avg = Gauge("imgtxt_encoder_batch_size_average", "Mean items per session run since start.", labels, registry=r)
@@ -67,9 +67,18 @@ class ServiceMetrics:
         self._batched_items = 0
         self._lock = threading.Lock()
 
-    def set_info(self, bundle_version: str, execution_provider: str, precision: str = "fp32") -> None:
-        """Publishes the bundle, the active provider and the served precision."""
-        self.info.labels(self.modality, bundle_version, execution_provider, precision).set(1)
+    def set_info(
+        self,
+        bundle_version: str,
+        execution_provider: str,
+        precision: str = "fp32",
+        precision_reason: str = "",
+        batching: str = "",
+    ) -> None:
+        """Publishes the bundle, the active provider, the served precision (and why), and batching on or off."""
+        self.info.labels(self.modality, bundle_version, execution_provider, precision, precision_reason, batching).set(
+            1
+        )
 
     def observe_batch(self, size: int) -> None:
         """Records one session run of `size` items."""

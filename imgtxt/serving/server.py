@@ -17,6 +17,7 @@ from imgtxt.serving.interceptors import AdmissionGate
 from imgtxt.serving.prometheus import ServiceMetrics
 from imgtxt.serving.servicer import EncoderServicerBase, EncodeService
 from imgtxt.serving.shell import HealthServicer, Lifecycle, ServerShell, ShellConfig
+from imgtxt.serving.tuning import BatchingPlan, log_plan
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class EncoderServer:
         """Refuses new rpcs (UNAVAILABLE) once the server stops."""
         return self.shell.gate
 
+    batching: BatchingPlan | None = None
+    """How requests reach the session (batched or not, workers, threads) and why."""
+
     def set_serving(self, serving: bool) -> None:
         """Sets the health status of the server and of its service."""
         self.shell.set_serving(serving)
@@ -71,7 +75,10 @@ class EncoderServer:
         """Runs a warm-up batch through the session, then reports SERVING."""
         self.encoder.warm_up()
         info = self.encoder.info
-        self.metrics.set_info(info.bundle_version, info.execution_provider, info.precision)
+        batching = self.batching.mode if self.batching else ""
+        self.metrics.set_info(
+            info.bundle_version, info.execution_provider, info.precision, info.precision_reason, batching
+        )
         self.set_serving(True)
         logger.info(
             "serving",
@@ -80,6 +87,8 @@ class EncoderServer:
                 "port": self.port,
                 "bundle": info.bundle_version,
                 "provider": info.execution_provider,
+                "precision": info.precision,
+                "batching": batching,
             },
         )
 
@@ -136,16 +145,21 @@ def build_server(
     """
     metrics = ServiceMetrics(encoder.modality, config.max_batch)
     runner: Runner
-    if config.batching:
-        workers = config.resolved_batch_workers(encoder.provider, encoder.intra_op_threads)
-        runner = DynamicBatcher(encoder.run, metrics, config.max_batch, config.max_delay_us, config.max_queue, workers)
-        logger.info(
-            "dynamic batching",
-            extra={"batch_workers": workers, "max_batch": config.max_batch, "max_delay_us": config.max_delay_us},
+    plan = config.batching_plan(encoder.provider, encoder.modality, encoder.intra_op_threads)
+    log_plan(plan, encoder.modality)
+    if plan.batching:
+        runner = DynamicBatcher(
+            encoder.run,
+            metrics,
+            config.max_batch,
+            config.max_delay_us,
+            config.max_queue,
+            plan.batch_workers,
+            plan.run_alone_when_idle,
         )
     else:
         runner = InlineRunner(encoder.run, metrics)
-    service = EncodeService(encoder, runner, metrics, config.max_batch)
+    service = EncodeService(encoder, runner, metrics, config.max_batch, plan)
 
     def register(server: grpc.Server) -> None:
         add_to_server(make_servicer(service, config.max_message_bytes, config.stream_window), server)
@@ -155,7 +169,7 @@ def build_server(
     except ConfigError:
         runner.close()
         raise
-    out = EncoderServer(shell, config, encoder, runner, metrics)
+    out = EncoderServer(shell, config, encoder, runner, metrics, batching=plan)
     shell.on_stop.append(runner.close)
     if config.metrics_port is not None:
         metrics_http, out.metrics_port = metrics.serve_http(config.metrics_port, config.metrics_host, shell.tokens)

@@ -20,6 +20,7 @@ from imgtxt.encoders.types import EncodeResult
 from imgtxt.errors import InvalidInput
 from imgtxt.serving.batcher import Runner
 from imgtxt.serving.prometheus import ServiceMetrics
+from imgtxt.serving.tuning import BatchingPlan
 from imgtxt.stages import stage
 from imgtxt.v1 import encoder_pb2 as pb
 from imgtxt.wire import to_info_response, to_response
@@ -55,11 +56,20 @@ class PendingEncode:
 class EncodeService(Generic[ItemT]):
     """Checks a request against the limits, preprocesses it in the caller's thread, and queues it for the session."""
 
-    def __init__(self, encoder: TowerEncoder[ItemT, Any], runner: Runner, metrics: ServiceMetrics, max_batch: int):
+    def __init__(
+        self,
+        encoder: TowerEncoder[ItemT, Any],
+        runner: Runner,
+        metrics: ServiceMetrics,
+        max_batch: int,
+        batching: BatchingPlan | None = None,
+    ):
         self.encoder = encoder
         self.runner = runner
         self.metrics = metrics
         self.max_batch = max_batch
+        self.batching = batching
+        """How the runner was chosen (reported by `Info`); None when built without a plan."""
 
     def submit(self, items: Sequence[ItemT], wait: Callable[[], bool] | None = None) -> PendingEncode:
         """Prepares the items and queues the good ones.
@@ -130,9 +140,10 @@ class EncoderServicerBase(Generic[ItemT]):
             yield self._respond(pending, request)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
-        """Bundle, provider and limits, and the bundle's serving decisions an indexer follows."""
-        response = to_info_response(self.service.encoder.info, self.service.max_batch, self.max_message_bytes)
-        serving = self.service.encoder.bundle.manifest.serving
+        """Bundle, provider, precision, batching and limits, and the bundle's serving decisions an indexer follows."""
+        service = self.service
+        response = to_info_response(service.encoder.info, service.max_batch, self.max_message_bytes, service.batching)
+        serving = service.encoder.bundle.manifest.serving
         response.quantization = serving.quantization
         response.unit_head = serving.unit_provenance
         return response

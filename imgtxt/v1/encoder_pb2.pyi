@@ -81,7 +81,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("modality", "bundle_version", "bundle_sha256", "dim", "normalized", "distance", "execution_provider", "providers", "limits", "precision", "quantization", "unit_head")
+    __slots__ = ("modality", "bundle_version", "bundle_sha256", "dim", "normalized", "distance", "execution_provider", "providers", "limits", "precision", "quantization", "unit_head", "batching", "batch_workers", "intra_op_threads", "batching_reason", "precision_reason")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,11 @@ class InfoResponse(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     UNIT_HEAD_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_REASON_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     modality: str
     bundle_version: str
     bundle_sha256: str
@@ -106,4 +111,9 @@ class InfoResponse(_message.Message):
     precision: str
     quantization: str
     unit_head: str
-    def __init__(self, modality: _Optional[str] = ..., bundle_version: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., dim: _Optional[int] = ..., normalized: _Optional[bool] = ..., distance: _Optional[str] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., precision: _Optional[str] = ..., quantization: _Optional[str] = ..., unit_head: _Optional[str] = ...) -> None: ...
+    batching: str
+    batch_workers: int
+    intra_op_threads: int
+    batching_reason: str
+    precision_reason: str
+    def __init__(self, modality: _Optional[str] = ..., bundle_version: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., dim: _Optional[int] = ..., normalized: _Optional[bool] = ..., distance: _Optional[str] = ..., execution_provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., precision: _Optional[str] = ..., quantization: _Optional[str] = ..., unit_head: _Optional[str] = ..., batching: _Optional[str] = ..., batch_workers: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., batching_reason: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...

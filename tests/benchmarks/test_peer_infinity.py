@@ -119,3 +119,32 @@ def test_a_directory_that_is_not_a_venv_is_refused(tmp_path: Path) -> None:
     (tmp_path / "somefile").write_text("x")
     with pytest.raises(pi.PeerUnavailable, match="not a virtualenv"):
         pi.ensure_peer_venv(tmp_path)
+
+
+def test_text_backbone_reads_the_grouped_config_as_the_trainer_saves_it() -> None:
+    assert pi.text_backbone({"model": {"text_backbone": "tiny"}}) == "tiny"
+    assert pi.text_backbone({"text_backbone": "tiny"}) == "tiny"  # older, flat configs
+    assert pi.text_backbone({}) == "minilm"  # exported without a config: the default backbone
+
+
+def test_the_same_weights_guard_fires_on_a_bundle_of_another_backbone(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def install(venv: Path) -> None:
+        raise AssertionError("the guard let a bundle of another text backbone through to the peer install")
+
+    monkeypatch.setattr(pi, "ensure_peer_venv", install)
+    with pytest.raises(SystemExit) as exc:
+        pi.main(["--bundle", str(tiny_bundle)])
+    assert exc.value.code == 2
+    assert "text backbone is 'tiny', not minilm: not the same weights as the peer" in capsys.readouterr().err
+
+
+def test_stage_breakdown_spreads_the_queue_over_every_request_when_some_ran_alone() -> None:
+    from benchmarks.server_metrics import stage_breakdown
+
+    # 100 requests of 10 ms each: 90 ran alone (no queue), 10 waited 2 ms each
+    delta = {"queue_sum": 0.02, "queue_count": 10, "inference_sum": 0.8, "inference_count": 100}
+    delta |= {"Encode_sum": 1.0, "Encode_count": 100, "preprocess_sum": 0.0, "preprocess_count": 100}
+    out = stage_breakdown(delta)
+    assert out["queue"] == pytest.approx(0.2) and out["other"] == pytest.approx(10 - 0.2 - 8)

@@ -13,6 +13,7 @@ from imgtxt.bundle import (
     GraphVariant,
     Manifest,
     Parity,
+    RetrievalCheck,
     TowerSpec,
     bundle_digest,
     load_bundle,
@@ -238,3 +239,32 @@ def test_the_identity_names_version_digest_dimension_and_serving_decisions(tmp_p
     assert (ident.quantization, ident.unit_head) == ("int8", "trained")
     assert ident.same_space(type(ident).from_dict(ident.to_dict()))
     assert not ident.same_space(replace(ident, sha256="0" * 64)) and not ident.same_space(replace(ident, version="x"))
+
+
+def test_int8_retrieval_check_round_trips_and_older_manifests_load_without_it(tmp_path: Path) -> None:
+    check = RetrievalCheck(split="val", images=1000, fp32_rsum=261.5, rsum=261.2)
+    assert check.rsum_loss == pytest.approx(0.3)
+    base = _manifest()
+    precisions = {
+        **base.serving.precisions,
+        "int8": {"image": GraphVariant("image_tower.onnx", None, check), "text": GraphVariant("text_tower.onnx")},
+    }
+    written = write_bundle(
+        tmp_path / "b", replace(base, serving=replace(base.serving, precisions=precisions)), _sources(tmp_path)
+    )
+    raw = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    assert raw["serving"]["precisions"]["int8"]["image"]["retrieval"] == {
+        "split": "val",
+        "images": 1000,
+        "fp32_rsum": 261.5,
+        "rsum": 261.2,
+    }
+    loaded = load_bundle(tmp_path / "b").manifest.serving
+    assert loaded == written.manifest.serving
+    assert loaded.graph("image", "int8").retrieval == check and loaded.graph("text", "int8").retrieval is None
+    assert loaded.graph("image", "int8").describe() == "val rSum 261.20 vs fp32 261.50 (loss +0.30, 1000 images)"
+    # a manifest written before the field existed (no `retrieval` key at all) still loads
+    for variant in raw["serving"]["precisions"]["int8"].values():
+        variant.pop("retrieval")
+    (tmp_path / "b" / MANIFEST).write_text(json.dumps(raw))
+    assert load_bundle(tmp_path / "b").manifest.serving.graph("image", "int8").retrieval is None

@@ -14,18 +14,17 @@ import grpc
 import numpy as np
 import pytest
 
-import imgtxt.encoders.session as session_module
-import imgtxt.serving.config as config_module
+import imgtxt.serving.tuning as tuning_module
 from imgtxt.client import TextEncoderClient
 from imgtxt.encoders.session import CPU, CUDA
 from imgtxt.encoders.text import TextEncoder
 from imgtxt.serving.config import (
-    CPU_BATCH_WORKERS,
     ServerConfig,
     add_server_flags,
     server_config_from_args,
     session_config_from_args,
 )
+from imgtxt.serving.tuning import CPU_BATCH_WORKERS
 from tests.services.conftest import serving
 from text_encoder_service.server import create_server
 
@@ -57,7 +56,7 @@ def _wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-un
 
 def test_concurrent_requests_are_coalesced(text_encoder: TextEncoder) -> None:
     # A long delay and max_batch=4: the batch closes exactly when the 4th request arrives.
-    with serving(create_server, text_encoder, max_batch=4, max_delay_us=20_000_000) as server:
+    with serving(create_server, text_encoder, batching="on", max_batch=4, max_delay_us=20_000_000) as server:
         target = f"127.0.0.1:{server.port}"
         with TextEncoderClient(target) as client, ThreadPoolExecutor(4) as pool:
             client.info()
@@ -84,7 +83,7 @@ class PairedTextEncoder(TextEncoder):
 def test_batch_workers_run_batches_at_the_same_time(text_encoder: TextEncoder) -> None:
     encoder = PairedTextEncoder(text_encoder)
     # max_batch=1: each request is a batch of its own, so the two requests are two session runs.
-    with serving(create_server, encoder, max_batch=1, max_delay_us=0, batch_workers=2) as server:
+    with serving(create_server, encoder, batching="on", max_batch=1, max_delay_us=0, batch_workers=2) as server:
         assert server.runner.workers == 2  # type: ignore[attr-defined]
         with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client, ThreadPoolExecutor(2) as pool:
             client.info()
@@ -99,7 +98,7 @@ def test_batch_workers_run_batches_at_the_same_time(text_encoder: TextEncoder) -
 def test_batch_workers_hand_each_request_its_own_rows(text_encoder: TextEncoder) -> None:
     texts = [f"a caption of {'many ' * (i % 5)}words number {i}" for i in range(24)]
     with (
-        serving(create_server, text_encoder, max_batch=4, batch_workers=3) as server,
+        serving(create_server, text_encoder, batching="on", max_batch=4, batch_workers=3) as server,
         TextEncoderClient(f"127.0.0.1:{server.port}") as client,
         ThreadPoolExecutor(8) as pool,
     ):
@@ -112,16 +111,15 @@ def test_batch_workers_hand_each_request_its_own_rows(text_encoder: TextEncoder)
 def test_batch_workers_and_threads_fill_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [k for k in os.environ if k.startswith("IMGTXT_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setattr(session_module, "available_cores", lambda: 8)
-    monkeypatch.setattr(config_module, "available_cores", lambda: 8)
+    monkeypatch.setattr(tuning_module, "available_cores", lambda: 8)
     parser = argparse.ArgumentParser()
     add_server_flags(parser, "text")
 
     def resolved(*flags: str, provider: str = CPU) -> tuple[int, int]:
-        """(batch workers, intra-op threads per run) the flags give a session on `provider`."""
-        args = parser.parse_args(["--bundle", "b", *flags])
+        """(batch workers, intra-op threads per run) the flags give a session on `provider`, batching on."""
+        args = parser.parse_args(["--bundle", "b", "--device", "cpu", "--batching", "on", *flags])
         threads = session_config_from_args(args).resolved_intra_op_threads
-        return server_config_from_args(args).resolved_batch_workers(provider, threads), threads
+        return server_config_from_args(args).batching_plan(provider, "text", threads).batch_workers, threads
 
     assert resolved() == (CPU_BATCH_WORKERS, 8 // CPU_BATCH_WORKERS)
     assert resolved("--batch-workers", "1") == (1, 8)
@@ -130,16 +128,18 @@ def test_batch_workers_and_threads_fill_the_cores(monkeypatch: pytest.MonkeyPatc
     assert resolved("--intra-op-threads", "2") == (4, 2)
     assert resolved("--batch-workers", "2", "--intra-op-threads", "8") == (2, 8)  # both explicit: as given
     assert resolved(provider=CUDA)[0] == 1  # one device: a second worker would only halve the batches
-    assert ServerConfig().resolved_batch_workers(CPU) == CPU_BATCH_WORKERS  # the default threads
+    assert ServerConfig(batching="on").batching_plan(CPU, "text").batch_workers == CPU_BATCH_WORKERS
     assert resolved("--batch-workers", "3", provider=CUDA)[0] == 3
     off = session_config_from_args(parser.parse_args(["--bundle", "b", "--batching", "off"]))
     assert off.resolved_intra_op_threads == 7  # each rpc runs its own session run; a core stays for the requests
     with pytest.raises(ValueError, match="batch_workers"):
         ServerConfig(batch_workers=-1)
+    with pytest.raises(ValueError, match="batching must be one of"):
+        ServerConfig(batching="sometimes")
 
 
 def test_batching_off_runs_each_request_alone(text_encoder: TextEncoder) -> None:
-    with serving(create_server, text_encoder, batching=False) as server:
+    with serving(create_server, text_encoder, batching="off") as server:
         with TextEncoderClient(f"127.0.0.1:{server.port}") as client, ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: client.encode([f"caption {i}"]), range(8)))
         assert server.metrics.average_batch_size() == 1.0
@@ -148,7 +148,8 @@ def test_batching_off_runs_each_request_alone(text_encoder: TextEncoder) -> None
 def test_queue_overflow_is_resource_exhausted(text_encoder: TextEncoder) -> None:
     encoder = GatedTextEncoder(text_encoder)
     # One batch worker: the second request waits in the queue while the first holds the session.
-    with serving(create_server, encoder, max_batch=2, max_queue=2, max_delay_us=0, batch_workers=1) as server:
+    one_worker = {"batching": "on", "max_batch": 2, "max_queue": 2, "max_delay_us": 0, "batch_workers": 1}
+    with serving(create_server, encoder, **one_worker) as server:
         with TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client, ThreadPoolExecutor(2) as pool:
             client.info()
             encoder.closed = True
@@ -172,7 +173,9 @@ def test_queue_overflow_is_resource_exhausted(text_encoder: TextEncoder) -> None
 def test_stream_waits_for_room_in_a_full_queue(text_encoder: TextEncoder) -> None:
     encoder = GatedTextEncoder(text_encoder)
     with (
-        serving(create_server, encoder, max_batch=2, max_queue=2, max_delay_us=0, batch_workers=1) as server,
+        serving(
+            create_server, encoder, batching="on", max_batch=2, max_queue=2, max_delay_us=0, batch_workers=1
+        ) as server,
         TextEncoderClient(f"127.0.0.1:{server.port}", max_retries=0) as client,
         ThreadPoolExecutor(3) as pool,
     ):

@@ -61,7 +61,8 @@ def test_reflection_lists_the_services(text_server: EncoderServer) -> None:
 
 
 def test_metrics_endpoint(text_encoder: TextEncoder) -> None:
-    with serving(create_server, text_encoder, metrics_port=0, metrics_host="127.0.0.1") as server:
+    # batching on: the queue stage is observed only where requests queue
+    with serving(create_server, text_encoder, batching="on", metrics_port=0, metrics_host="127.0.0.1") as server:
         with TextEncoderClient(f"127.0.0.1:{server.port}") as client:
             client.encode(["a dog", ""])
         assert server.metrics_port

@@ -27,10 +27,11 @@ from imgtxt.bundle import (
     trained_unit_head,
     write_bundle,
 )
+from imgtxt.datasets import CaptionedImage
 from imgtxt.errors import BundleError
 from trainer.config import flat_view
 from trainer.export.fp16 import export_fp16
-from trainer.export.int8 import calibration_pixels, export_int8
+from trainer.export.int8 import calibration_pixels, export_int8, measure_retrieval
 from trainer.export.parity import parity_image_inputs, parity_text_inputs
 from trainer.model import DualEncoder, mirror_mean, tokenizer_path
 from trainer.onnx_export import OPSET, export_onnx
@@ -78,6 +79,8 @@ def export_model(
     fp16: bool = False,
     int8: bool = False,
     calibration_images: Sequence[Path] = (),
+    int8_check: Sequence[CaptionedImage] = (),
+    int8_check_split: str = "val",
     parity_images: Sequence[Path] = (),
     flip_average: bool | None = None,
     image_size: int | None = None,
@@ -94,6 +97,10 @@ def export_model(
         int8: Also write int8 variants of the image tower (static quantisation calibrated on `calibration_images`)
             and the text tower (dynamic quantisation), for CPU serving (`--precision int8`).
         calibration_images: Training images calibrating the int8 image tower (needed with `int8`).
+        int8_check: With `int8`: the val records (images with their captions) on which each int8 tower's rSum is
+            measured against fp32 and recorded in the manifest (`GraphVariant.retrieval`); empty: not measured, and
+            `--precision auto` will not serve int8.
+        int8_check_split: The name of that split (recorded).
         parity_images: Real image files to measure parity on (synthetic photos when empty).
         flip_average: Export the image tower as `FlipAveraged` (recorded as `training.export.flip_average`);
             None: as the model was trained and validated (`ModelSpec.flip_average`).
@@ -204,4 +211,21 @@ def export_model(
                 precisions=precisions,
             ),
         )
+        if int8 and int8_check:
+            manifest = _with_retrieval_checks(manifest, files, int8_check, int8_check_split)
         return write_bundle(out_dir, manifest, files)
+
+
+def _with_retrieval_checks(
+    manifest: Manifest, files: dict[str, str | Path], records: Sequence[CaptionedImage], split: str
+) -> Manifest:
+    """The manifest with each int8 tower's val rSum against fp32, measured on the bundle staged in a temporary
+    directory (through the serving path, as `imgtxt eval --bundle --precision` measures it)."""
+    with tempfile.TemporaryDirectory() as staging:
+        staged = write_bundle(Path(staging) / "bundle", manifest, files)
+        checks = measure_retrieval(staged.path, records, split)
+    serving = manifest.serving
+    int8 = {m: dataclasses.replace(v, retrieval=checks.get(m)) for m, v in serving.precisions["int8"].items()}
+    return dataclasses.replace(
+        manifest, serving=dataclasses.replace(serving, precisions={**serving.precisions, "int8": int8})
+    )

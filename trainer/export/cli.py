@@ -1,5 +1,5 @@
-"""`imgtxt export --run RUN_DIR | --checkpoint PATH --out BUNDLE_DIR [--version V] [--fp16] [--[no-]flip-average]
-[--image-size N] [--parity-images DATA]`: a checkpoint's towers -> a model bundle."""
+"""`imgtxt export --run RUN_DIR | --checkpoint PATH --out BUNDLE_DIR [--version V] [--fp16] [--int8 [--no-int8-check]]
+[--[no-]flip-average] [--image-size N] [--parity-images DATA]`: a checkpoint's towers -> a model bundle."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from imgtxt.config import HelpFormatter, apply_env_defaults
+from imgtxt.datasets import CaptionedImage
 from imgtxt.errors import EXIT_OK, BundleError, ConfigError, fail
 from imgtxt.logs import add_logging_flags, setup_logging
 from trainer.export.bundle import export_model
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--calibration-images", type=int, default=128, help="training images calibrating int8")
     parser.add_argument(
+        "--int8-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --int8: measure each int8 tower's val rSum against fp32 on the same dataset's val split and record "
+        "it in the manifest (--precision auto serves int8 on CPU only where the loss is at most 0.5)",
+    )
+    parser.add_argument(
+        "--check-images", type=int, default=None, help="val images of the int8 check (default: the whole split)"
+    )
+    parser.add_argument(
         "--flip-average",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -71,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
         images = [r.path for r in load_captioned_images(args.parity_images, split="val", limit=6)]
     calibration: list[Path] = []
+    check: list[CaptionedImage] = []
+    check_split = "val"
     if args.int8:
         from imgtxt.datasets import load_captioned_images
 
@@ -83,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         train_split = (ckpt.config.get("data") or {}).get("train_split", "train")
         records = load_captioned_images(Path(source), split=train_split, limit=args.calibration_images)
         calibration = [r.path for r in records]
+        check_split = (ckpt.config.get("data") or {}).get("val_split", "val")
+        if args.int8_check:
+            check = load_captioned_images(Path(source), split=check_split, limit=args.check_images)
     try:
         bundle = export_model(
             ckpt.model,
@@ -93,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             fp16=args.fp16,
             int8=args.int8,
             calibration_images=calibration,
+            int8_check=check,
+            int8_check_split=check_split,
             parity_images=images,
             flip_average=args.flip_average,
             image_size=args.image_size,
@@ -102,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     m = bundle.manifest
     for precision, towers in m.serving.precisions.items():
         for name, variant in towers.items():
-            p = variant.parity
-            figures = f"max|d|={p.max_abs_diff:.2e}  min cos={p.min_cosine:.6f}" if p else ""
-            print(f"{name:<6} {precision:<5} {variant.file}  {figures}")
+            print(f"{name:<6} {precision:<5} {variant.file}  {variant.describe()}")
     print(f"bundle {m.bundle_version} written to {bundle.path} (sha256 {bundle.sha256})")
     return EXIT_OK
