@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import Report, add_results_flag
-from evaluation.offline import encode_all
 from imgtxt.bundle import load_bundle
 from imgtxt.datasets import default_data_root, load_captioned_images
+from imgtxt.encoders.bulk import encode_all
 from imgtxt.encoders.image import ImageEncoder
 from imgtxt.encoders.session import CPU, SessionConfig, choose_precision, create_session, default_cache_dir
 from imgtxt.encoders.text import TextEncoder

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from benchmarks.report import Report, add_results_flag
-from evaluation.offline import encode_with_bundle
 from imgtxt.datasets import load_captioned_images
+from imgtxt.encoders.bulk import encode_with_bundle
 from imgtxt.retrieval_metrics import retrieval_metrics
 from trainer.checkpoint import load_checkpoint
 from trainer.export import export_model

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _offline(args: argparse.Namespace, records: list[CaptionedImage]) -> dict[str, Any]:
-    from evaluation.offline import encode_with_bundle, encode_with_checkpoint
+    from evaluation.offline import encode_with_checkpoint
+    from imgtxt.encoders.bulk import encode_with_bundle
 
     paths = [r.path for r in records]
     captions = [c for r in records for c in r.captions]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from evaluation.judgments import JudgedPairs
-from evaluation.offline import encode_all
 from imgtxt.datasets import CaptionedImage
+from imgtxt.encoders.bulk import encode_all
 from imgtxt.encoders.types import Encoder
 from imgtxt.errors import ImgTxtError, InvalidInput
 from imgtxt.retrieval_metrics import retrieval_metrics

@@ -14,6 +14,11 @@ class InvalidInput(ImgTxtError, ValueError):
     """The caller sent something malformed (maps to INVALID_ARGUMENT)."""
 
 
+class WrongSpace(InvalidInput):
+    """A well-formed request against a collection of another embedding space: its vectors were written by another
+    bundle than the one encoding the query (maps to FAILED_PRECONDITION, HTTP 409; a usage error for a command)."""
+
+
 class LimitExceeded(ImgTxtError, ValueError):
     """An input is over a configured limit (maps to RESOURCE_EXHAUSTED)."""
 

@@ -60,7 +60,9 @@ class ErrorDetail(BaseModel):
     """What went wrong."""
 
     message: str = Field(description="what was wrong, naming the field and the limit")
-    type: str = Field(description="invalid_request_error, auth, not_found, limit_exceeded, unavailable, internal")
+    type: str = Field(
+        description="invalid_request_error, auth, not_found, wrong_space, limit_exceeded, unavailable, internal"
+    )
     param: str | None = Field(None, description="the request field at fault, when one is")
 
 

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgtxt.errors import InvalidInput, LimitExceeded
+from imgtxt.errors import InvalidInput, LimitExceeded, WrongSpace
 from imgtxt.serving.auth import TokenChecker
 from imgtxt.serving.interceptors import AdmissionGate, ServerStopping
 from search.backend import NotFound, SearchBackend
@@ -123,6 +123,10 @@ def create_app(
     @app.exception_handler(LimitExceeded)
     async def too_large(request: Request, exc: LimitExceeded) -> JSONResponse:
         return _error(413, str(exc), "limit_exceeded")
+
+    @app.exception_handler(WrongSpace)
+    async def wrong_space(request: Request, exc: WrongSpace) -> JSONResponse:
+        return _error(409, str(exc), "wrong_space")
 
     @app.exception_handler(InvalidInput)
     async def invalid(request: Request, exc: InvalidInput) -> JSONResponse:

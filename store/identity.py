@@ -10,14 +10,14 @@ bundle is; this module says what a mismatch is and how it reads.
 from __future__ import annotations
 
 from imgtxt.bundle import BundleIdentity
-from imgtxt.errors import InvalidInput
+from imgtxt.errors import WrongSpace
 from store.base import CollectionConfig, CollectionMismatch, check_congruent
 
 # Key under which a collection records the bundle that created it (sidecar or collection metadata).
 IDENTITY_KEY = "bundle"
 
 
-class BundleMismatch(CollectionMismatch, InvalidInput):
+class BundleMismatch(CollectionMismatch, WrongSpace):
     """A collection belongs to another bundle than the one writing into it or querying it."""
 
 

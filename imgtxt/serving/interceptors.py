@@ -20,7 +20,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from imgtxt.errors import ImgTxtError, InvalidInput, LimitExceeded, Overloaded, Unauthenticated
+from imgtxt.errors import ImgTxtError, InvalidInput, LimitExceeded, Overloaded, Unauthenticated, WrongSpace
 from imgtxt.serving.auth import TokenChecker
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ _STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WrongSpace, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
 )
 

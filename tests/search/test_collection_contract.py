@@ -105,11 +105,11 @@ def test_a_running_service_follows_an_alias_switch_and_refuses_another_bundles_c
     open_store(store_root).set_alias("live", "c")
     with pytest.raises(grpc.RpcError) as err:
         _search(server, text="photo 1 shows thing 0", target="image", limit=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "collection 'c' belongs to bundle tiny-other" in err.value.details()
     assert "the search uses bundle tiny-d32-s0" in err.value.details()
     status, body = _http_search(server, {"text": "photo 1 shows thing 0", "target": "image", "limit": 10})
-    assert status == 400 and "belongs to bundle tiny-other" in json.dumps(body)
+    assert status == 409 and "belongs to bundle tiny-other" in json.dumps(body)
     # And back: the service answers again, from the collection the alias names now.
     open_store(store_root).set_alias("live", "a")
     assert _search(server, text="photo 1 shows thing 0", target="image", limit=10).collection == "a"

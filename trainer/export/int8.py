@@ -199,7 +199,7 @@ def measure_retrieval(bundle_dir: Path, records: Sequence[CaptionedImage], split
     Returns:
         `image` and `text` -> the rSum with that tower at int8 and the other at fp32, against both at fp32.
     """
-    from evaluation.offline import encode_with_bundle
+    from imgtxt.encoders.bulk import encode_with_bundle
 
     paths = [r.path for r in records]
     captions = [c for r in records for c in r.captions]
