@@ -21,6 +21,7 @@ _FLAT_GRAMMAR = [
     "val_split",
     "train_limit",
     "val_limit",
+    "dev_images",
     "image_backbone",
     "text_backbone",
     "pretrained",

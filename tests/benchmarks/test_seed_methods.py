@@ -1,0 +1,75 @@
+"""The seed-method protocol: paired intervals, the verdict rule, lexical labels, and one tiny end-to-end table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.seed_methods import lexical_labels, paired_interval, verdict
+from tests.trainer.conftest import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 train + 8 val coloured squares (tests/trainer's dataset)."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
+
+
+def test_paired_interval_is_the_student_t_interval_of_the_differences() -> None:
+    # Differences 1, 2, 3, 4: mean 2.5, sd sqrt(5/3), sem sd/2, t(.975, 3) = 3.182446...
+    mean, low, high = paired_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2
+    assert mean == pytest.approx(2.5)
+    assert (low, high) == (pytest.approx(2.5 - half), pytest.approx(2.5 + half))
+    assert math.isnan(paired_interval([1.0])[1])
+    assert paired_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)  # no spread: the point itself
+
+
+def test_verdict_follows_the_rule() -> None:
+    assert verdict(3.0, 1.0, 5.0, 2.0) == "holds"
+    assert verdict(1.5, 0.5, 2.5, 2.0) == "above 0, below the claimed 2 points"
+    assert verdict(1.5, 0.5, 2.5, None).startswith("direction holds")
+    assert verdict(1.0, -0.5, 2.5, None) == "not established"
+    assert verdict(-2.0, -3.0, -0.5, 2.0) == "does not hold"
+    assert verdict(1.0, math.nan, math.nan, None).startswith("not established")
+
+
+def test_lexical_labels_leave_the_caption_itself_out() -> None:
+    # Image 0: "red dog", "red cat"; image 1: "blue sky". Caption 0 against image 0: only caption 1 counts
+    # (Jaccard {red, dog} vs {red, cat} = 1/3), not its own 1.0. Caption 2 against image 0: 0.
+    captions = ["a red dog", "a red cat", "the blue sky"]
+    labels = lexical_labels(captions, np.array([0, 0, 1]))
+    assert labels.shape == (2, 3)
+    assert labels[0].tolist() == pytest.approx([1 / 3, 1 / 3, 0.0])
+    # Image 1 has one caption: against itself nothing is left (0), against the others their Jaccard with it (0).
+    assert labels[1].tolist() == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_seed_methods_runs_paired_seeds_and_reuses_them(synthetic_data: Path, tmp_path: Path) -> None:
+    from benchmarks import seed_methods
+
+    argv = ["--recipe", "tiny", "--data", str(synthetic_data), "--out", str(tmp_path / "runs")]
+    argv += ["--papers", "hrem", "--arms", "vsepp,vsepp+relation", "--seeds", "0,1", "--epochs", "2"]
+    argv += ["--dev-images", "4", "--results", str(tmp_path / "results"), "--set", f"cache_dir={tmp_path / 'cache'}"]
+    argv += ["--set", "train_limit=0", "--set", "val_limit=0"]
+    assert seed_methods.main(argv) == 0
+    saved = json.loads((tmp_path / "results" / "seed_methods.json").read_text())["rows"]
+    runs = {(r["arm"], r["seed"]): r for r in saved["runs"]}
+    assert set(runs) == {(a, s) for a in ("vsepp", "vsepp+relation") for s in (0, 1)}
+    for r in runs.values():
+        assert 1 <= r["epoch"] <= 2 and r["epochs"] == 2 and 0 <= r["i2t_map_r"] <= 100
+    (comparison,) = saved["papers"][0]["comparisons"]
+    expected = [runs[("vsepp+relation", s)]["rsum"] - runs[("vsepp", s)]["rsum"] for s in (0, 1)]
+    assert comparison["differences"] == pytest.approx(expected)
+    table = (tmp_path / "results" / "seed_methods.md").read_text()
+    assert "### HREM (seed 002)" in table and "vsepp+relation − vsepp" in table
+    # The same seed trains the same batches and head initialisation: the baseline reruns to the same figures.
+    config = (tmp_path / "runs" / "tiny-vsepp-s1" / "config.yaml").read_text()
+    assert "seed: 1" in config and "dev_images: 4" in config
+    assert seed_methods.main([*argv, "--report-only", "--tag", "again"]) == 0
+    again = json.loads((tmp_path / "results" / "seed_methods_again.json").read_text())["rows"]
+    assert again["papers"] == saved["papers"]
