@@ -54,6 +54,10 @@ ARMS: dict[str, list[str]] = {
     "triplet_sn": OPTIONS["triplet_sn"],
     "adaptive_margin": OPTIONS["adaptive_margin_triplet"],
     "adaptive_margin+center": OPTIONS["adaptive_margin+center"],
+    # The centre loss on learned concept centres instead of the batch's per-image means.
+    "adaptive_margin+concept_center": ["losses={adaptive_margin_triplet: 1.0, concept_center: 0.1}"],
+    # VSE++ with distance-weighted sampling (HREM's mining option) instead of the hardest negative.
+    "vsepp_dws": [*OPTIONS["vsepp_triplet"], "loss_kwargs={vsepp_triplet: {mining: distance_weighted}}"],
     "vsepp_m0.12": [*OPTIONS["vsepp_triplet"], "loss_kwargs={vsepp_triplet: {margin: 0.12}}"],
     "vsepp_m0.16": [*OPTIONS["vsepp_triplet"], "loss_kwargs={vsepp_triplet: {margin: 0.16}}"],
     "infonce_global": OPTIONS["infonce_global"],
@@ -107,7 +111,7 @@ PAPERS = (
         "the semantically adaptive margin and the center loss beat a fixed margin",
         "adaptive_margin+center",
         ("vsepp_m0.12", "vsepp_m0.16", "vsepp"),
-        controls=("adaptive_margin",),
+        controls=("adaptive_margin", "adaptive_margin+concept_center"),
     ),
     Paper(
         "hierarchical",
