@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -173,7 +173,7 @@ class VSEPPTripletLoss(EmbeddingLoss):
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
 
-    term_names = ("triplet",)
+    term_names: ClassVar[tuple[str, ...]] = ("triplet",)
 
     def __init__(
         self,
