@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from scipy import sparse, stats
 
 from benchmarks.report import Report, add_results_flag
 from benchmarks.train_losses import OPTIONS, finished
 from evaluation.graded import graded_metrics
+from imgtxt.retrieval_metrics import retrieval_metrics
 from trainer import train
 from trainer.losses.hierarchical import content_words
 
@@ -198,6 +200,26 @@ def lexical_labels(captions: list[str], caption_image: np.ndarray) -> np.ndarray
     return (total / np.maximum(counts, 1)).astype(np.float32)
 
 
+MIX_WEIGHTS = (0.0, 0.2, 0.5)
+"""The hierarchical option's local share w swept after training (`ModelSpec.local_weight`)."""
+
+
+def mix_sweep(
+    image: np.ndarray, text: np.ndarray, dim: int, trained_weight: float, weights: tuple[float, ...] = MIX_WEIGHTS
+) -> dict[float, np.ndarray]:
+    """Similarity matrices of a hierarchical model's served vectors re-mixed at other local shares w.
+
+    The served vector is `[sqrt(1 - w0) global, sqrt(w0) local]` (w0: `trained_weight`, strictly between 0 and 1),
+    so each part is recovered exactly and `(1 - w) cos_global + w cos_local` rebuilt for every w of `weights`.
+    """
+    if not 0.0 < trained_weight < 1.0:
+        raise ValueError(f"the parts can only be recovered for a trained local_weight in (0, 1), not {trained_weight}")
+    a, b = math.sqrt(1.0 - trained_weight), math.sqrt(trained_weight)
+    glob = (image[:, :dim] / a) @ (text[:, :dim] / a).T
+    local = (image[:, dim:] / b) @ (text[:, dim:] / b).T
+    return {w: (1.0 - w) * glob + w * local for w in weights}
+
+
 class Graded:
     """The graded measures of a run's dev-selected checkpoint on validation, cached in the run directory."""
 
@@ -227,6 +249,11 @@ class Graded:
         cache = self.cache_dir or default_cache_dir()
         img, txt = encode_checkpoint_cached(out / "checkpoints" / "best.pt", table, cache)
         figures = graded_metrics(img @ txt.T, labels, relevant)
+        model = yaml.safe_load((out / "config.yaml").read_text())["model"]
+        if model["local_dim"]:  # the hierarchical option: its local share swept after training
+            mixes = mix_sweep(img, txt, model["dim"], model.get("local_weight", 0.2))
+            for w, sim in mixes.items():
+                figures[f"mix_w{w:g}_rsum"] = retrieval_metrics(sim, table.caption_image)["rsum"]
         path.write_text(json.dumps(figures))
         return figures
 
@@ -384,6 +411,12 @@ def _paper(
         for arm in graded_arms:
             got = [runs[(arm, s)] for s in seeds if (arm, s) in runs]
             report.line(f"| {arm} | " + " | ".join(f"{_mean([r[k] for r in got]):.2f}" for k in GRADED_KEYS) + " |")
+    mixed = [a for a in arms if any(f"mix_w{MIX_WEIGHTS[0]:g}_rsum" in runs.get((a, s), {}) for s in seeds)]
+    for arm in mixed:
+        got = [runs[(arm, s)] for s in seeds if (arm, s) in runs]
+        cells = ", ".join(f"w = {w:g}: {_mean([r[f'mix_w{w:g}_rsum'] for r in got]):.1f}" for w in MIX_WEIGHTS)
+        report.line("")
+        report.line(f"`{arm}`, local share swept after training (val rSum, mean over the seeds): {cells}.")
     return summary
 
 

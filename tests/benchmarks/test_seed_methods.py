@@ -53,23 +53,49 @@ def test_seed_methods_runs_paired_seeds_and_reuses_them(synthetic_data: Path, tm
     from benchmarks import seed_methods
 
     argv = ["--recipe", "tiny", "--data", str(synthetic_data), "--out", str(tmp_path / "runs")]
-    argv += ["--papers", "hrem", "--arms", "vsepp,vsepp+relation", "--seeds", "0,1", "--epochs", "2"]
+    arms = "vsepp,vsepp+relation,infonce_global,infonce+hierarchical"
+    argv += ["--papers", "hrem,hierarchical", "--arms", arms, "--seeds", "0,1", "--epochs", "2"]
     argv += ["--dev-images", "4", "--results", str(tmp_path / "results"), "--set", f"cache_dir={tmp_path / 'cache'}"]
     argv += ["--set", "train_limit=0", "--set", "val_limit=0"]
     assert seed_methods.main(argv) == 0
     saved = json.loads((tmp_path / "results" / "seed_methods.json").read_text())["rows"]
     runs = {(r["arm"], r["seed"]): r for r in saved["runs"]}
-    assert set(runs) == {(a, s) for a in ("vsepp", "vsepp+relation") for s in (0, 1)}
+    assert set(runs) == {(a, s) for a in arms.split(",") for s in (0, 1)}
     for r in runs.values():
         assert 1 <= r["epoch"] <= 2 and r["epochs"] == 2 and 0 <= r["i2t_map_r"] <= 100
+    # The hierarchical runs are re-mixed after training; the trained share (0.2) is the run's own figure.
+    hier = runs[("infonce+hierarchical", 0)]
+    assert {"mix_w0_rsum", "mix_w0.5_rsum"} <= set(hier) and "mix_w0_rsum" not in runs[("vsepp", 0)]
     (comparison,) = saved["papers"][0]["comparisons"]
     expected = [runs[("vsepp+relation", s)]["rsum"] - runs[("vsepp", s)]["rsum"] for s in (0, 1)]
     assert comparison["differences"] == pytest.approx(expected)
     table = (tmp_path / "results" / "seed_methods.md").read_text()
     assert "### HREM (seed 002)" in table and "vsepp+relation − vsepp" in table
+    assert "local share swept after training" in table
     # The same seed trains the same batches and head initialisation: the baseline reruns to the same figures.
     config = (tmp_path / "runs" / "tiny-vsepp-s1" / "config.yaml").read_text()
     assert "seed: 1" in config and "dev_images: 4" in config
     assert seed_methods.main([*argv, "--report-only", "--tag", "again"]) == 0
     again = json.loads((tmp_path / "results" / "seed_methods_again.json").read_text())["rows"]
     assert again["papers"] == saved["papers"]
+
+
+def test_mix_sweep_recovers_both_parts_and_remixes_them() -> None:
+    from benchmarks.seed_methods import mix_sweep
+
+    rng = np.random.default_rng(0)
+
+    def unit(n: int, d: int) -> np.ndarray:
+        v = rng.normal(size=(n, d))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    gi, gt, li, lt = unit(3, 4), unit(5, 4), unit(3, 2), unit(5, 2)
+    w0 = 0.2
+    served_i = np.hstack([math.sqrt(1 - w0) * gi, math.sqrt(w0) * li])
+    served_t = np.hstack([math.sqrt(1 - w0) * gt, math.sqrt(w0) * lt])
+    sims = mix_sweep(served_i, served_t, dim=4, trained_weight=w0)
+    assert sims[0.0] == pytest.approx(gi @ gt.T)
+    assert sims[0.2] == pytest.approx(served_i @ served_t.T)  # the trained mix is the served cosine
+    assert sims[0.5] == pytest.approx(0.5 * gi @ gt.T + 0.5 * li @ lt.T)
+    with pytest.raises(ValueError, match="local_weight"):
+        mix_sweep(served_i, served_t, dim=4, trained_weight=0.0)

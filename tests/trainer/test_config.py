@@ -34,6 +34,7 @@ _FLAT_GRAMMAR = [
     "with_unit",
     "head_dropout",
     "local_dim",
+    "local_weight",
     "image_trainable_stages",
     "text_trainable_layers",
     "cache_features",
