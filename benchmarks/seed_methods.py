@@ -414,9 +414,9 @@ def _paper(
     mixed = [a for a in arms if any(f"mix_w{MIX_WEIGHTS[0]:g}_rsum" in runs.get((a, s), {}) for s in seeds)]
     for arm in mixed:
         got = [runs[(arm, s)] for s in seeds if (arm, s) in runs]
-        cells = ", ".join(f"w = {w:g}: {_mean([r[f'mix_w{w:g}_rsum'] for r in got]):.1f}" for w in MIX_WEIGHTS)
+        swept = ", ".join(f"w = {w:g}: {_mean([r[f'mix_w{w:g}_rsum'] for r in got]):.1f}" for w in MIX_WEIGHTS)
         report.line("")
-        report.line(f"`{arm}`, local share swept after training (val rSum, mean over the seeds): {cells}.")
+        report.line(f"`{arm}`, local share swept after training (val rSum, mean over the seeds): {swept}.")
     return summary
 
 
