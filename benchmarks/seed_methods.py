@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,10 +32,10 @@ from scipy import sparse, stats
 
 from benchmarks.report import Report, add_results_flag
 from benchmarks.train_losses import OPTIONS, finished
-from evaluation.graded import graded_metrics
+from evaluation.graded import graded_metrics, unit_recall
 from imgtxt.retrieval_metrics import retrieval_metrics
 from trainer import train
-from trainer.losses.hierarchical import content_words
+from trainer.losses.hierarchical import STOP_WORDS, content_words
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,57 @@ def mix_sweep(
     return {w: (1.0 - w) * glob + w * local for w in weights}
 
 
+def keyword_query(caption: str) -> str:
+    """A caption as a keyword-style query: its content words in order (stop words and single letters dropped)."""
+    return " ".join(w for w in re.findall(r"[a-z]+", caption.lower()) if len(w) > 1 and w not in STOP_WORDS)
+
+
+UNIT_FUSIONS = ("trained", "sum", "image")
+"""Retrieval units scored: the trained fusion head, normalize(v + t), and the bare image (plain caption -> image)."""
+
+
+def unit_figures(checkpoint: Path, table: Any, image: np.ndarray, text: np.ndarray) -> dict[str, float]:
+    """Leave-one-caption-out unit retrieval (`evaluation.graded.unit_recall`) of a checkpoint with a unit head, for
+    full-caption and keyword queries against each of `UNIT_FUSIONS`: `unit_{caption|keywords}_{fusion}_{r1,rsum}`.
+
+    Each image's gallery unit fuses it with its first caption; a query that is that caption meets the image fused
+    with its second caption instead.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data.inputs import tokenize
+
+    model = load_checkpoint(checkpoint).model
+    if model.unit is None:
+        return {}
+    starts, ends = table.caption_spans(np.arange(len(table.images)))
+    if ((ends - starts) < 2).any():
+        raise ValueError("leave-one-caption-out unit retrieval needs at least two captions per image")
+    v, t = torch.from_numpy(image), torch.from_numpy(text)
+    with torch.no_grad():
+        keywords = [keyword_query(c) for c in table.captions]
+        chunks = []
+        for start in range(0, len(keywords), 256):
+            ids, mask = tokenize(model, keywords[start : start + 256])
+            chunks.append(model.text(ids, mask).float())
+        queries = {"caption": text, "keywords": torch.cat(chunks).numpy()}
+        units = {
+            "trained": (model.unit(v, t[starts]).numpy(), model.unit(v, t[starts + 1]).numpy()),
+            "sum": (F.normalize(v + t[starts], dim=-1).numpy(), F.normalize(v + t[starts + 1], dim=-1).numpy()),
+            "image": (image, image),
+        }
+    owner = table.caption_image
+    in_unit = np.arange(len(table.captions)) == starts[owner]
+    out = {}
+    for kind, q in queries.items():
+        for fusion, (gallery, spare) in units.items():
+            got = unit_recall(q, gallery, spare, owner, in_unit)
+            out[f"unit_{kind}_{fusion}_r1"], out[f"unit_{kind}_{fusion}_rsum"] = got["r1"], got["rsum"]
+    return out
+
+
 class Graded:
     """The graded measures of a run's dev-selected checkpoint on validation, cached in the run directory."""
 
@@ -239,15 +291,20 @@ class Graded:
         return self._labels
 
     def __call__(self, out: Path) -> dict[str, float]:
-        path = out / "graded.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        path, units_path = out / "graded.json", out / "units.json"
+        if path.is_file() and units_path.is_file():
+            return {**json.loads(path.read_text()), **json.loads(units_path.read_text())}
         from trainer.data import default_cache_dir
         from trainer.encode import encode_checkpoint_cached
 
         table, labels, relevant = self._table()
         cache = self.cache_dir or default_cache_dir()
         img, txt = encode_checkpoint_cached(out / "checkpoints" / "best.pt", table, cache)
+        if not units_path.is_file():
+            units_path.write_text(json.dumps(unit_figures(out / "checkpoints" / "best.pt", table, img, txt)))
+        units = json.loads(units_path.read_text())
+        if path.is_file():
+            return {**json.loads(path.read_text()), **units}
         figures = graded_metrics(img @ txt.T, labels, relevant)
         model = yaml.safe_load((out / "config.yaml").read_text())["model"]
         if model["local_dim"]:  # the hierarchical option: its local share swept after training
@@ -255,7 +312,7 @@ class Graded:
             for w, sim in mixes.items():
                 figures[f"mix_w{w:g}_rsum"] = retrieval_metrics(sim, table.caption_image)["rsum"]
         path.write_text(json.dumps(figures))
-        return figures
+        return {**figures, **units}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,8 +369,66 @@ def main(argv: list[str] | None = None) -> int:
     name = f"seed_methods_{args.tag}" if args.tag else "seed_methods"
     report = Report(name, argv, args.results, markdown=True, module="seed_methods")
     summaries = [_paper(report, p, runs, seeds) for p in papers]
+    summaries.append(_units(report, runs, seeds, arms))
     report.save({"runs": list(runs.values()), "papers": [s for s in summaries if s]})
     return 0
+
+
+UNITS_CLAIM = (
+    "retrieval units, an image fused with a caption and indexed as one vector, answer caption queries better than "
+    "the image alone (this project's summary of the seed 003 paper)"
+)
+
+
+def _units(
+    report: Report, runs: dict[tuple[str, int], dict[str, Any]], seeds: list[int], arms: list[str]
+) -> dict[str, Any] | None:
+    """The units section: leave-one-caption-out unit retrieval of the first arm whose runs have a unit head, each
+    fusion against the bare image and the trained fusion against normalize(v + t), paired over the seeds."""
+    key = "unit_caption_trained_rsum"
+    arm = next((a for a in arms if any(key in runs.get((a, s), {}) for s in seeds)), None)
+    if arm is None:
+        return None
+    got = {s: runs[(arm, s)] for s in seeds if key in runs.get((arm, s), {})}
+    report.line("")
+    report.line("### Multi-modal units (seed 003)")
+    report.line("")
+    report.line(f"Claim: {UNITS_CLAIM}. Measured on the `{arm}` runs (their unit head trains with `unit_hinge`).")
+    report.line("")
+    report.line(
+        f"| queries, units (val unit rSum, query left out of its unit) | {' | '.join(f'seed {s}' for s in got)} |"
+    )
+    report.line("|---" * (len(got) + 1) + "|")
+    for kind in ("caption", "keywords"):
+        for fusion in UNIT_FUSIONS:
+            cells = " | ".join(f"{r[f'unit_{kind}_{fusion}_rsum']:.1f}" for r in got.values())
+            report.line(f"| {kind}, {fusion} | {cells} |")
+    report.line("")
+    report.line("| comparison | paired differences | mean | 95 % interval | verdict |")
+    report.line("|---|---|---|---|---|")
+    summary: dict[str, Any] = {"paper": "units", "arm": arm, "comparisons": []}
+    for kind in ("caption", "keywords"):
+        for a, b in (("trained", "image"), ("sum", "image"), ("trained", "sum")):
+            diffs = [r[f"unit_{kind}_{a}_rsum"] - r[f"unit_{kind}_{b}_rsum"] for r in got.values()]
+            mean, low, high = paired_interval(diffs)
+            said = verdict(mean, low, high, None).replace(" (the paper claims no size comparable to this setting)", "")
+            report.line(
+                f"| {kind}: {a} − {b} | {', '.join(f'{d:+.1f}' for d in diffs)} | {mean:+.2f} | "
+                f"[{low:+.2f}, {high:+.2f}] | {said} |"
+            )
+            summary["comparisons"].append(
+                {
+                    "queries": kind,
+                    "arm": a,
+                    "against": b,
+                    "differences": diffs,
+                    "mean": mean,
+                    "low": low,
+                    "high": high,
+                    "verdict": said,
+                }
+            )
+    return summary
 
 
 def _mean(values: list[float]) -> float:

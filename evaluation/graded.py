@@ -77,3 +77,39 @@ def graded_metrics(sim: np.ndarray, labels: np.ndarray, relevant: np.ndarray) ->
         out[f"{direction}_r_precision"] = 100 * r_precision(s, rel)
         out[f"{direction}_tau_b"] = 100 * mean_kendall_tau_b(s, g)
     return out
+
+
+def unit_recall(
+    queries: np.ndarray,
+    units: np.ndarray,
+    spare_units: np.ndarray,
+    query_image: np.ndarray,
+    query_in_unit: np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> dict[str, float]:
+    """Recall@K of caption queries against one retrieval unit per image, the query never part of its own unit.
+
+    The gallery holds `units[i]` for every image i (built from one of its captions); a query whose own caption is
+    the one inside its image's unit (`query_in_unit`) is scored against `spare_units[i]` instead (the same image
+    fused with another of its captions), so no query finds itself (leave one caption out).
+
+    Args:
+        queries: (Q, D) query embeddings.
+        units: (N, D) the gallery's unit of each image.
+        spare_units: (N, D) each image's unit built from a different caption.
+        query_image: (Q,) image index of each query.
+        query_in_unit: (Q,) bool, the query's caption is the one in `units[query_image]`.
+        ks: The cut-offs K.
+
+    Returns:
+        `r{K}` for each K and `rsum`, in percent.
+    """
+    scores = queries @ units.T
+    rows = np.arange(len(queries))
+    own_unit = np.where(query_in_unit[:, None], spare_units[query_image], units[query_image])
+    own = (queries * own_unit).sum(axis=1)
+    scores[rows, query_image] = own
+    rank = (scores > own[:, None]).sum(axis=1)
+    out = {f"r{k}": 100.0 * float((rank < k).mean()) for k in ks}
+    out["rsum"] = sum(out[f"r{k}"] for k in ks)
+    return out

@@ -72,12 +72,23 @@ def test_seed_methods_runs_paired_seeds_and_reuses_them(synthetic_data: Path, tm
     table = (tmp_path / "results" / "seed_methods.md").read_text()
     assert "### HREM (seed 002)" in table and "vsepp+relation − vsepp" in table
     assert "local share swept after training" in table
+    # Units: every run with a unit head is scored leave-one-caption-out, with captions and keyword queries.
+    assert "### Multi-modal units (seed 003)" in table and "| keywords: trained − image |" in table
+    vsepp = runs[("vsepp", 0)]
+    assert all(0 <= vsepp[f"unit_{q}_{f}_r1"] <= 100 for q in ("caption", "keywords") for f in ("trained", "sum"))
+    assert "unit_caption_trained_r1" not in hier  # the hierarchical model has no unit head
     # The same seed trains the same batches and head initialisation: the baseline reruns to the same figures.
     config = (tmp_path / "runs" / "tiny-vsepp-s1" / "config.yaml").read_text()
     assert "seed: 1" in config and "dev_images: 4" in config
     assert seed_methods.main([*argv, "--report-only", "--tag", "again"]) == 0
     again = json.loads((tmp_path / "results" / "seed_methods_again.json").read_text())["rows"]
     assert again["papers"] == saved["papers"]
+
+
+def test_keyword_queries_keep_the_content_words_in_order() -> None:
+    from benchmarks.seed_methods import keyword_query
+
+    assert keyword_query("A black dog is running on the grass .") == "black dog running grass"
 
 
 def test_mix_sweep_recovers_both_parts_and_remixes_them() -> None:

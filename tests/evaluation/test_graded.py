@@ -47,3 +47,20 @@ def test_graded_metrics_score_both_directions_in_percent() -> None:
     assert out["t2i_tau_b"] == pytest.approx(100.0)
     worse = graded_metrics(-sim, labels, relevant)
     assert worse["i2t_map_r"] < 100 and worse["i2t_tau_b"] == pytest.approx(-100.0)
+
+
+def test_unit_recall_leaves_the_query_caption_out_of_its_own_unit() -> None:
+    from evaluation.graded import unit_recall
+
+    # Two images. Query 0 (image 0's caption inside units[0]) would match units[0] perfectly; it must be scored
+    # against spare_units[0] = (0, 1) instead, where image 1's unit (.8, .6) beats it: rank 1, a miss at R@1.
+    # Query 1 (image 0, not in units[0]) meets units[0] = (1, 0): .6 vs image 1's .8: also second.
+    # Query 2 (image 1, in units[1]) meets spare_units[1] = (.6, .8): 1.0 vs units[0] .0: first.
+    queries = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    units = np.array([[1.0, 0.0], [0.8, 0.6]])
+    spare = np.array([[0.0, 1.0], [0.6, 0.8]])
+    out = unit_recall(queries, units, spare, np.array([0, 0, 1]), np.array([True, False, True]), ks=(1, 2))
+    assert out == pytest.approx({"r1": 100 / 3, "r2": 100.0, "rsum": 100 / 3 + 100})
+    # Without leaving the caption out, query 0 would find itself first.
+    self_found = unit_recall(queries, units, units, np.array([0, 0, 1]), np.array([True, False, True]), ks=(1,))
+    assert self_found["r1"] == pytest.approx(200 / 3)
