@@ -49,10 +49,12 @@ ARMS: dict[str, list[str]] = {
     "vsepp+relation_self": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {connections: self}}"],
     # The earlier tables' form: the three relation hinges averaged (1 : 1).
     "vsepp+relation_mean": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {aggregate: mean}}"],
-    # BCLS as its authors' code weights it (label gap 0.3, rank weight 1), lexical image-level labels.
+    # BCLS as its authors' code weights it (label gap 0.3, rank weight 1), on labels independent of the text tower:
+    # lexical image-level ones for the rank term (mean over the image's captions) and the soft negatives (maximum).
     "bcls_lexical_gap0.3": [
         "losses={bcls: 1.0}",
-        "loss_kwargs={bcls: {kendall_weight: 1.0, kendall_kwargs: {labels: lexical, min_label_gap: 0.3}}}",
+        "loss_kwargs={bcls: {kendall_weight: 1.0, triplet_kwargs: {labels: lexical_max}, "
+        "kendall_kwargs: {labels: lexical, min_label_gap: 0.3}}}",
     ],
     "triplet_sn": OPTIONS["triplet_sn"],
     "adaptive_margin": OPTIONS["adaptive_margin_triplet"],
