@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.report_only:
                     continue
                 argv_run = ["--recipe", args.recipe, "--data", args.data, "--out", str(out)]
+                if (out / "checkpoints" / "last.pt").is_file():  # an interrupted run continues where it stopped
+                    argv_run.append("--resume")
                 sets = [f"seed={seed}", f"epochs={args.epochs}", f"dev_images={args.dev_images}"]
                 for item in [*ARMS[arm], *sets, *args.overrides]:
                     argv_run += ["--set", item]

@@ -23,6 +23,7 @@ from trainer.losses import (
     positive_mask,
     register_loss,
 )
+from trainer.losses.base import _OPTIONAL_FIELDS
 from trainer.model import ModelSpec
 
 
@@ -173,16 +174,7 @@ def test_combined_loss_config_errors(
         CombinedLoss(weights, kwargs)
 
 
-_OPTIONAL = (
-    "text_sim",
-    "image_text_sim",
-    "image_lexical_sim",
-    "image_lexical_max_sim",
-    "image_local",
-    "text_local",
-    "local_sim",
-    "unit",
-)
+_OPTIONAL = _OPTIONAL_FIELDS  # every optional field; _full_inputs sets them all
 
 # Every loss as in _CASES, plus the arguments that change what a loss reads.
 _VARIANTS = [(name, kwargs) for name, (kwargs, _) in sorted(_CASES.items())] + [
