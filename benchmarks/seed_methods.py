@@ -47,6 +47,8 @@ ARMS: dict[str, list[str]] = {
     "vsepp+relation": OPTIONS["vsepp+relation"],
     # The control: the same module and hinges, every instance attending only to itself.
     "vsepp+relation_self": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {connections: self}}"],
+    # HREM's relevance relation as a bias on the attention logits (mask_weight 1, distance form).
+    "vsepp+relation_relevance": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {relevance_weight: 1.0}}"],
     # The earlier tables' form: the three relation hinges averaged (1 : 1).
     "vsepp+relation_mean": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {aggregate: mean}}"],
     # BCLS as its authors' code weights it (label gap 0.3, rank weight 1), on labels independent of the text tower:

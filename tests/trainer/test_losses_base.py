@@ -187,6 +187,7 @@ _VARIANTS = [(name, kwargs) for name, (kwargs, _) in sorted(_CASES.items())] + [
     ("bcls", {"triplet_kwargs": {"labels": "lexical"}, "kendall_kwargs": {"labels": "lexical_max"}}),
     ("vsepp_triplet", {"mining": "distance_weighted"}),
     ("relation", {"dim": 8, "num_heads": 2, "connections": "self"}),
+    ("relation", {"dim": 8, "num_heads": 2, "relevance_weight": 1.0}),
 ]
 
 

@@ -150,3 +150,25 @@ def test_self_only_control_attends_to_nothing_but_itself() -> None:
         assert torch.allclose(before[1][:3], after[1][:3], atol=1e-6) == (not others_change)
     with pytest.raises(ValueError, match="connections"):
         RelationModule(dim=8, num_heads=2, connections="all")
+
+
+def test_relevance_bias_adds_exp_distance_to_connected_logits_only() -> None:
+    from trainer.losses.relation import relevance_bias
+
+    # Image (1, 0), caption (0, 1): distance sqrt 2 between them, 0 to themselves.
+    image, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    blocked = torch.tensor([[False, True], [False, False]])
+    bias = relevance_bias(image, text, blocked, weight=2.0, sigma=1.0)
+    assert bias[0, 0].item() == pytest.approx(2.0) and bias[1, 1].item() == pytest.approx(2.0)
+    assert bias[1, 0].item() == pytest.approx(2.0 * math.exp(-math.sqrt(2)))
+    assert bias[0, 1].item() == float("-inf")
+    # In the module, the bias changes the output (weight 0 is the plain mask).
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(4, 8), dim=-1)
+    txt = F.normalize(torch.randn(4, 8), dim=-1)
+    outs = []
+    for weight in (0.0, 5.0):
+        torch.manual_seed(1)
+        module = RelationModule(dim=8, num_heads=2, dropout=0.0, layer_scale=1.0, relevance_weight=weight).eval()
+        outs.append(module(img, txt, torch.arange(4))[0])
+    assert not torch.allclose(outs[0], outs[1])

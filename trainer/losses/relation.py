@@ -35,7 +35,8 @@ class _Block(nn.Module):
         self.gamma_ff = nn.Parameter(torch.full((dim,), layer_scale))
 
     def forward(self, x: Tensor, blocked: Tensor) -> Tensor:
-        """(N, D) set, (N, N) bool mask (True: query row may not attend to key column) -> (N, D)."""
+        """(N, D) set, (N, N) bool mask (True: query row may not attend to key column) or float bias added to the
+        attention logits (-inf: may not attend) -> (N, D)."""
         h = self.norm_attn(x).unsqueeze(0)
         x = x + self.gamma_attn * self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0].squeeze(0)
         return x + self.gamma_ff * self.ff(self.norm_ff(x))
@@ -65,6 +66,17 @@ def connection_mask(image: Tensor, text: Tensor, fraction: float) -> Tensor:
         )
         connect |= torch.eye(connect.shape[0], dtype=torch.bool, device=connect.device)
     return ~connect
+
+
+def relevance_bias(image: Tensor, text: Tensor, blocked: Tensor, weight: float, sigma: float = 1.0) -> Tensor:
+    """HREM's attention mask with relevance: ``weight * exp(-||a - b|| / sigma)`` for every connected pair of the
+    ``[images; captions]`` set, ``-inf`` for blocked ones ((2B, 2B) float, added to the attention logits).
+
+    The relevance is computed without gradient from the current embeddings (as the connections are)."""
+    with torch.no_grad():
+        x = torch.cat([image, text], dim=0).float()
+        relevance = weight * torch.exp(-torch.cdist(x, x) / sigma)
+    return relevance.to(image.dtype).masked_fill(blocked, float("-inf"))
 
 
 CONNECTIONS = ("similarity", "self")
@@ -106,6 +118,11 @@ class RelationModule(nn.Module):
         connections: ``similarity`` (HREM's connections, ``connection_mask``) or ``self``: the control in which
             every instance attends only to itself, so the module is a per-instance transform with the same
             parameters and the loss the same extra hinges, but no relation between instances.
+        relevance_weight: HREM's relevance relation as a bias on the attention logits of connected pairs,
+            ``relevance_weight * exp(-||a - b|| / sigma)`` (``relevance_bias``; 0: off, HREM's ``mask_weight`` 1).
+            HREM's inter-modal relevance is learned from fragment matches and regularised towards this distance
+            form; here all four blocks use the distance form itself, so there is nothing to regularise.
+        sigma: Distance scale of the relevance.
     """
 
     def __init__(
@@ -118,8 +135,13 @@ class RelationModule(nn.Module):
         connect_fraction: float = 0.5,
         num_layers: int = 1,
         connections: str = "similarity",
+        relevance_weight: float = 0.0,
+        sigma: float = 1.0,
     ) -> None:
         super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.relevance_weight, self.sigma = relevance_weight, sigma
         if dim % num_heads:
             raise ValueError(f"num_heads ({num_heads}) must divide dim ({dim})")
         if connections not in CONNECTIONS:
@@ -146,9 +168,12 @@ class RelationModule(nn.Module):
             blocked = ~torch.eye(2 * image.shape[0], dtype=torch.bool, device=image.device)
         else:
             blocked = connection_mask(image, text, self.connect_fraction)
+        mask: Tensor = blocked
+        if self.relevance_weight:
+            mask = relevance_bias(image, text, blocked, self.relevance_weight, self.sigma)
         x = torch.cat([image, text], dim=0) * self.scale
         for block in self.blocks:
-            x = block(x, blocked)
+            x = block(x, mask)
         image_out, text_out = x.split(image.shape[0], dim=0)
         return F.normalize(image_out, dim=-1), F.normalize(text_out, dim=-1)
 
@@ -200,6 +225,7 @@ class RelationLoss(EmbeddingLoss):
         connect_fraction: See ``RelationModule``.
         connections: See ``RelationModule`` (``self``: the control arm without relations).
         aggregate: ``sum`` (HREM) or ``mean`` of the three relation hinges.
+        relevance_weight: See ``RelationModule`` (0: no relevance bias).
         module: A prebuilt relation module (anything mapping (image, text, image_ids) to enhanced (image, text));
             overrides ``dim``, ``num_heads``, ``dropout`` and ``connect_fraction``.
     """
@@ -228,6 +254,7 @@ class RelationLoss(EmbeddingLoss):
         connect_fraction: float = 0.5,
         connections: str = "similarity",
         aggregate: str = "sum",
+        relevance_weight: float = 0.0,
         module: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -243,7 +270,12 @@ class RelationLoss(EmbeddingLoss):
             module
             if module is not None
             else RelationModule(
-                dim, num_heads=num_heads, dropout=dropout, connect_fraction=connect_fraction, connections=connections
+                dim,
+                num_heads=num_heads,
+                dropout=dropout,
+                connect_fraction=connect_fraction,
+                connections=connections,
+                relevance_weight=relevance_weight,
             )
         )
         self.margin = margin
