@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -356,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             if not ((args.reuse or args.report_only) and finished(out)):
                 if args.report_only:
                     continue
+                if not _claim(out):
+                    logger.info("%s seed %d is being trained by another process: skipped", arm, seed)
+                    continue
                 argv_run = ["--recipe", args.recipe, "--data", args.data, "--out", str(out)]
                 if (out / "checkpoints" / "last.pt").is_file():  # an interrupted run continues where it stopped
                     argv_run.append("--resume")
@@ -368,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # one failing run must not hide the others' figures
                     logger.error("%s seed %d failed: %s", arm, seed, exc)
                     continue
+                finally:
+                    (out / CLAIM).unlink(missing_ok=True)
                 logger.info("%s seed %d: %.0f s", arm, seed, time.perf_counter() - t0)
             runs[(arm, seed)] = {"arm": arm, "seed": seed, **run_figures(out)}
             if graded is not None:
@@ -435,6 +441,32 @@ def _units(
                 }
             )
     return summary
+
+
+CLAIM = "training.pid"
+"""A run directory's claim file: the pid of the process training it, so several drivers can share `--out`."""
+
+
+def _claim(out: Path) -> bool:
+    """Claims `out` for this process (False when a live process holds it; a dead process's claim is taken over)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CLAIM
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or "0"), 0)
+                return False  # the holder is alive
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)  # a stale claim
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def _mean(values: list[float]) -> float:

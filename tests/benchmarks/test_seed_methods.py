@@ -110,3 +110,18 @@ def test_mix_sweep_recovers_both_parts_and_remixes_them() -> None:
     assert sims[0.5] == pytest.approx(0.5 * gi @ gt.T + 0.5 * li @ lt.T)
     with pytest.raises(ValueError, match="local_weight"):
         mix_sweep(served_i, served_t, dim=4, trained_weight=0.0)
+
+
+def test_a_run_directory_is_claimed_by_one_live_process(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.seed_methods import CLAIM, _claim
+
+    assert _claim(tmp_path / "r")  # free: claimed
+    assert (tmp_path / "r" / CLAIM).read_text() == str(os.getpid())
+    assert not _claim(tmp_path / "r")  # held by a live process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "r" / CLAIM).write_text(dead.stdout.strip())
+    assert _claim(tmp_path / "r")  # a finished process's claim is stale: taken over
