@@ -50,6 +50,8 @@ ARMS: dict[str, list[str]] = {
     "vsepp+relation_self": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {connections: self}}"],
     # HREM's relevance relation as a bias on the attention logits (mask_weight 1, distance form).
     "vsepp+relation_relevance": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {relevance_weight: 1.0}}"],
+    # HREM's neighbour batches (k-means clusters of images, from epoch 2; image-major batches).
+    "vsepp+relation_neighbours": [*OPTIONS["vsepp+relation"], "neighbour_batches_from=2"],
     # The earlier tables' form: the three relation hinges averaged (1 : 1).
     "vsepp+relation_mean": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {aggregate: mean}}"],
     # BCLS as its authors' code weights it (label gap 0.3, rank weight 1), on labels independent of the text tower:

@@ -125,3 +125,17 @@ def test_a_run_directory_is_claimed_by_one_live_process(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "r" / CLAIM).write_text(dead.stdout.strip())
     assert _claim(tmp_path / "r")  # a finished process's claim is stale: taken over
+
+
+def test_every_arm_and_paper_is_a_valid_config() -> None:
+    from benchmarks.seed_methods import ARMS, PAPERS
+    from trainer.config import load_config
+    from trainer.losses import CombinedLoss
+    from trainer.train import resolve_sampling
+
+    for arm, overrides in ARMS.items():
+        cfg = resolve_sampling(load_config("quick", None, [*overrides, "dev_images=500"]))
+        CombinedLoss(cfg.loss.weights_for(cfg.model), cfg.loss.kwargs, model=cfg.model)  # builds: kwargs are valid
+        assert cfg.data.dev_images == 500, arm
+    for paper in PAPERS:
+        assert {paper.method, *paper.baselines, *paper.controls} <= set(ARMS), paper.key
