@@ -384,8 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(name, argv, args.results, markdown=True, module="seed_methods")
     summaries = [_paper(report, p, runs, seeds) for p in papers]
     summaries.append(_units(report, runs, seeds, arms))
-    report.save({"runs": list(runs.values()), "papers": [s for s in summaries if s]})
+    report.save(json_safe({"runs": list(runs.values()), "papers": [s for s in summaries if s]}))
     return 0
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN float (an interval of one pair, a dev figure of a run without dev split) as None, so
+    the results file is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 UNITS_CLAIM = (
@@ -428,7 +440,7 @@ def _units(
             said = verdict(mean, low, high, None).replace(" (the paper claims no size comparable to this setting)", "")
             report.line(
                 f"| {kind}: {a} − {b} | {', '.join(f'{d:+.1f}' for d in diffs)} | {mean:+.2f} | "
-                f"[{low:+.2f}, {high:+.2f}] | {said} |"
+                f"{_interval(low, high)} | {said} |"
             )
             summary["comparisons"].append(
                 {
@@ -469,6 +481,11 @@ def _claim(out: Path) -> bool:
             f.write(str(os.getpid()))
         return True
     return False
+
+
+def _interval(low: float, high: float) -> str:
+    """An interval as the table prints it ("–" when there is none: one pair)."""
+    return "–" if math.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
 
 
 def _mean(values: list[float]) -> float:
@@ -533,7 +550,7 @@ def _paper(
             said = said.replace(" (the paper claims no size comparable to this setting)", "")
         report.line(
             f"| {arm} − {other} | {','.join(map(str, both))} | {', '.join(f'{d:+.1f}' for d in diffs)} | "
-            f"{mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {lmean:+.2f} [{llow:+.2f}, {lhigh:+.2f}] | {said} |"
+            f"{mean:+.2f} | {_interval(low, high)} | {lmean:+.2f} {_interval(llow, lhigh)} | {said} |"
         )
         summary["comparisons"].append(
             {

@@ -139,3 +139,15 @@ def test_every_arm_and_paper_is_a_valid_config() -> None:
         assert cfg.data.dev_images == 500, arm
     for paper in PAPERS:
         assert {paper.method, *paper.baselines, *paper.controls} <= set(ARMS), paper.key
+
+
+def test_results_are_strict_json() -> None:
+    from benchmarks.seed_methods import json_safe
+
+    row = {"mean": 1.0, "low": math.nan, "pairs": [math.nan, 2.0], "arm": "vsepp"}
+    assert json.loads(json.dumps(json_safe(row), allow_nan=False)) == {
+        "mean": 1.0,
+        "low": None,
+        "pairs": [None, 2.0],
+        "arm": "vsepp",
+    }
