@@ -51,6 +51,11 @@ class DataConfig:
     """Use at most this many training images (0: all)."""
     val_limit: int = 0
     """Use at most this many validation images (0: all)."""
+    dev_images: int = 0
+    """Hold out the last N images of the training split (after `train_limit`) as a dev split: they are never
+    trained on, and the epoch kept as best.pt is chosen by their rSum instead of the validation split's, so the
+    validation figures of the chosen epoch are not selected on themselves (0: select on `val_split`, the old
+    protocol). The held-out images come from the full training split's feature cache, which stays valid."""
     sampling: str = "auto"
     """Batch composition: auto | caption | image. caption: `batch_size` random captions (an image may repeat); image:
     `batch_size` random images with all their captions, so each image goes through its tower once for ~5 captions
@@ -80,6 +85,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.sampling in SAMPLINGS, f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         _check(self.train_limit >= 0 and self.val_limit >= 0, "limits must be >= 0")
+        _check(self.dev_images >= 0, f"dev_images must be >= 0, got {self.dev_images}")
         _check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
         _check(self.neighbour_batches_from >= 0 and self.neighbour_clusters >= 1, "neighbour_* must be >= 0 / >= 1")
         _check(
@@ -239,6 +245,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, cls in GROUPS.items():
             _check(isinstance(getattr(self, name), cls), f"TrainConfig.{name} must be a {cls.__name__}")
+        _check(
+            not (self.data.dev_images and self.model.flip_average),
+            "dev_images cannot be combined with flip_average (the training cache holds no mirrored views)",
+        )
 
     @property
     def resolved_train_image_size(self) -> int:

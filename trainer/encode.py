@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from trainer.data.cache import cached_features
 from trainer.data.captions import CaptionTable
-from trainer.data.sources import Source
+from trainer.data.sources import CachedSource, Source
 from trainer.model import DualEncoder, mirror_mean
+
+
+def split_points(model: DualEncoder, image_trainable_stages: int, text_trainable_layers: int) -> tuple[int, int]:
+    """(image_split, text_split): where each tower's trained part starts, i.e. where its frozen activations are
+    cached, for `optim.image_trainable_stages` and `optim.text_trainable_layers`."""
+    image_split = model.image.num_stages - min(image_trainable_stages, model.image.num_stages)
+    return image_split, max(1, model.text.num_stages - text_trainable_layers)
 
 
 def _chunks(n: int, batch_size: int) -> list[np.ndarray]:
@@ -66,3 +76,19 @@ def encode_split(
         txt_out.append(model.text.forward_from(hidden.to(device).float(), mask.to(device), text_split).float().cpu())
     model.train(was_training)
     return images, torch.cat(txt_out).numpy()
+
+
+def encode_checkpoint_cached(
+    checkpoint: Path, table: CaptionTable, cache_dir: Path, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training checkpoint's served embeddings of a split, from that split's frozen activations in the feature
+    cache (computed there on a miss), as its validation during training measured them."""
+    from trainer.checkpoint import load_checkpoint  # trainer.checkpoint imports the config, which imports this
+
+    loaded = load_checkpoint(checkpoint)
+    model, optim = loaded.model, loaded.config["optim"]
+    splits = split_points(model, optim["image_trainable_stages"], optim["text_trainable_layers"])
+    mirror = model.spec.flip_average
+    store = cached_features(model, table, *splits, cache_dir, batch_size, desc="eval", mirror=mirror)
+    assert store is not None  # build=True computes a missing cache
+    return encode_split(model, CachedSource(store), table, *splits, batch_size, torch.device("cpu"))

@@ -3,7 +3,8 @@
 The losses' optional inputs come from two places: the model (the unit head's `unit`, the hierarchical option's
 `image_local` / `text_local`) and the data (`text_sim`: frozen sentence-embedding similarities stored in the feature
 cache; `image_text_sim`: the same embeddings averaged over each image's captions; `local_sim`: lexical similarities of
-the captions; `image_lexical_sim`: those averaged over each image's captions). The trainer asks the combined loss
+the captions; `image_lexical_sim`: those averaged over each image's captions; `image_lexical_max_sim`: their
+maximum). The trainer asks the combined loss
 what it requires, checks here that the model and the data can provide it, and builds only those labels for each
 gathered batch.
 """
@@ -51,6 +52,7 @@ class PairLabels:
             "image_text_sim": self._image_text_similarity,
             "local_sim": self._lexical_similarity,
             "image_lexical_sim": self._image_lexical_similarity,
+            "image_lexical_max_sim": self._image_lexical_max_similarity,
         }
         self.builders = {name: build for name, build in builders.items() if name in loss.requires}
         for name in ("text_sim", "image_text_sim"):
@@ -86,11 +88,19 @@ class PairLabels:
         return torch.from_numpy(lexical_similarity(captions, captions))
 
     def _image_lexical_similarity(self, rows: np.ndarray) -> Tensor:
-        # Every caption of each row's image against the batch's captions, then the mean over each image's run.
+        sim, offsets, counts = self._image_lexical_runs(rows)
+        return torch.from_numpy(np.add.reduceat(sim, offsets, axis=0) / counts[:, None].astype(np.float32))
+
+    def _image_lexical_max_similarity(self, rows: np.ndarray) -> Tensor:
+        sim, offsets, _ = self._image_lexical_runs(rows)
+        return torch.from_numpy(np.maximum.reduceat(sim, offsets, axis=0))
+
+    def _image_lexical_runs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every caption of each row's image against the batch's captions (lexical similarity), with the start and
+        length of each image's run of rows, for a mean or maximum over each run."""
         images = self.caption_image[rows]
         starts, ends = self.table.caption_spans(images)
         counts = ends - starts
         owned = self.table.captions_of(images)
         sim = lexical_similarity([self.captions[k] for k in owned], [self.captions[k] for k in rows])
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        return torch.from_numpy(np.add.reduceat(sim, offsets, axis=0) / counts[:, None].astype(np.float32))
+        return sim, np.concatenate([[0], np.cumsum(counts)[:-1]]), counts

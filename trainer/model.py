@@ -239,11 +239,12 @@ class ImageTower(nn.Module):
         pooling: str = "mean",
         local_dim: int = 0,
         dropout: float = 0.0,
+        local_weight: float = 0.2,
     ) -> None:
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.pool = build_pooling(pooling)
-        self.head = Projection(channels, dim, local_dim, dropout=dropout)
+        self.head = Projection(channels, dim, local_dim, local_weight, dropout)
 
     @property
     def num_stages(self) -> int:
@@ -361,12 +362,13 @@ class TextTower(nn.Module):
         pooling: str = "mean",
         local_dim: int = 0,
         dropout: float = 0.0,
+        local_weight: float = 0.2,
     ) -> None:
         super().__init__()
         self.embedding = embedding
         self.layers = nn.ModuleList(layers)
         self.pool = build_pooling(pooling)
-        self.head = Projection(width, dim, local_dim, dropout=dropout)
+        self.head = Projection(width, dim, local_dim, local_weight, dropout)
 
     @property
     def num_stages(self) -> int:
@@ -473,6 +475,10 @@ class ModelSpec:
     local_dim: int = 0
     """Hierarchical option: local embedding size (trained with the `local_similarity` loss on lexical labels),
     concatenated to the global one in the served vector. Needs with_unit=false. 0: off."""
+    local_weight: float = 0.2
+    """Hierarchical option: w, the local part's share of the served cosine, `(1 - w) cos_global + w cos_local` (the
+    served vector is `[sqrt(1 - w) global, sqrt(w) local]`). Training does not depend on it (the two parts have
+    their own losses), so it can be swept after training (`benchmarks.seed_methods.mix_sweep`)."""
     head_dropout: float = 0.0
     """Dropout on pooled backbone features before the projection heads (regularises heads on frozen features)."""
     flip_average: bool = False
@@ -489,6 +495,8 @@ class ModelSpec:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.dim < 2 or self.max_tokens < 3 or self.local_dim < 0:
             raise ConfigError(f"dim >= 2, max_tokens >= 3 and local_dim >= 0 required, got {self}")
+        if not 0.0 <= self.local_weight <= 1.0:
+            raise ConfigError(f"local_weight must be in [0, 1], got {self.local_weight}")
         if self.image_size != 0 and self.image_size < 8:
             raise ConfigError(f"image_size must be 0 (native) or >= 8, got {self.image_size}")
         if self.local_dim and self.with_unit:
@@ -519,7 +527,9 @@ class DualEncoder(nn.Module):
             stages, channels = _tiny_image_stages()
         else:
             stages, channels = _efficientnet_lite_stages(spec.image_backbone, spec.pretrained)
-        self.image = ImageTower(stages, channels, spec.dim, spec.pooling, spec.local_dim, spec.head_dropout)
+        self.image = ImageTower(
+            stages, channels, spec.dim, spec.pooling, spec.local_dim, spec.head_dropout, spec.local_weight
+        )
         if spec.text_backbone == "tiny":
             from tokenizers import Tokenizer
 
@@ -529,7 +539,9 @@ class DualEncoder(nn.Module):
             layers: list[nn.Module] = [TinyTextLayer(width)]
         else:
             embedding, layers, width = _minilm_stages(spec.pretrained)
-        self.text = TextTower(embedding, layers, width, spec.dim, spec.pooling, spec.local_dim, spec.head_dropout)
+        self.text = TextTower(
+            embedding, layers, width, spec.dim, spec.pooling, spec.local_dim, spec.head_dropout, spec.local_weight
+        )
         self.unit = UnitHead(spec.dim) if spec.with_unit else None
 
     @property

@@ -50,7 +50,7 @@ from trainer.data import (
     pack_batches,
 )
 from trainer.distributed import gather_rows, shard_batch
-from trainer.encode import encode_images, encode_split
+from trainer.encode import encode_images, encode_split, split_points
 from trainer.labels import PairLabels, check_model_provides
 from trainer.losses import CombinedLoss, LossInputs
 from trainer.losses.base import needed_sampling
@@ -154,18 +154,28 @@ class Trainer:
         _seed_everything(cfg.run.seed)
         data = cfg.data
         root = Path(data.path) if data.path else default_data_root()
-        self.train_table = CaptionTable.from_images(
+        # The full training split (its feature cache is shared by every run) and, with dev_images, its held-out
+        # tail: the dev split the epoch is chosen on, never trained on.
+        self.full_train_table = CaptionTable.from_images(
             load_captioned_images(root, data.train_split, data.train_limit or None)
         )
+        self.train_table, self.dev_table = self.full_train_table, None
+        if data.dev_images:
+            n_train = len(self.full_train_table.images)
+            if data.dev_images >= n_train:
+                raise ConfigError(f"dev_images={data.dev_images} must be below the {n_train} training images")
+            self.train_table, self.dev_table = self.full_train_table.split_last(data.dev_images)
         self.val_table = CaptionTable.from_images(load_captioned_images(root, data.val_split, data.val_limit or None))
         if not self.train_table.images or not self.val_table.images:
             raise ConfigError(f"{root}: splits {data.train_split!r} and {data.val_split!r} must both be non-empty")
 
         self.model = DualEncoder(cfg.model).to(self.device)
         optim = cfg.optim
-        self.image_split = self.model.image.num_stages - min(optim.image_trainable_stages, self.model.image.num_stages)
-        self.text_split = max(1, self.model.text.num_stages - optim.text_trainable_layers)
+        self.image_split, self.text_split = split_points(
+            self.model, optim.image_trainable_stages, optim.text_trainable_layers
+        )
         self.train_sentence: Tensor | None = None
+        self.dev_source: Source | None = None
         self.train_source, self.val_source = self._sources()
         self.loss = CombinedLoss(cfg.loss.weights_for(cfg.model), cfg.loss.kwargs, model=cfg.model)
         # The losses say which optional inputs they read: the model must produce them, the data provide the labels.
@@ -210,9 +220,15 @@ class Trainer:
         seed = cfg.run.seed + self.rank
         if not cfg.cache.features:
             pixels = PixelSource(self.model, self.train_table, self.image_split, self.text_split, seed, train_pre)
+            if self.dev_table is not None:
+                self.dev_source = PixelSource(self.model, self.dev_table, self.image_split, self.text_split)
             return pixels, PixelSource(self.model, self.val_table, self.image_split, self.text_split)
         cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else default_cache_dir()
-        train = self._cached(self.train_table, "train", cfg.cache.views, train_pre, False, cache_dir)
+        train = self._cached(self.full_train_table, "train", cfg.cache.views, train_pre, False, cache_dir)
+        if self.dev_table is not None:  # the held-out tail of the full split's cache (views of it, no copy)
+            n_images, n_captions = len(self.train_table.images), len(self.train_table.captions)
+            self.dev_source = CachedSource(train.rows(slice(n_images, None), slice(n_captions, None)))
+            train = train.rows(slice(0, n_images), slice(0, n_captions))
         # Flip-averaged validation needs the mirrored view.
         val = self._cached(self.val_table, "val", 1, served, cfg.model.flip_average, cache_dir)
         self.train_sentence = train.sentence
@@ -303,9 +319,13 @@ class Trainer:
                 train_s = round(time.perf_counter() - t0, 2)
                 with self._averaged():  # validate (and keep as best.pt) the averaged weights when ema_decay > 0
                     metrics = self.evaluate()
-                    improved = metrics["rsum"] > self.best_rsum
-                    if improved:  # select the checkpoint by validation rSum
-                        self.best_rsum, best = metrics["rsum"], metrics
+                    if self.dev_source is not None and self.dev_table is not None:
+                        dev = self.evaluate(self.dev_source, self.dev_table)
+                        metrics.update({f"dev_{k}": v for k, v in dev.items()})
+                    # The checkpoint is selected by the dev split's rSum when there is one, else by validation's.
+                    score = metrics.get("dev_rsum", metrics["rsum"])
+                    if score > self.best_rsum:
+                        self.best_rsum, best = score, metrics
                         self._save("best.pt", epoch, metrics)
                 trained = {f"train_{k}": v for k, v in terms.items()}
                 record = {"epoch": epoch + 1, "step": self.step, "train_s": train_s, **trained, **metrics}
@@ -394,12 +414,13 @@ class Trainer:
                 module.train()
 
     # ------------------------------------------------------------------------------------------------ evaluate
-    def evaluate(self) -> dict[str, float]:
-        """Validation R@1/5/10 both ways, rSum and ranks, with positives found by image id."""
+    def evaluate(self, source: Source | None = None, table: CaptionTable | None = None) -> dict[str, float]:
+        """R@1/5/10 both ways, rSum and ranks of a split (default: validation), positives found by image id."""
+        source, table = source or self.val_source, table or self.val_table
         splits, batch_size = (self.image_split, self.text_split), self.cfg.run.encode_batch_size
         with self._autocast():
-            img, txt = encode_split(self.model, self.val_source, self.val_table, *splits, batch_size, self.device)
-        return retrieval_metrics(img @ txt.T, self.val_table.caption_image)
+            img, txt = encode_split(self.model, source, table, *splits, batch_size, self.device)
+        return retrieval_metrics(img @ txt.T, table.caption_image)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _save(self, name: str, epoch: int, metrics: dict[str, float]) -> None:

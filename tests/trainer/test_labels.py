@@ -53,6 +53,15 @@ def test_lexical_image_labels_average_the_jaccard_over_the_image_captions() -> N
     assert_close(built, torch.stack([jaccard[own][:, rows].mean(dim=0) for own in owners]))
     # "kids kick a ball on grass" shares "grass" with the dog captions, nothing with the climber's.
     assert built[1, 0] > 0 and built[2, 0] == 0
+    # The image-level maximum: the caption's best match among the image's captions, for BCLS's labels and its
+    # soft negatives alike (a source independent of the text tower, so no feature cache either).
+    both = CombinedLoss(
+        {"bcls": 1.0}, {"bcls": {"triplet_kwargs": {"labels": "lexical_max"}, "kendall_kwargs": {"labels": "lexical"}}}
+    )
+    assert both.requires == {"image_lexical_sim", "image_lexical_max_sim"}
+    built_max = PairLabels(both, _TABLE, None)(rows, torch.device("cpu"))["image_lexical_max_sim"]
+    assert_close(built_max, torch.stack([jaccard[own][:, rows].max(dim=0).values for own in owners]))
+    assert (built_max >= built - 1e-6).all()
 
 
 def test_only_the_labels_some_loss_reads_are_built() -> None:

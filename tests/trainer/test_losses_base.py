@@ -23,6 +23,7 @@ from trainer.losses import (
     positive_mask,
     register_loss,
 )
+from trainer.losses.base import _OPTIONAL_FIELDS
 from trainer.model import ModelSpec
 
 
@@ -39,6 +40,7 @@ def _full_inputs(requires_grad: bool = True) -> LossInputs:
     local_sim = torch.rand(6, 6, generator=gen).fill_diagonal_(1.0)
     image_text_sim = torch.rand(6, 6, generator=gen)
     image_lexical_sim = torch.rand(6, 6, generator=gen)
+    image_lexical_max_sim = torch.maximum(image_lexical_sim, torch.rand(6, 6, generator=gen))
     return LossInputs(
         image=unit_rows(),
         text=unit_rows(),
@@ -47,6 +49,7 @@ def _full_inputs(requires_grad: bool = True) -> LossInputs:
         text_sim=text_sim,
         image_text_sim=image_text_sim,
         image_lexical_sim=image_lexical_sim,
+        image_lexical_max_sim=image_lexical_max_sim,
         image_local=unit_rows(4),
         text_local=unit_rows(4),
         local_sim=local_sim,
@@ -60,6 +63,7 @@ _CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "vsepp_triplet": ({"margin": 0.5}, ("image", "text")),
     "adaptive_margin_triplet": ({"margin": 0.5}, ("image", "text")),
     "center": ({}, ("image", "text")),
+    "concept_center": ({"dim": 8}, ("image", "text")),
     "soft_negative_triplet": ({"margin": 0.5}, ("image", "text")),
     "kendall_rank": ({}, ("image", "text")),
     "bcls": ({"triplet_kwargs": {"margin": 0.5}}, ("image", "text")),
@@ -170,7 +174,7 @@ def test_combined_loss_config_errors(
         CombinedLoss(weights, kwargs)
 
 
-_OPTIONAL = ("text_sim", "image_text_sim", "image_lexical_sim", "image_local", "text_local", "local_sim", "unit")
+_OPTIONAL = _OPTIONAL_FIELDS  # every optional field; _full_inputs sets them all
 
 # Every loss as in _CASES, plus the arguments that change what a loss reads.
 _VARIANTS = [(name, kwargs) for name, (kwargs, _) in sorted(_CASES.items())] + [
@@ -178,6 +182,12 @@ _VARIANTS = [(name, kwargs) for name, (kwargs, _) in sorted(_CASES.items())] + [
     ("kendall_rank", {"labels": "lexical"}),
     ("bcls", {"kendall_kwargs": {"labels": "image"}}),
     ("soft_negative_triplet", {"mining": "semi_hard"}),
+    ("soft_negative_triplet", {"labels": "lexical_max"}),
+    ("kendall_rank", {"labels": "lexical_max"}),
+    ("bcls", {"triplet_kwargs": {"labels": "lexical"}, "kendall_kwargs": {"labels": "lexical_max"}}),
+    ("vsepp_triplet", {"mining": "distance_weighted"}),
+    ("relation", {"dim": 8, "num_heads": 2, "connections": "self"}),
+    ("relation", {"dim": 8, "num_heads": 2, "relevance_weight": 1.0}),
 ]
 
 

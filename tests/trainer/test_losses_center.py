@@ -51,3 +51,29 @@ def test_center_gradients() -> None:
     CenterLoss()(LossInputs(image, text, torch.tensor([0, 0, 1, 1])))["center"].backward()
     for grad in (image.grad, text.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_concept_centres_are_learned_and_pull_each_pair_to_its_nearest() -> None:
+    from trainer.losses import ConceptCenterLoss
+
+    loss = ConceptCenterLoss(dim=2, num_concepts=2)
+    with torch.no_grad():
+        loss.centres.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))  # unit-normalised when used: (1,0), (0,1)
+    a = 1 / math.sqrt(2)
+    # Pair 0 (image (1,0), caption (a,a)): mean direction nearer (1,0); pair 1 ((0,1), (0,1)): nearer (0,1).
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    text = torch.tensor([[a, a], [0.0, 1.0]])
+    inputs = LossInputs(image=image, text=text, image_ids=torch.tensor([0, 1]))
+    assert loss.assign(image, text).tolist() == [0, 1]
+    # Pair 0: ||(1,0)-(1,0)||² = 0, ||(a,a)-(1,0)||² = 2 - 2a; pair 1: 0 + 0. Mean over rows of half the sum.
+    out = loss(inputs)["concept_center"]
+    assert_close(out, torch.tensor((2 - 2 * a) / 2 / 2))
+    out.backward()
+    assert loss.centres.grad is not None and loss.centres.grad[0].abs().sum() > 0  # the centre learns
+    assert loss.centres.grad[1].abs().sum() == 0  # pair 1 sits on its centre already
+    # Built by name with the model's dim, its centres are trained parameters of the combined loss.
+    from trainer.losses import CombinedLoss
+    from trainer.model import ModelSpec
+
+    combined = CombinedLoss({"concept_center": 0.1}, model=ModelSpec(dim=32))
+    assert [p.shape for p in combined.parameters()] == [torch.Size([64, 32])]

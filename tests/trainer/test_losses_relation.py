@@ -37,14 +37,19 @@ class _Identity(nn.Module):
 def test_identity_relation_gives_vsepp_and_zero_consistency() -> None:
     # With enhanced == initial the triplet is plain VSE++ (margin .7, distinct ids: 2.2/3, see the triplet tests)
     # and the two similarity distributions are identical (KL 0).
-    loss = RelationLoss(margin=0.7, module=_Identity())
+    # HREM sums its three relation hinges (3 : 1 against the base hinge); `aggregate: mean` averages them.
+    loss = RelationLoss(margin=0.7, module=_Identity(), aggregate="mean")
     out = loss(_masking_case([0, 1, 2], True))
     assert_close(out["relation_triplet"], torch.tensor(2.2 / 3))
     assert_close(out["relation_consistency"], torch.tensor(0.0))
+    summed = RelationLoss(margin=0.7, module=_Identity())
+    assert_close(summed(_masking_case([0, 1, 2], True))["relation_triplet"], torch.tensor(2.2))
     # Same-image caption is not a negative of the enhanced triplet either: .1 per anchor and direction.
     shared = [loss(_masking_case([7, 7, 3], after))["relation_triplet"] for after in (False, True)]
     assert_close(shared[0], torch.tensor(0.2))
     assert_close(shared[1], shared[0])
+    with pytest.raises(ValueError, match="aggregate"):
+        RelationLoss(module=_Identity(), aggregate="max")
 
 
 def test_similarity_kl_hand_computed() -> None:
@@ -125,3 +130,45 @@ def test_consistency_does_not_train_the_relation_module() -> None:
     assert image.grad is not None and image.grad.abs().sum() > 0  # the initial embeddings learn from it
     for param in loss.relation.parameters():  # the enhanced side is the (stop-grad) teacher
         assert param.grad is None or param.grad.abs().sum() == 0
+
+
+def test_self_only_control_attends_to_nothing_but_itself() -> None:
+    # Each enhanced instance depends on that instance alone: changing one caption leaves every other output as is,
+    # while under HREM's similarity connections it moves the instances connected to that caption.
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(4, 8), dim=-1)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    moved = text.clone()
+    moved[3] = F.normalize(torch.randn(8), dim=-1)
+    ids = torch.arange(4)
+    for connections, others_change in (("self", False), ("similarity", True)):
+        torch.manual_seed(1)
+        module = RelationModule(dim=8, num_heads=2, dropout=0.0, connections=connections, layer_scale=1.0).eval()
+        before, after = module(image, text, ids), module(image, moved, ids)
+        changed = not torch.allclose(before[0], after[0], atol=1e-6)
+        assert changed == others_change, connections
+        assert torch.allclose(before[1][:3], after[1][:3], atol=1e-6) == (not others_change)
+    with pytest.raises(ValueError, match="connections"):
+        RelationModule(dim=8, num_heads=2, connections="all")
+
+
+def test_relevance_bias_adds_exp_distance_to_connected_logits_only() -> None:
+    from trainer.losses.relation import relevance_bias
+
+    # Image (1, 0), caption (0, 1): distance sqrt 2 between them, 0 to themselves.
+    image, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    blocked = torch.tensor([[False, True], [False, False]])
+    bias = relevance_bias(image, text, blocked, weight=2.0, sigma=1.0)
+    assert bias[0, 0].item() == pytest.approx(2.0) and bias[1, 1].item() == pytest.approx(2.0)
+    assert bias[1, 0].item() == pytest.approx(2.0 * math.exp(-math.sqrt(2)))
+    assert bias[0, 1].item() == float("-inf")
+    # In the module, the bias changes the output (weight 0 is the plain mask).
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(4, 8), dim=-1)
+    txt = F.normalize(torch.randn(4, 8), dim=-1)
+    outs = []
+    for weight in (0.0, 5.0):
+        torch.manual_seed(1)
+        module = RelationModule(dim=8, num_heads=2, dropout=0.0, layer_scale=1.0, relevance_weight=weight).eval()
+        outs.append(module(img, txt, torch.arange(4))[0])
+    assert not torch.allclose(outs[0], outs[1])

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from trainer.losses import AdaptiveMarginTripletLoss, LossInputs, VSEPPTripletLoss
-from trainer.losses.triplet import anchor_hinge
+from trainer.losses.triplet import anchor_hinge, distance_weighted_choice, distance_weighted_hinge
 
 
 def _vec(*pairs: tuple[int, float]) -> torch.Tensor:
@@ -94,8 +94,12 @@ def test_adaptive_margin_hand_computed() -> None:
     # Columns: text0 max(.35+0-.6 -> 0, .1) = .1; text1 max(.35+.8-.6, .1) = .55; text2 .1 -> .75/3.
     inputs = _masking_case([0, 1, 2], True)
     inputs.text_sim = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    out = AdaptiveMarginTripletLoss(margin=0.7)(inputs)
+    loss = AdaptiveMarginTripletLoss(margin=0.7)
+    out = loss(inputs)
     assert_close(out["adaptive_triplet"], torch.tensor(1.5 / 3))
+    # The logged mean margin over the 6 negative pairs: (2 x .35 + 4 x .7) / 6; it weighs nothing in the total.
+    assert_close(out["adaptive_mean_margin"], torch.tensor((2 * 0.35 + 4 * 0.7) / 6))
+    assert_close(loss.total(out), out["adaptive_triplet"])
 
 
 def test_adaptive_margin_masks_same_image() -> None:
@@ -128,3 +132,38 @@ def test_triplet_gradients() -> None:
     VSEPPTripletLoss()(inputs)["triplet"].backward()
     for grad in (inputs.image.grad, inputs.text.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_distance_weighted_choice_draws_by_inverse_distance_density() -> None:
+    # Row 0 has negatives at s = 0 (d = sqrt 2) and s = .5 (d = 1), and one at s = -.5 (d = sqrt 3 > 1.5: never).
+    # In dim 4: 1/q(d) = d^-2 (1 - d^2/4)^-1/2: d = 1 -> 1 / sqrt(.75) = 1.1547; d = sqrt 2 -> .5 / sqrt(.5) = .7071.
+    scores = torch.tensor([[1.0, 0.0, 0.5, -0.5], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    not_negative = torch.eye(4, dtype=torch.bool)
+    torch.manual_seed(0)
+    draws = torch.stack(
+        [distance_weighted_choice(scores, not_negative, dim=4, nonzero_loss_cutoff=1.5) for _ in range(4000)]
+    )
+    row0 = draws[:, 0]
+    assert not (row0 == 3).any() and not (row0 == 0).any()
+    share = (row0 == 2).float().mean().item()
+    assert share == pytest.approx(1.1547 / (1.1547 + 0.7071), abs=0.03)
+    # With the default cutoff 1.4, d = sqrt 2 is too far as well: only column 2 is ever drawn.
+    assert (distance_weighted_choice(scores, not_negative, dim=4)[0] == 2).item()
+    # No allowed negative (all too far or positives): the hardest negative.
+    far = torch.tensor([[1.0, -0.9], [-0.9, 1.0]])
+    assert distance_weighted_choice(far, torch.eye(2, dtype=torch.bool), dim=4).tolist() == [1, 0]
+
+
+def test_distance_weighted_hinge_is_the_hinge_at_the_drawn_negative() -> None:
+    # Two pairs: each anchor has one negative, so the draw is forced and the hinge equals VSE++'s.
+    scores = torch.tensor([[0.6, 0.5], [0.1, 0.6]])
+    pos = torch.eye(2, dtype=torch.bool)
+    # i2t: (.2 + .5 - .6) = .1 and (.2 + .1 - .6) -> 0; t2i: (.2 + .1 - .6) -> 0 and (.2 + .5 - .6) = .1.
+    assert_close(distance_weighted_hinge(scores, pos, 0.2, dim=8), torch.tensor(0.1))
+    loss = VSEPPTripletLoss(margin=0.2, mining="distance_weighted")
+    image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    out = loss(LossInputs(image, text, torch.arange(4), epoch=1))["triplet"]
+    assert out >= 0
+    with pytest.raises(ValueError, match="mining"):
+        VSEPPTripletLoss(mining="random")

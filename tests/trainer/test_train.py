@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,3 +238,45 @@ def test_weight_average_is_validated_kept_as_best_and_resumed(synthetic_data: Pa
     assert any(torch.equal(best.model.state_dict()[head], s) for s in average["shadow"])
     _train(synthetic_data, run, tmp_path / "cache", "--set", "epochs=2", "--set", "ema_decay=0.9", "--resume")
     assert load_checkpoint(run / "checkpoints" / "last.pt").state["average"]["updates"] == 2 * steps
+
+
+def test_dev_split_is_held_out_of_training_and_chooses_the_epoch(synthetic_data: Path, tmp_path: Path) -> None:
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    cache = tmp_path / "cache"
+    sets = [f"cache_dir={cache}", "train_limit=0", "val_limit=0", "dev_images=4", "epochs=3"]
+    cfg = load_config("tiny", None, [f"data={synthetic_data}", *sets])
+    trainer = Trainer(cfg, tmp_path / "r").setup()
+    assert trainer.dev_table is not None
+    train_keys = {im.key for im in trainer.train_table.images}
+    dev_keys = [im.key for im in trainer.dev_table.images]
+    # The last 4 of the 16 training images, none of them trained on, served from the full split's cache.
+    assert dev_keys == [im.key for im in trainer.full_train_table.images[-4:]] and not train_keys & set(dev_keys)
+    batches = np.concatenate(trainer._epoch_batches(0))
+    assert sorted(batches.tolist()) == list(range(len(trainer.train_table.captions)))
+    full = trainer.full_train_table
+    n_cap = len(trainer.train_table.captions)
+    assert trainer.dev_source is not None
+    dev_text, _ = trainer.dev_source.texts(np.arange(len(trainer.dev_table.captions)))
+    whole_text, _ = trainer.train_source.texts(np.arange(n_cap))
+    assert dev_text.shape[0] == len(full.captions) - n_cap and whole_text.shape[0] == n_cap
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all("dev_rsum" in r and "rsum" in r for r in records)
+    best = load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")
+    chosen = max(records, key=lambda r: r["dev_rsum"])  # the first epoch of a tie, as `>` keeps it
+    assert best.metrics["dev_rsum"] == chosen["dev_rsum"] and best.metrics["rsum"] == chosen["rsum"]
+    assert len(list(cache.iterdir())) == 2  # one cache of the full training split, one of val
+
+
+def test_dev_split_must_leave_training_images(synthetic_data: Path, tmp_path: Path) -> None:
+    from imgtxt.errors import ConfigError
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    cfg = load_config("tiny", None, [f"data={synthetic_data}", "train_limit=0", "dev_images=16"])
+    with pytest.raises(ConfigError, match="dev_images=16 must be below the 16 training images"):
+        Trainer(cfg, tmp_path / "r").setup()
+    with pytest.raises(ConfigError, match="flip_average"):
+        load_config("tiny", None, ["dev_images=4", "flip_average=true"])

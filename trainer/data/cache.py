@@ -60,6 +60,20 @@ class FeatureStore:
     image_mirror: Tensor | None = None
     """(n_images, ...) fp16 activations of the mirrored evaluation view (flip-averaged validation), or None."""
 
+    def rows(self, images: slice, captions: slice) -> FeatureStore:
+        """The store of a contiguous run of images and their captions (views into this one's tensors, no copy).
+
+        `captions` must be exactly the captions of `images` (stored image by image, so they are contiguous too).
+        """
+        return FeatureStore(
+            self.image[images],
+            self.text[captions],
+            self.text_mask[captions],
+            self.sentence[captions],
+            image_views=None if self.image_views is None else self.image_views[:, images],
+            image_mirror=None if self.image_mirror is None else self.image_mirror[images],
+        )
+
 
 def _state_hash(modules: Sequence[torch.nn.Module]) -> str:
     h = hashlib.sha256()

@@ -42,6 +42,14 @@ class CaptionTable:
         starts, ends = self.caption_spans(image_idx)
         return np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)]).astype(np.int64)
 
+    def split_last(self, n_images: int) -> tuple[CaptionTable, CaptionTable]:
+        """(the table without its last `n_images` images, a table of those images): a deterministic held-out split
+        whose captions are the contiguous tail of this table's, so a feature store of this table slices into both."""
+        if not 0 < n_images < len(self.images):
+            raise ValueError(f"can hold out 1..{len(self.images) - 1} of {len(self.images)} images, not {n_images}")
+        keep = len(self.images) - n_images
+        return CaptionTable.from_images(self.images[:keep]), CaptionTable.from_images(self.images[keep:])
+
     def fingerprint(self) -> str:
         """Identity of the split's content (image keys, sizes, mtimes, captions) for cache keys."""
         h = hashlib.sha256()

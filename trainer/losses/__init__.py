@@ -9,7 +9,7 @@ from trainer.losses.base import (
     positive_mask,
     register_loss,
 )
-from trainer.losses.center import CenterLoss
+from trainer.losses.center import CenterLoss, ConceptCenterLoss
 from trainer.losses.hierarchical import LocalSimilarityLoss, lexical_similarity
 from trainer.losses.info_nce import InfoNCELoss, multi_positive_cross_entropy
 from trainer.losses.quantization import QuantizationLoss, binarize, binarize_st, int8_bounds, quantize_int8
@@ -24,6 +24,7 @@ __all__ = [
     "BCLSLoss",
     "CenterLoss",
     "CombinedLoss",
+    "ConceptCenterLoss",
     "EmbeddingLoss",
     "InfoNCELoss",
     "KendallRankLoss",

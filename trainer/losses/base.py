@@ -25,6 +25,7 @@ _OPTIONAL_FIELDS = (
     "text_sim",
     "image_text_sim",
     "image_lexical_sim",
+    "image_lexical_max_sim",
     "image_local",
     "text_local",
     "local_sim",
@@ -49,6 +50,8 @@ class LossInputs:
             image (a pseudo-label of how well caption j describes image i, less noisy than one caption's).
         image_lexical_sim: (B, B) the same orientation and idea with lexical labels: the mean Jaccard similarity of
             caption j's content words to those of each caption of row i's image.
+        image_lexical_max_sim: (B, B) the same with the maximum over the image's captions instead of the mean
+            (the caption's best lexical match among the image's captions).
         image_local: (B, Dl) local image embeddings (hierarchical option).
         text_local: (B, Dl) local caption embeddings (hierarchical option).
         local_sim: (B, B) lexical local-similarity labels in [0, 1] (e.g. Jaccard of content words between captions).
@@ -62,6 +65,7 @@ class LossInputs:
     text_sim: Tensor | None = None
     image_text_sim: Tensor | None = None
     image_lexical_sim: Tensor | None = None
+    image_lexical_max_sim: Tensor | None = None
     image_local: Tensor | None = None
     text_local: Tensor | None = None
     local_sim: Tensor | None = None
@@ -76,7 +80,7 @@ class LossInputs:
         batch = self.image.shape[0]
         if self.image_ids.shape != (batch,):
             raise ValueError(f"image_ids must be ({batch},); got {tuple(self.image_ids.shape)}")
-        for name in ("text_sim", "image_text_sim", "image_lexical_sim", "local_sim"):
+        for name in ("text_sim", "image_text_sim", "image_lexical_sim", "image_lexical_max_sim", "local_sim"):
             value = getattr(self, name)
             if value is not None and value.shape != (batch, batch):
                 raise ValueError(f"{name} must be ({batch}, {batch}); got {tuple(value.shape)}")

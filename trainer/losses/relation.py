@@ -35,7 +35,8 @@ class _Block(nn.Module):
         self.gamma_ff = nn.Parameter(torch.full((dim,), layer_scale))
 
     def forward(self, x: Tensor, blocked: Tensor) -> Tensor:
-        """(N, D) set, (N, N) bool mask (True: query row may not attend to key column) -> (N, D)."""
+        """(N, D) set, (N, N) bool mask (True: query row may not attend to key column) or float bias added to the
+        attention logits (-inf: may not attend) -> (N, D)."""
         h = self.norm_attn(x).unsqueeze(0)
         x = x + self.gamma_attn * self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0].squeeze(0)
         return x + self.gamma_ff * self.ff(self.norm_ff(x))
@@ -67,6 +68,24 @@ def connection_mask(image: Tensor, text: Tensor, fraction: float) -> Tensor:
     return ~connect
 
 
+def relevance_bias(image: Tensor, text: Tensor, blocked: Tensor, weight: float, sigma: float = 1.0) -> Tensor:
+    """HREM's attention mask with relevance: ``weight * exp(-||a - b|| / sigma)`` for every connected pair of the
+    ``[images; captions]`` set, ``-inf`` for blocked ones ((2B, 2B) float, added to the attention logits).
+
+    The relevance is computed without gradient from the current embeddings (as the connections are)."""
+    with torch.no_grad():
+        x = torch.cat([image, text], dim=0).float()
+        relevance = weight * torch.exp(-torch.cdist(x, x) / sigma)
+    return relevance.to(image.dtype).masked_fill(blocked, float("-inf"))
+
+
+CONNECTIONS = ("similarity", "self")
+"""Which instances the relation module lets each instance attend to (``RelationModule``)."""
+
+AGGREGATES = ("sum", "mean")
+"""How ``RelationLoss`` combines its three relation hinges."""
+
+
 class RelationModule(nn.Module):
     """HREM's instance-relation module (Fu et al. 2023, "Learning Semantic Relationship among Instances for
     Image-Text Matching", CVPR; its code: github.com/CrossmodalGroup/HREM, ``graph_lib.GraphLoss``).
@@ -96,6 +115,14 @@ class RelationModule(nn.Module):
         layer_scale: Initial LayerScale of every residual branch.
         connect_fraction: Fraction of each modality every instance attends to (HREM's threshold: 0.5).
         num_layers: Transformer-encoder blocks (HREM: 1).
+        connections: ``similarity`` (HREM's connections, ``connection_mask``) or ``self``: the control in which
+            every instance attends only to itself, so the module is a per-instance transform with the same
+            parameters and the loss the same extra hinges, but no relation between instances.
+        relevance_weight: HREM's relevance relation as a bias on the attention logits of connected pairs,
+            ``relevance_weight * exp(-||a - b|| / sigma)`` (``relevance_bias``; 0: off, HREM's ``mask_weight`` 1).
+            HREM's inter-modal relevance is learned from fragment matches and regularised towards this distance
+            form; here all four blocks use the distance form itself, so there is nothing to regularise.
+        sigma: Distance scale of the relevance.
     """
 
     def __init__(
@@ -107,10 +134,19 @@ class RelationModule(nn.Module):
         layer_scale: float = 0.1,
         connect_fraction: float = 0.5,
         num_layers: int = 1,
+        connections: str = "similarity",
+        relevance_weight: float = 0.0,
+        sigma: float = 1.0,
     ) -> None:
         super().__init__()
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.relevance_weight, self.sigma = relevance_weight, sigma
         if dim % num_heads:
             raise ValueError(f"num_heads ({num_heads}) must divide dim ({dim})")
+        if connections not in CONNECTIONS:
+            raise ValueError(f"connections must be one of {CONNECTIONS}, got {connections!r}")
+        self.connections = connections
         if not 0.0 < connect_fraction <= 1.0:
             raise ValueError(f"connect_fraction must be in (0, 1], got {connect_fraction}")
         self.scale = math.sqrt(dim)
@@ -128,10 +164,16 @@ class RelationModule(nn.Module):
         Returns:
             (image, text) enhanced, each (B, D) and L2-normalised.
         """
-        blocked = connection_mask(image, text, self.connect_fraction)
+        if self.connections == "self":
+            blocked = ~torch.eye(2 * image.shape[0], dtype=torch.bool, device=image.device)
+        else:
+            blocked = connection_mask(image, text, self.connect_fraction)
+        mask: Tensor = blocked
+        if self.relevance_weight:
+            mask = relevance_bias(image, text, blocked, self.relevance_weight, self.sigma)
         x = torch.cat([image, text], dim=0) * self.scale
         for block in self.blocks:
-            x = block(x, blocked)
+            x = block(x, mask)
         image_out, text_out = x.split(image.shape[0], dim=0)
         return F.normalize(image_out, dim=-1), F.normalize(text_out, dim=-1)
 
@@ -157,8 +199,10 @@ class RelationLoss(EmbeddingLoss):
     """HREM training loss (Fu et al. 2023): VSE++ hinges on the relation-enhanced embeddings, each paired with the
     initial (served) embeddings of the other side as well as with its own enhanced side, as HREM's ``GraphLoss``.
 
-    ``relation_triplet``: the mean of ``vsepp_hinge`` on ``image @ text_enh.T``, ``image_enh @ text.T`` and
-    ``image_enh @ text_enh.T`` (hardest negative when the base hinge uses it, same-image pairs never negatives). The
+    ``relation_triplet``: the sum of ``vsepp_hinge`` on ``image @ text_enh.T``, ``image_enh @ text.T`` and
+    ``image_enh @ text_enh.T`` (hardest negative when the base hinge uses it, same-image pairs never negatives), as
+    ``GraphLoss`` adds them to its base loss: with ``vsepp_triplet`` at weight 1 the relation hinges weigh 3 : 1
+    against the base hinge (``aggregate: mean``, the form of the earlier tables, weighs them 1 : 1). The
     cross terms keep the enhanced embeddings in the served space, so the relation gradient reaches the encoders as
     "match the batch-aware version of the other side", not as a free-floating space of its own.
     ``relation_consistency`` (optional, weight 0 by default, not in HREM): mean of the two directions of
@@ -179,6 +223,9 @@ class RelationLoss(EmbeddingLoss):
         num_heads: Attention heads of the relation module.
         dropout: Dropout of the relation module.
         connect_fraction: See ``RelationModule``.
+        connections: See ``RelationModule`` (``self``: the control arm without relations).
+        aggregate: ``sum`` (HREM) or ``mean`` of the three relation hinges.
+        relevance_weight: See ``RelationModule`` (0: no relevance bias).
         module: A prebuilt relation module (anything mapping (image, text, image_ids) to enhanced (image, text));
             overrides ``dim``, ``num_heads``, ``dropout`` and ``connect_fraction``.
     """
@@ -205,10 +252,16 @@ class RelationLoss(EmbeddingLoss):
         num_heads: int = 4,
         dropout: float = 0.1,
         connect_fraction: float = 0.5,
+        connections: str = "similarity",
+        aggregate: str = "sum",
+        relevance_weight: float = 0.0,
         module: nn.Module | None = None,
     ) -> None:
         super().__init__()
         check_reduction(reduction)
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        self.aggregate = aggregate
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if start_epoch < 0 or warmup_epochs < 0:
@@ -216,7 +269,14 @@ class RelationLoss(EmbeddingLoss):
         self.relation = (
             module
             if module is not None
-            else RelationModule(dim, num_heads=num_heads, dropout=dropout, connect_fraction=connect_fraction)
+            else RelationModule(
+                dim,
+                num_heads=num_heads,
+                dropout=dropout,
+                connect_fraction=connect_fraction,
+                connections=connections,
+                relevance_weight=relevance_weight,
+            )
         )
         self.margin = margin
         self.max_violation = max_violation
@@ -234,12 +294,13 @@ class RelationLoss(EmbeddingLoss):
         image, text = inputs.image, inputs.text
         image_enh, text_enh = self.relation(image, text, inputs.image_ids)
         max_violation = self.max_violation and inputs.epoch >= self.warmup_epochs
-        triplet = torch.stack(
+        hinges = torch.stack(
             [
                 vsepp_hinge(a @ b.T, pos, self.margin, max_violation, self.reduction)
                 for a, b in ((image, text_enh), (image_enh, text), (image_enh, text_enh))
             ]
-        ).mean()
+        )
+        triplet = hinges.sum() if self.aggregate == "sum" else hinges.mean()
         enhanced, initial = image_enh @ text_enh.T, image @ text.T
         consistency = 0.5 * (
             similarity_kl(initial, enhanced, pos, self.temperature)

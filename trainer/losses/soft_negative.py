@@ -19,8 +19,13 @@ Surrogate = Literal["tanh", "logistic"]
 _SURROGATES = ("tanh", "logistic")
 Mining = Literal["hardest", "semi_hard"]
 _MININGS = ("hardest", "semi_hard")
-LabelSource = Literal["caption", "image", "lexical"]
-_LABEL_FIELDS = {"caption": "text_sim", "image": "image_text_sim", "lexical": "image_lexical_sim"}
+LabelSource = Literal["caption", "image", "lexical", "lexical_max"]
+_LABEL_FIELDS = {
+    "caption": "text_sim",
+    "image": "image_text_sim",
+    "lexical": "image_lexical_sim",
+    "lexical_max": "image_lexical_max_sim",
+}
 
 
 @register_loss("soft_negative_triplet")
@@ -47,6 +52,8 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         max_violation: One mined negative per anchor after the warm-up (False: VSE0 sum).
         warmup_epochs: Epochs of VSE0 first (see ``VSEPPTripletLoss``).
         reduction: ``mean`` or ``sum`` over anchors.
+        labels: The labels that decide soft negatives, as ``KendallRankLoss``'s (default ``caption``: the frozen
+            text tower's ``text_sim``; ``lexical`` / ``lexical_max``: a source independent of the text tower).
     """
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
@@ -63,8 +70,12 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         max_violation: bool = True,
         warmup_epochs: int = 1,
         reduction: Reduction = "mean",
+        labels: LabelSource = "caption",
     ) -> None:
         super().__init__()
+        if labels not in _LABEL_FIELDS:
+            raise ConfigError(f"unknown soft-negative labels {labels!r}; valid: {', '.join(_LABEL_FIELDS)}")
+        self.label_field = _LABEL_FIELDS[labels]
         if mode not in _SOFT_MODES:
             raise ConfigError(f"unknown soft-negative mode {mode!r}; valid: {', '.join(_SOFT_MODES)}")
         if mining not in _MININGS:
@@ -80,8 +91,12 @@ class SoftNegativeTripletLoss(EmbeddingLoss):
         self.warmup_epochs = warmup_epochs
         self.reduction: Reduction = reduction
 
+    def needs(self) -> frozenset[str]:
+        """The label field ``labels`` chose."""
+        return frozenset({self.label_field})
+
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        text_sim = inputs.require("text_sim", type(self).__name__)
+        text_sim = inputs.require(self.label_field, type(self).__name__)
         scores = inputs.image @ inputs.text.T
         pos = inputs.positive_mask()
         labels = text_sim.to(scores).clamp(0.0, 1.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -98,6 +98,59 @@ def vsepp_hinge(
     return i2t.mean() + t2i.mean()
 
 
+MININGS = ("hardest", "distance_weighted")
+"""How ``VSEPPTripletLoss`` picks each anchor's negative after the warm-up."""
+
+
+def distance_weighted_choice(
+    scores: Tensor, not_negative: Tensor, dim: int, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4
+) -> Tensor:
+    """Each row anchor's negative column by distance-weighted sampling (Wu et al. 2017, "Sampling Matters in Deep
+    Embedding Learning"; HREM's mining option).
+
+    For unit vectors in ``dim`` dimensions the pairwise distance ``d = sqrt(2 - 2 s)`` of random pairs has density
+    ``q(d) ∝ d^(dim-2) (1 - d²/4)^((dim-3)/2)``; a negative is drawn with probability ∝ ``1 / q(max(d, cutoff))``,
+    so every distance is sampled about equally often instead of mostly the typical (easy) ones, and never one
+    farther than ``nonzero_loss_cutoff`` (it has no loss). Rows without such a negative take their hardest one.
+
+    Args:
+        scores: (B, B) similarities of unit vectors, row = anchor (no gradient is taken).
+        not_negative: (B, B) bool, pairs that are not negatives (positives, exclusions).
+        dim: Embedding size.
+        cutoff: Distances below it are weighted as it (the weight's pole at 0).
+        nonzero_loss_cutoff: Negatives farther than it are never drawn.
+
+    Returns:
+        (B,) long column of each row's negative.
+    """
+    s = scores.detach().float()
+    d = (2.0 - 2.0 * s).clamp(min=0.0).sqrt()
+    dc = d.clamp(min=cutoff)
+    log_w = (2.0 - dim) * dc.log() - ((dim - 3.0) / 2.0) * (1.0 - 0.25 * dc * dc).clamp(min=1e-8).log()
+    allowed = ~not_negative & (d < nonzero_loss_cutoff)
+    log_w = log_w.masked_fill(~allowed, float("-inf"))
+    has = allowed.any(dim=1)
+    weights = torch.softmax(log_w.masked_fill(~has.unsqueeze(1), 0.0), dim=1)
+    drawn = torch.multinomial(weights, 1).squeeze(1)
+    hardest = s.masked_fill(not_negative, float("-inf")).argmax(dim=1)
+    return torch.where(has, drawn, hardest)
+
+
+def distance_weighted_hinge(
+    scores: Tensor, pos_mask: Tensor, margin: float, dim: int, reduction: Reduction = "mean"
+) -> Tensor:
+    """``vsepp_hinge`` with one distance-weighted negative per anchor (``distance_weighted_choice``) instead of the
+    hardest, in both directions; an anchor without any negative costs 0."""
+    check_reduction(reduction)
+    total = scores.new_zeros(())
+    for s, p in ((scores, pos_mask), (scores.T, pos_mask.T)):
+        chosen = distance_weighted_choice(s, p, dim).unsqueeze(1)
+        cost = (margin + s.gather(1, chosen) - s.diagonal().unsqueeze(1)).clamp(min=0).squeeze(1)
+        cost = cost.masked_fill(p.gather(1, chosen).squeeze(1), 0.0)
+        total = total + (cost.sum() if reduction == "sum" else cost.mean())
+    return total
+
+
 @register_loss("vsepp_triplet")
 class VSEPPTripletLoss(EmbeddingLoss):
     """VSE++ triplet ranking loss with hardest negatives (Faghri et al. 2018, "VSE++: Improving Visual-Semantic
@@ -115,11 +168,12 @@ class VSEPPTripletLoss(EmbeddingLoss):
         reduction: ``mean`` (default) or ``sum`` over anchors. VSE++'s code sums over the batch, which ties the
             loss scale (and so the learning rate) to the batch size; the mean keeps weights comparable with
             InfoNCE in a ``CombinedLoss`` and is the same objective up to a factor B.
+        mining: ``hardest`` (VSE++) or ``distance_weighted`` (``distance_weighted_hinge``) after the warm-up.
     """
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
 
-    term_names = ("triplet",)
+    term_names: ClassVar[tuple[str, ...]] = ("triplet",)
 
     def __init__(
         self,
@@ -127,11 +181,15 @@ class VSEPPTripletLoss(EmbeddingLoss):
         max_violation: bool = True,
         warmup_epochs: int = 1,
         reduction: Reduction = "mean",
+        mining: str = "hardest",
     ) -> None:
         super().__init__()
         check_reduction(reduction)
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if mining not in MININGS:
+            raise ConfigError(f"unknown mining {mining!r}; valid: {', '.join(MININGS)}")
+        self.mining = mining
         self.margin = margin
         self.max_violation = max_violation
         self.warmup_epochs = warmup_epochs
@@ -144,8 +202,10 @@ class VSEPPTripletLoss(EmbeddingLoss):
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         scores = inputs.image @ inputs.text.T
         pos = inputs.positive_mask()
-        loss = vsepp_hinge(scores, pos, self.margin, self.use_max_violation(inputs.epoch), self.reduction)
-        return {"triplet": loss}
+        max_violation = self.use_max_violation(inputs.epoch)
+        if max_violation and self.mining == "distance_weighted":
+            return {"triplet": distance_weighted_hinge(scores, pos, self.margin, scores.shape[1], self.reduction)}
+        return {"triplet": vsepp_hinge(scores, pos, self.margin, max_violation, self.reduction)}
 
 
 @register_loss("adaptive_margin_triplet")
@@ -169,8 +229,16 @@ class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
 
-    term_names = ("adaptive_triplet",)
+    term_names = ("adaptive_triplet", "adaptive_mean_margin")
     requires = frozenset({"text_sim"})
+
+    def __init__(
+        self, margin: float = 0.2, max_violation: bool = True, warmup_epochs: int = 1, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(margin, max_violation, warmup_epochs, reduction)
+        # Logged, not trained: the mean margin over the batch's negative pairs, the fixed margin it should be
+        # compared with (the margin-matched ablation).
+        self.term_weights = {"adaptive_mean_margin": 0.0}
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         text_sim = inputs.require("text_sim", type(self).__name__)
@@ -178,4 +246,6 @@ class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
         pos = inputs.positive_mask()
         margin = self.margin * (1.0 - text_sim.to(scores).clamp(0.0, 1.0))
         loss = vsepp_hinge(scores, pos, margin, self.use_max_violation(inputs.epoch), self.reduction)
-        return {"adaptive_triplet": loss}
+        negatives = ~pos
+        mean_margin = margin.detach()[negatives].mean() if negatives.any() else margin.new_zeros(())
+        return {"adaptive_triplet": loss, "adaptive_mean_margin": mean_margin}
