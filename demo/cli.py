@@ -198,6 +198,7 @@ def _serve(store: VectorStore, encoder: ServiceEncoder, args: argparse.Namespace
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         auth_token=args.auth_token,
+        drain_delay_s=0.0,  # one local user and no load balancer to move away: Ctrl-C stops at once
     )
     server = create_search_server(config, SearchBackend(store, encoder, encoder.bundle_version))
     n.say(f"open {server.url} to search the index (Ctrl-C to stop)")
