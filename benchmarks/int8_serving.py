@@ -1,7 +1,7 @@
 """int8 vs fp32 per tower: throughput at batch 1 and 32 as ratios measured in one run, and the R@K change on val.
 
     .venv/bin/python -m benchmarks.int8_serving --bundle BUNDLE [--data ../shared/data/flickr8k] [--limit 1000]
-        [--threads 0] [--repeats 5] [--variants]
+        [--threads 0] [--repeats 5] [--variants] [--label RECIPE]
 
 The bundle needs int8 graphs (`imgtxt export --int8`). Throughput is the session run alone over prepared inputs
 (the same items for both precisions, alternating, best of `--repeats`); R@K is `imgtxt eval --bundle`'s protocol on
@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-items", type=int, default=128, help="items per throughput measurement")
     p.add_argument("--variants", action="store_true", help="also measure the image tower's quantisation recipes")
     p.add_argument("--calibration-images", type=int, default=128, help="--variants: training images calibrating")
+    p.add_argument("--label", default="", help="results file int8_serving_LABEL (e.g. the bundle's recipe)")
     add_results_flag(p)
     args = p.parse_args(argv)
-    report = Report("int8_serving", argv, args.results)
+    name = f"int8_serving_{args.label}" if args.label else "int8_serving"
+    report = Report(name, argv, args.results, module="int8_serving")
     bundle = load_bundle(args.bundle)
     cfg = SessionConfig(device="cpu", intra_op_threads=args.threads, cache_dir=default_cache_dir())
     records = load_captioned_images(args.data, split="val", limit=args.limit)

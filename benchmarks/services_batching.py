@@ -140,6 +140,8 @@ def _where_time_goes(
         del per["queue"]
     if per:
         per["requests_per_run"] = per.pop("items_per_run", 1.0)
+        # Adaptive batching runs a request alone when it finds the service idle: the rest went through the queue.
+        per["queued_share"] = delta.get("queue_count", 0.0) / delta["Encode_count"]
         per["session_busy"] = delta["inference_sum"] / (elapsed * workers)
     return per
 
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{k} {stages[k]:.2f} ms" for k in ("queue", "preprocess", "inference", "other") if k in stages
                 )
                 + f"; {stages.get('requests_per_run', 0):.1f} requests per session run"
+                + (f"; {stages.get('queued_share', 0):.0%} of requests queued" if mode != "off" else "")
             )
             rows.append(
                 {
