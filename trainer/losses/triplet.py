@@ -222,7 +222,7 @@ class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
     ``VSEPPTripletLoss``; the hardest negative is the one with the largest margin-adjusted violation. Requires
     ``text_sim``.
 
-    *Refinement* (``refine_share > 0``). The paper's summary says only that the adaptive margin "is refined during
+    *Refinement* (``refine_share > 0``). The paper's abstract says only that the adaptive margin "is refined during
     the training phase", and that its embedding is learned so that distances in it approximate semantic
     similarity; it does not say how. This is the most literal reading of the two together, kept small: the
     similarity behind the margin moves from the pseudo-labels to the embedding being learned,
