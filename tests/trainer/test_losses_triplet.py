@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -226,3 +228,25 @@ def test_refined_margin_starts_as_the_adaptive_margin_and_plain_one_keeps_no_sta
 def test_refinement_arguments_are_checked(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         AdaptiveMarginTripletLoss(**kwargs)  # type: ignore[arg-type]
+
+
+def test_refined_margin_trains_saves_and_resumes_its_statistics(synthetic_data: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    sets = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0"]
+    sets += ["losses={adaptive_margin_triplet: 1.0}", "with_unit=false"]
+    sets += ["loss_kwargs={adaptive_margin_triplet: {refine_share: 0.5, refine_epochs: 1}}"]
+    first = Trainer(load_config("tiny", None, [*sets, "epochs=1"]), tmp_path / "run").setup()
+    first.fit()  # epoch 0: share 0, the statistics gather
+    steps = first.steps_per_epoch
+    loss = first.loss.losses["adaptive_margin_triplet"]
+    assert isinstance(loss, AdaptiveMarginTripletLoss) and int(loss.updates) == steps
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt").state["loss"]
+    assert torch.equal(saved["losses.adaptive_margin_triplet.stats"], loss.stats)
+    resumed = Trainer(load_config("tiny", None, [*sets, "epochs=2"]), tmp_path / "run", resume=True).setup()
+    again = resumed.loss.losses["adaptive_margin_triplet"]
+    assert isinstance(again, AdaptiveMarginTripletLoss) and torch.equal(again.stats, loss.stats)
+    resumed.fit()  # epoch 1: share .5, the refined margin trains
+    assert int(again.updates) == 2 * steps and not torch.equal(again.stats, loss.stats)
