@@ -72,6 +72,19 @@ ARMS: dict[str, list[str]] = {
     "vsepp_m0.16": [*OPTIONS["vsepp_triplet"], "loss_kwargs={vsepp_triplet: {margin: 0.16}}"],
     "infonce_global": OPTIONS["infonce_global"],
     "infonce+hierarchical": OPTIONS["infonce+hierarchical"],
+    # The adaptive margin refined during training (its similarity moves to the learned embedding's calibrated
+    # caption cosines over 4 epochs, up to half), with the learned concept centres.
+    "adaptive_margin_refined+concept_center": [
+        "losses={adaptive_margin_triplet: 1.0, concept_center: 0.1}",
+        "loss_kwargs={adaptive_margin_triplet: {refine_share: 0.5, refine_epochs: 4}}",
+    ],
+    # The hierarchical option in lexical neighbour batches (each image with 3 others sharing content words), and
+    # without its local hinge (the local regression alone).
+    "infonce+hierarchical_lexbatch": [*OPTIONS["infonce+hierarchical"], "lexical_neighbours=4"],
+    "infonce+hierarchical_nohinge": [
+        *OPTIONS["infonce+hierarchical"],
+        "loss_kwargs={local_similarity: {hinge_weight: 0.0}}",
+    ],
 }
 """Arm name -> config overrides over the recipe."""
 
@@ -89,6 +102,8 @@ class Paper:
     """Candidate baselines; the one with the best mean dev rSum over the seeds is the tuned baseline."""
     controls: tuple[str, ...] = ()
     """Further arms compared with the method the same way (e.g. a control without the mechanism)."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """Further (arm, other) comparisons among the arms, e.g. a form against its twin without the change."""
     claimed_points: float | None = None
     """The rSum gain (points) the paper claims in a setting comparable to this one; None: the paper states none
     that a Flickr8k run could be held to, so a positive interval can only confirm the direction."""
@@ -121,7 +136,8 @@ PAPERS = (
         "the semantically adaptive margin and the center loss beat a fixed margin",
         "adaptive_margin+center",
         ("vsepp_m0.12", "vsepp_m0.16", "vsepp"),
-        controls=("adaptive_margin", "adaptive_margin+concept_center"),
+        controls=("adaptive_margin", "adaptive_margin+concept_center", "adaptive_margin_refined+concept_center"),
+        pairs=(("adaptive_margin_refined+concept_center", "adaptive_margin+concept_center"),),
     ),
     Paper(
         "hierarchical",
@@ -129,6 +145,7 @@ PAPERS = (
         "local + global embedding beats global only",
         "infonce+hierarchical",
         ("infonce_global",),
+        controls=("infonce+hierarchical_lexbatch", "infonce+hierarchical_nohinge"),
         label_note="the local part trains on lexical caption-caption labels",
     ),
 )
@@ -535,6 +552,7 @@ def _paper(
         (paper.method, baseline),
         *((c, baseline) for c in paper.controls),
         *((paper.method, c) for c in paper.controls),
+        *paper.pairs,
     ]
     for arm, other in pairs:
         both = [s for s in seeds if (arm, s) in runs and (other, s) in runs]

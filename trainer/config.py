@@ -72,6 +72,11 @@ class DataConfig:
     batch_size / neighbour_clusters images (with all their captions). Needs sampling=image."""
     neighbour_clusters: int = 8
     """P, clusters per neighbour batch."""
+    lexical_neighbours: int = 0
+    """Lexical neighbour batches (`trainer.data.lexical`), for the hierarchical option's local hinge: every image
+    comes in a group of this many images whose captions share the most content words with its own, groups dealt
+    whole into the batches (regrouped each epoch, seeded; 0: off, else >= 2 and <= batch_size). Needs
+    sampling=image; not with neighbour_batches_from."""
     augment: bool = True
     """Augment training images: random resized crop + flip from pixels, or a random cached view (cache.views > 1)."""
     feature_drop: float = 0.0
@@ -91,6 +96,18 @@ class DataConfig:
         _check(
             self.sampling in ("image", "auto") or not self.neighbour_batches_from,
             "neighbour_batches_from needs sampling=image",
+        )
+        _check(
+            self.lexical_neighbours == 0 or 2 <= self.lexical_neighbours <= self.batch_size,
+            f"lexical_neighbours must be 0 or in [2, batch_size={self.batch_size}], got {self.lexical_neighbours}",
+        )
+        _check(
+            self.sampling in ("image", "auto") or not self.lexical_neighbours,
+            "lexical_neighbours needs sampling=image",
+        )
+        _check(
+            not (self.lexical_neighbours and self.neighbour_batches_from),
+            "lexical_neighbours and neighbour_batches_from are two batch orders: choose one",
         )
         _check(0.0 <= self.feature_drop < 1.0, f"feature_drop must be in [0, 1), got {self.feature_drop}")
         _check(self.train_image_size >= 0, f"train_image_size must be >= 0, got {self.train_image_size}")

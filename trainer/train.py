@@ -49,6 +49,7 @@ from trainer.data import (
     neighbour_batches,
     pack_batches,
 )
+from trainer.data.lexical import LexicalNeighbours
 from trainer.distributed import gather_rows, shard_batch
 from trainer.encode import encode_images, encode_split, split_points
 from trainer.labels import PairLabels, check_model_provides
@@ -114,8 +115,8 @@ def resolve_sampling(cfg: TrainConfig) -> TrainConfig:
     wanted = set(needs.values())
     sampling = cfg.data.sampling
     if sampling == "auto":
-        if cfg.data.neighbour_batches_from:
-            sampling = "image"  # HREM's neighbour batches are groups of images
+        if cfg.data.neighbour_batches_from or cfg.data.lexical_neighbours:
+            sampling = "image"  # neighbour batches (HREM's, lexical) are groups of images
         elif len(wanted) == 1:
             sampling = wanted.pop()
         elif not wanted:
@@ -181,6 +182,7 @@ class Trainer:
         # The losses say which optional inputs they read: the model must produce them, the data provide the labels.
         check_model_provides(self.loss, cfg.model)
         self.labels = PairLabels(self.loss, self.train_table, self.train_sentence)
+        self.lexical = LexicalNeighbours(self.train_table, data.lexical_neighbours) if data.lexical_neighbours else None
 
         backbone, heads = self._freeze()
         self.step_module: nn.Module = TrainStep(
@@ -358,6 +360,8 @@ class Trainer:
             packed = pack_batches(found, self.steps_per_epoch)
             logger.info("neighbour batches", extra={"epoch": epoch, "batches": len(found), "steps": len(packed)})
             return [np.asarray(b, dtype=np.int64) for b in packed]
+        if self.lexical is not None:
+            return self.lexical.batches(self.steps_per_epoch, seed + epoch)
         perm = np.random.default_rng(seed + epoch).permutation(self._sampling_units())
         return np.array_split(perm, self.steps_per_epoch)
 

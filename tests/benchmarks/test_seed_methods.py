@@ -151,3 +151,22 @@ def test_results_are_strict_json() -> None:
         "pairs": [None, 2.0],
         "arm": "vsepp",
     }
+
+
+def test_a_paper_compares_its_extra_pairs(tmp_path: Path) -> None:
+    from benchmarks.report import Report
+    from benchmarks.seed_methods import PAPERS, _paper
+
+    margin = next(p for p in PAPERS if p.key == "margin")
+    refined, unrefined = margin.pairs[0]
+    arms = (*margin.baselines, margin.method, *margin.controls)
+    runs = {
+        (arm, s): {"rsum": 200.0 + k + 0.5 * s * k, "last_rsum": 199.0 + k, "dev_rsum": 100.0 + k, "epoch": 1}
+        for k, arm in enumerate(arms)
+        for s in (0, 1, 2)
+    }
+    summary = _paper(Report("t", [], tmp_path), margin, runs, [0, 1, 2])
+    assert summary is not None
+    got = {(c["arm"], c["against"]): c for c in summary["comparisons"]}
+    expected = [runs[(refined, s)]["rsum"] - runs[(unrefined, s)]["rsum"] for s in (0, 1, 2)]
+    assert got[(refined, unrefined)]["differences"] == pytest.approx(expected)

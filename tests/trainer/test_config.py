@@ -45,6 +45,7 @@ _FLAT_GRAMMAR = [
     "sampling",
     "neighbour_batches_from",
     "neighbour_clusters",
+    "lexical_neighbours",
     "epochs",
     "batch_size",
     "lr",

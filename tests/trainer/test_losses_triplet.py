@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -167,3 +169,84 @@ def test_distance_weighted_hinge_is_the_hinge_at_the_drawn_negative() -> None:
     assert out >= 0
     with pytest.raises(ValueError, match="mining"):
         VSEPPTripletLoss(mining="random")
+
+
+def _refine_step(loss: AdaptiveMarginTripletLoss, t2: torch.Tensor, labels: tuple[float, float]) -> None:
+    """One training forward on ids [0, 0, 1]: texts e0, .6e0 + .8e1 and ``t2``; text_sim (0, 2) and (1, 2) ``labels``.
+
+    Its negative pairs are (0, 2) and (1, 2), each twice, so the batch's statistics are the mean and half the gap of
+    two values."""
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    text = torch.stack([e0, 0.6 * e0 + 0.8 * e1, t2])
+    sim = torch.eye(3)
+    sim[0, 1] = sim[1, 0] = 1.0
+    sim[0, 2] = sim[2, 0] = labels[0]
+    sim[1, 2] = sim[2, 1] = labels[1]
+    loss(LossInputs(image=text.clone(), text=text, image_ids=torch.tensor([0, 0, 1]), epoch=0, text_sim=sim))
+
+
+def test_refined_margin_after_two_steps_hand_computed() -> None:
+    loss = AdaptiveMarginTripletLoss(margin=0.7, refine_share=1.0, refine_epochs=2, momentum=0.5)
+    loss.train()
+    # Step 1: t2 = e1 -> learned cosines 0 and .8 (mean .4, std .4); labels .2 and .6 (mean .4, std .2).
+    _refine_step(loss, torch.tensor([0.0, 1.0]), (0.2, 0.6))
+    assert_close(loss.stats, torch.tensor([0.4, 0.4, 0.4, 0.2]))
+    # Step 2: t2 = .6e0 + .8e1 -> cosines .6 and 1 (mean .8, std .2); labels .4, .4 (mean .4, std 0).
+    # Momentum .5: (.5 * .4 + .5 * .8, .5 * .4 + .5 * .2, .4, .5 * .2 + .5 * 0) = (.6, .3, .4, .1).
+    _refine_step(loss, torch.tensor([0.6, 0.8]), (0.4, 0.4))
+    assert_close(loss.stats, torch.tensor([0.6, 0.3, 0.4, 0.1]))
+    assert int(loss.updates) == 2
+
+    # The 3x3 case at epoch 1: share a = 1 * 1/2. Learned cosines t0.t1 = .48, t0.t2 = t1.t2 = 0, calibrated to
+    # .4 + .1 * (x - .6) / .3: .36 and .2. sim = .5 * text_sim + .5 * calibrated: (0, 1) .5 * .5 + .5 * .36 = .43,
+    # (0, 2) and (1, 2) .5 * 0 + .5 * .2 = .1 -> margins .7 * .57 = .399 and .7 * .9 = .63.
+    loss.eval()
+    inputs = _masking_case([0, 1, 2], True, epoch=1)
+    inputs.text_sim = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    out = loss(inputs)
+    # Scores: diag .6, s(image0, text1) = .8, others 0. Image anchors: anchor0 max(.399 + .8 - .6, .63 - .6) = .599,
+    # anchor1 max(0, .03) = .03, anchor2 .03; text anchors the same by symmetry: 2 * .659 / 3.
+    assert_close(out["adaptive_triplet"], torch.tensor(2 * 0.659 / 3))
+    assert_close(out["adaptive_mean_margin"], torch.tensor((2 * 0.399 + 4 * 0.63) / 6))
+    assert int(loss.updates) == 2  # evaluation leaves the running statistics alone
+
+
+def test_refined_margin_starts_as_the_adaptive_margin_and_plain_one_keeps_no_state() -> None:
+    # Epoch 0: share 0, so the refined loss equals the unrefined one (1.5 / 3, test_adaptive_margin_hand_computed).
+    inputs = _masking_case([0, 1, 2], True, epoch=0)
+    inputs.text_sim = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    refined = AdaptiveMarginTripletLoss(margin=0.7, refine_share=0.5, warmup_epochs=0)
+    assert_close(refined(inputs)["adaptive_triplet"], torch.tensor(1.5 / 3))
+    assert int(refined.updates) == 1 and refined.share(2) == 0.25 and refined.share(9) == 0.5
+    assert AdaptiveMarginTripletLoss().state_dict() == {}  # checkpoints of the plain adaptive margin are unchanged
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"refine_share": 1.5}, "refine_share"), ({"refine_epochs": 0}, "refine_epochs"), ({"momentum": 1.0}, "momentum")],
+)
+def test_refinement_arguments_are_checked(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AdaptiveMarginTripletLoss(**kwargs)  # type: ignore[arg-type]
+
+
+def test_refined_margin_trains_saves_and_resumes_its_statistics(synthetic_data: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import load_config
+    from trainer.train import Trainer
+
+    sets = [f"data={synthetic_data}", f"cache_dir={tmp_path / 'cache'}", "train_limit=0", "val_limit=0"]
+    sets += ["losses={adaptive_margin_triplet: 1.0}", "with_unit=false"]
+    sets += ["loss_kwargs={adaptive_margin_triplet: {refine_share: 0.5, refine_epochs: 1}}"]
+    first = Trainer(load_config("tiny", None, [*sets, "epochs=1"]), tmp_path / "run").setup()
+    first.fit()  # epoch 0: share 0, the statistics gather
+    steps = first.steps_per_epoch
+    loss = first.loss.losses["adaptive_margin_triplet"]
+    assert isinstance(loss, AdaptiveMarginTripletLoss) and int(loss.updates) == steps
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt").state["loss"]
+    assert torch.equal(saved["losses.adaptive_margin_triplet.stats"], loss.stats)
+    resumed = Trainer(load_config("tiny", None, [*sets, "epochs=2"]), tmp_path / "run", resume=True).setup()
+    again = resumed.loss.losses["adaptive_margin_triplet"]
+    assert isinstance(again, AdaptiveMarginTripletLoss) and torch.equal(again.stats, loss.stats)
+    resumed.fit()  # epoch 1: share .5, the refined margin trains
+    assert int(again.updates) == 2 * steps and not torch.equal(again.stats, loss.stats)

@@ -210,21 +210,41 @@ class VSEPPTripletLoss(EmbeddingLoss):
 
 @register_loss("adaptive_margin_triplet")
 class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
-    """VSE++ hinge whose margin shrinks for semantically close negatives.
+    """VSE++ hinge whose margin shrinks for semantically close negatives, optionally refined during training.
 
-    ``margin[i, j] = margin * (1 - text_sim[i, j])``: a negative caption that says nearly the same thing as the
-    anchor's caption (text_sim -> 1) gets almost no margin, an unrelated one the full margin, so the embedding keeps
+    ``margin[i, j] = margin * (1 - sim[i, j])``: a negative caption that says nearly the same thing as the
+    anchor's caption (sim -> 1) gets almost no margin, an unrelated one the full margin, so the embedding keeps
     graded semantic similarity instead of pushing every negative equally far ("Learning to embed semantic
-    similarity"; cf. the semantic adaptive margin of Biten et al. 2022, "Is an Image Worth Five Sentences?").
-    The caption–caption label stands in for the similarity of the negative to the anchor image in both
-    directions (``text_sim.T`` for text anchors). Hardest negative and VSE0 warm-up as ``VSEPPTripletLoss``;
-    the hardest negative is the one with the largest margin-adjusted violation. Requires ``text_sim``.
+    similarity for joint image-text retrieval", Malali & Keller, TPAMI 2022; cf. the semantic adaptive margin of
+    Biten et al. 2022, "Is an Image Worth Five Sentences?"). Without refinement ``sim = text_sim``, the frozen
+    sentence encoder's caption–caption label, which stands in for the similarity of the negative to the anchor
+    image in both directions (``text_sim.T`` for text anchors). Hardest negative and VSE0 warm-up as
+    ``VSEPPTripletLoss``; the hardest negative is the one with the largest margin-adjusted violation. Requires
+    ``text_sim``.
+
+    *Refinement* (``refine_share > 0``). The paper's abstract says only that the adaptive margin "is refined during
+    the training phase", and that its embedding is learned so that distances in it approximate semantic
+    similarity; it does not say how. This is the most literal reading of the two together, kept small: the
+    similarity behind the margin moves from the pseudo-labels to the embedding being learned,
+    ``sim = (1 - a) * text_sim + a * calibrated(text @ text.T)`` (the batch's own caption–caption cosines,
+    detached), with the share ``a = refine_share * min(1, epoch / refine_epochs)`` growing linearly from 0 at the
+    first epoch (a random embedding knows nothing yet). The learned cosines live on another scale than the labels
+    (a joint space spreads unrelated captions differently from a sentence encoder), so ``calibrated`` maps them
+    onto the labels' scale with running statistics over the negative pairs of the training batches:
+    ``calibrated(x) = mu_label + sd_label * (x - mu_learned) / sd_learned``, each statistic an exponential moving
+    average (``momentum``; the first training batch sets them). The refinement thus changes *which* negatives get
+    a small margin, not the mean margin's scale, so the margin-matched ablation stays meaningful. Statistics are
+    updated only in training mode and are saved with the loss's state.
 
     Args:
-        margin: Margin for a completely unrelated negative (text_sim = 0).
+        margin: Margin for a completely unrelated negative (sim = 0).
         max_violation: See ``VSEPPTripletLoss``.
         warmup_epochs: See ``VSEPPTripletLoss``.
         reduction: See ``VSEPPTripletLoss``.
+        refine_share: Final share ``a`` of the learned similarity in the margin's similarity (0: no refinement,
+            the per-batch adaptive margin; 1: the learned similarity alone at the end of the ramp).
+        refine_epochs: Epochs over which the share ramps up from 0 to ``refine_share`` (>= 1).
+        momentum: Weight of the old value in each running statistic's update, in [0, 1).
     """
 
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
@@ -232,19 +252,75 @@ class AdaptiveMarginTripletLoss(VSEPPTripletLoss):
     term_names = ("adaptive_triplet", "adaptive_mean_margin")
     requires = frozenset({"text_sim"})
 
+    stats: Tensor
+    updates: Tensor
+
     def __init__(
-        self, margin: float = 0.2, max_violation: bool = True, warmup_epochs: int = 1, reduction: Reduction = "mean"
+        self,
+        margin: float = 0.2,
+        max_violation: bool = True,
+        warmup_epochs: int = 1,
+        reduction: Reduction = "mean",
+        refine_share: float = 0.0,
+        refine_epochs: int = 4,
+        momentum: float = 0.99,
     ) -> None:
         super().__init__(margin, max_violation, warmup_epochs, reduction)
+        if not 0.0 <= refine_share <= 1.0:
+            raise ValueError(f"refine_share must be in [0, 1], got {refine_share}")
+        if refine_epochs < 1:
+            raise ValueError(f"refine_epochs must be >= 1, got {refine_epochs}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.refine_share, self.refine_epochs, self.momentum = refine_share, refine_epochs, momentum
+        if refine_share > 0:
+            # Only a refining loss has state, so the saved state of the plain adaptive margin is unchanged.
+            # stats: running (mean, std) of the learned cosines, then of the labels, over negative pairs.
+            self.register_buffer("stats", torch.zeros(4))
+            self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         # Logged, not trained: the mean margin over the batch's negative pairs, the fixed margin it should be
         # compared with (the margin-matched ablation).
         self.term_weights = {"adaptive_mean_margin": 0.0}
 
+    def share(self, epoch: int) -> float:
+        """The learned similarity's share ``a`` of the margin's similarity at ``epoch`` (0-based)."""
+        return self.refine_share * min(1.0, epoch / self.refine_epochs)
+
+    def update_statistics(self, learned: Tensor, labels: Tensor) -> None:
+        """Folds one batch's negative pairs (1-D learned cosines and their labels) into the running statistics."""
+        if learned.numel() == 0:
+            return
+        x, y = learned.detach().float(), labels.detach().float()
+        batch = torch.stack([x.mean(), x.std(unbiased=False), y.mean(), y.std(unbiased=False)]).to(self.stats)
+        if int(self.updates) == 0:
+            self.stats.copy_(batch)
+        else:
+            self.stats.mul_(self.momentum).add_((1.0 - self.momentum) * batch)
+        self.updates += 1
+
+    def calibrated(self, learned: Tensor) -> Tensor:
+        """Learned cosines mapped onto the labels' scale by the running statistics."""
+        mu_x, sd_x, mu_y, sd_y = self.stats.to(learned)
+        return mu_y + sd_y * (learned - mu_x) / sd_x.clamp(min=1e-6)
+
+    def margins(self, inputs: LossInputs) -> Tensor:
+        """(B, B) margins [image row, text column] of a batch; updates the running statistics when training."""
+        labels = inputs.require("text_sim", type(self).__name__).to(inputs.image).clamp(0.0, 1.0)
+        sim = labels
+        if self.refine_share > 0:
+            learned = (inputs.text @ inputs.text.T).detach()
+            negatives = ~inputs.positive_mask()
+            if self.training:
+                self.update_statistics(learned[negatives], labels[negatives])
+            share = self.share(inputs.epoch)
+            if share > 0 and int(self.updates) > 0:
+                sim = (1.0 - share) * labels + share * self.calibrated(learned)
+        return self.margin * (1.0 - sim.clamp(0.0, 1.0))
+
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        text_sim = inputs.require("text_sim", type(self).__name__)
+        margin = self.margins(inputs)
         scores = inputs.image @ inputs.text.T
         pos = inputs.positive_mask()
-        margin = self.margin * (1.0 - text_sim.to(scores).clamp(0.0, 1.0))
         loss = vsepp_hinge(scores, pos, margin, self.use_max_violation(inputs.epoch), self.reduction)
         negatives = ~pos
         mean_margin = margin.detach()[negatives].mean() if negatives.any() else margin.new_zeros(())
