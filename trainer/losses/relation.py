@@ -84,6 +84,11 @@ def connection_mask(image: Tensor, text: Tensor, fraction: float, cross: tuple[T
     return ~connect
 
 
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in at least float32 (half-precision activations under autocast; float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def relevance_bias(
     image: Tensor,
     text: Tensor,
@@ -108,7 +113,7 @@ def relevance_bias(
         learned: Optional (i2t (B, B) with image rows, t2i (B, B) with caption rows) learned relevances.
     """
     with torch.no_grad():
-        x = torch.cat([image, text], dim=0).float()
+        x = _wide(torch.cat([image, text], dim=0))
         relevance = torch.exp(-torch.cdist(x, x) / sigma)
     if learned is not None:
         b = image.shape[0]
@@ -200,8 +205,8 @@ def fragment_scores(fragments: Fragments, topk: int = 10) -> FragmentScores:
         mask = fragments.text_mask > 0
         length = max(1, int(mask.sum(1).max()))  # padding beyond the longest caption carries nothing
         mask = mask[:, :length]
-        words = F.normalize(fragments.text[:, :length].float(), dim=-1)
-        regions = F.normalize(fragments.image.float(), dim=-1)
+        words = F.normalize(_wide(fragments.text[:, :length]), dim=-1)
+        regions = F.normalize(_wide(fragments.image), dim=-1)
         step = max(1, _CHUNK_ELEMENTS // (regions.shape[0] * length * regions.shape[1]))
         chunks = [
             _caption_chunk_scores(words[s : s + step], mask[s : s + step], regions, topk)
@@ -232,8 +237,9 @@ class LearnedRelevance(nn.Module):
 
     def forward(self, scores: FragmentScores) -> tuple[Tensor, Tensor]:
         """(i2t (B, B) with image rows, t2i (B, B) with caption rows) relevances."""
-        i2t = self.i2t(scores.i2t_topk).squeeze(-1) + scores.i2t
-        t2i = self.t2i(scores.t2i_topk).squeeze(-1) + scores.t2i
+        dtype = next(self.parameters()).dtype
+        i2t = self.i2t(scores.i2t_topk.to(dtype)).squeeze(-1) + scores.i2t.to(dtype)
+        t2i = self.t2i(scores.t2i_topk.to(dtype)).squeeze(-1) + scores.t2i.to(dtype)
         return i2t, t2i
 
 
@@ -257,8 +263,8 @@ def relevance_regulariser(i2t: Tensor, t2i: Tensor, image: Tensor, text: Tensor,
         text: (B, D) caption embeddings.
         sigma: Distance scale.
     """
-    guide = torch.exp(-torch.cdist(image.float(), text.float()) / sigma)
-    return _relation_kl(i2t.float(), guide) + _relation_kl(t2i.float(), guide.T)
+    guide = torch.exp(-torch.cdist(_wide(image), _wide(text)) / sigma)
+    return _relation_kl(_wide(i2t), guide) + _relation_kl(_wide(t2i), guide.T)
 
 
 class Enhanced(NamedTuple):
