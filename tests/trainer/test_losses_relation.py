@@ -12,7 +12,8 @@ from torch.testing import assert_close
 
 from trainer.losses import LossInputs, RelationLoss, RelationModule, positive_mask
 from trainer.losses.base import zero_loss
-from trainer.losses.relation import Enhanced, Fragments, connection_mask, similarity_kl
+from trainer.losses.relation import Enhanced, connection_mask, similarity_kl
+from trainer.losses.relation_fragments import Fragments
 
 
 def _vec(*pairs: tuple[int, float]) -> Tensor:

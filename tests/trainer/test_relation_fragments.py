@@ -15,16 +15,10 @@ from torch.testing import assert_close
 from trainer import train
 from trainer.checkpoint import load_checkpoint
 from trainer.config import load_config
-from trainer.losses import LossInputs, RelationLoss, RelationModule
-from trainer.losses import relation as relation_module
+from trainer.losses import LossInputs, RelationLoss, RelationModule, relation_fragments
 from trainer.losses.base import FRAGMENT_FIELDS
-from trainer.losses.relation import (
-    Fragments,
-    LearnedRelevance,
-    connection_mask,
-    fragment_scores,
-    relevance_regulariser,
-)
+from trainer.losses.relation import connection_mask
+from trainer.losses.relation_fragments import Fragments, LearnedRelevance, fragment_scores, relevance_regulariser
 from trainer.model import DualEncoder
 
 
@@ -72,7 +66,7 @@ def test_fragment_scores_in_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatc
     lengths = torch.tensor([3, 7, 1, 5, 7, 2])
     frags = Fragments(torch.randn(6, 4, 8), torch.randn(6, 9, 8), (torch.arange(9)[None, :] < lengths[:, None]).float())
     whole = fragment_scores(frags, topk=3)
-    monkeypatch.setattr(relation_module, "_CHUNK_ELEMENTS", 1)  # one caption at a time
+    monkeypatch.setattr(relation_fragments, "_CHUNK_ELEMENTS", 1)  # one caption at a time
     for got, want in zip(fragment_scores(frags, topk=3), whole, strict=True):
         assert_close(got, want)
 
