@@ -52,6 +52,14 @@ ARMS: dict[str, list[str]] = {
     "vsepp+relation_relevance": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {relevance_weight: 1.0}}"],
     # HREM's neighbour batches (k-means clusters of images, from epoch 2; image-major batches).
     "vsepp+relation_neighbours": [*OPTIONS["vsepp+relation"], "neighbour_batches_from=2"],
+    # HREM's inter-modal connections: fragment-level matching of grid cells and tokens instead of the global cosine.
+    "vsepp+relation_fragment": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {connections: fragment}}"],
+    # HREM's relations in full: fragment connections plus its learned relevance on the attention logits (mask_weight
+    # 1), regularised towards the distance form (reg_loss_weight 10).
+    "vsepp+relation_learned": [
+        *OPTIONS["vsepp+relation"],
+        "loss_kwargs={relation: {connections: fragment, relevance: learned, relevance_weight: 1.0}}",
+    ],
     # The earlier tables' form: the three relation hinges averaged (1 : 1).
     "vsepp+relation_mean": [*OPTIONS["vsepp+relation"], "loss_kwargs={relation: {aggregate: mean}}"],
     # BCLS as its authors' code weights it (label gap 0.3, rank weight 1), on labels independent of the text tower:
@@ -119,7 +127,7 @@ PAPERS = (
         "MS-COCO in rSum points; the paper states no gain over VSE++ on Flickr8k",
         "vsepp+relation",
         ("vsepp", "vsepp_m0.1", "vsepp_m0.3"),
-        controls=("vsepp+relation_self",),
+        controls=("vsepp+relation_self", "vsepp+relation_fragment", "vsepp+relation_learned"),
     ),
     Paper(
         "bcls",

@@ -112,6 +112,33 @@ def build_pooling(name: str) -> nn.Module:
     return MeanPool() if name == "mean" else GPO()
 
 
+@dataclass
+class TowerParts:
+    """A tower's embeddings of one batch (`encode_parts`): global, local, and the projected fragments when asked."""
+
+    glob: Tensor
+    """(N, D) unit-norm global embeddings."""
+    local: Tensor | None = None
+    """(N, Dl) unit-norm local embeddings (hierarchical option), else None."""
+    fragments: Tensor | None = None
+    """(N, K, D) the local fragments projected into the shared space (`Projection.project_fragments`), detached."""
+    fragment_mask: Tensor | None = None
+    """(N, K) float mask of the valid fragments (every grid cell; a caption's tokens), before feature dropout."""
+
+
+def _cat_parts(parts: list[TowerParts], inverse: Tensor) -> TowerParts:
+    """Concatenates the parts of row buckets and puts the rows back in order (`inverse`); fragments of buckets of
+    different lengths are zero-padded (mask 0) to the longest."""
+    locals_ = [p.local for p in parts if p.local is not None]
+    out = TowerParts(torch.cat([p.glob for p in parts])[inverse], torch.cat(locals_)[inverse] if locals_ else None)
+    pieces = [(p.fragments, p.fragment_mask) for p in parts if p.fragments is not None and p.fragment_mask is not None]
+    if pieces:
+        length = max(mask.shape[1] for _, mask in pieces)
+        out.fragments = torch.cat([F.pad(f, (0, 0, 0, length - f.shape[1])) for f, _ in pieces])[inverse]
+        out.fragment_mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in pieces])[inverse]
+    return out
+
+
 class LocalHead(nn.Module):
     """Local embedding of the hierarchical option, built from the local fragments themselves (image grid cells,
     caption tokens), as "Learning hierarchical embedding space for image-text matching" builds its local level.
@@ -165,6 +192,14 @@ class Projection(nn.Module):
         glob = self.dropout(pooled)
         glob = F.normalize(self.linear(glob) + self.mlp(glob), dim=-1)
         return glob, None if self.local is None else self.local(self.dropout(fragments), mask)
+
+    @torch.no_grad()
+    def project_fragments(self, fragments: Tensor) -> Tensor:
+        """(N, K, C) local fragments -> (N, K, D) unit-norm fragments in the shared space: this head's global map
+        applied to each fragment instead of to their pool (no dropout, no gradient). HREM's fragment-level
+        relations match these (its ``img_emb_pre_pool`` / ``cap_emb_pre_pool``: the fragments after the embedding
+        projection, before pooling) and detach them."""
+        return F.normalize(self.linear(fragments) + self.mlp(fragments), dim=-1)
 
     def serve(self, glob: Tensor, local: Tensor | None) -> Tensor:
         """The served vector: the global embedding, or [a * global, b * local] (a^2 + b^2 = 1: already unit norm)."""
@@ -263,12 +298,20 @@ class ImageTower(nn.Module):
 
         `drop`: fraction of local features randomly left out of the pooling (training augmentation).
         """
+        parts = self.encode_parts(h, start, drop)
+        return parts.glob, parts.local
+
+    def encode_parts(self, h: Tensor, start: int, drop: float = 0.0, fragments: bool = False) -> TowerParts:
+        """`parts_from`, plus the h*w cells projected into the shared space when `fragments` is true."""
         for stage in self.stages[start:]:
             h = stage(h)
-        fragments = h.flatten(2).transpose(1, 2)  # (N, h*w, C)
-        mask = torch.ones(fragments.shape[:2], dtype=fragments.dtype, device=fragments.device)
-        mask = drop_features(mask, drop)
-        return self.head.parts(self.pool(fragments, mask), fragments, mask)
+        cells = h.flatten(2).transpose(1, 2)  # (N, h*w, C)
+        every = torch.ones(cells.shape[:2], dtype=cells.dtype, device=cells.device)
+        mask = drop_features(every, drop)
+        glob, local = self.head.parts(self.pool(cells, mask), cells, mask)
+        if not fragments:
+            return TowerParts(glob, local)
+        return TowerParts(glob, local, self.head.project_fragments(cells), every)
 
     def forward_from(self, h: Tensor, start: int) -> Tensor:
         """Runs stages [start, end) on `h`, then pooling and the head: (N, D) unit-norm served embeddings."""
@@ -398,12 +441,22 @@ class TextTower(nn.Module):
 
         `drop`: fraction of tokens randomly left out of the pooling (training augmentation; attention sees all).
         """
-        mask = attention_mask.to(h.dtype)
-        bias = self._bias(mask)
+        parts = self.encode_parts(h, attention_mask, start, drop)
+        return parts.glob, parts.local
+
+    def encode_parts(
+        self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0, fragments: bool = False
+    ) -> TowerParts:
+        """`parts_from`, plus the tokens projected into the shared space (with their mask) when `fragments`."""
+        valid = attention_mask.to(h.dtype)
+        bias = self._bias(valid)
         for layer in self.layers[max(start, 1) - 1 :]:
             h = layer(h, bias)
-        mask = drop_features(mask, drop)
-        return self.head.parts(self.pool(h, mask), h, mask)
+        mask = drop_features(valid, drop)
+        glob, local = self.head.parts(self.pool(h, mask), h, mask)
+        if not fragments:
+            return TowerParts(glob, local)
+        return TowerParts(glob, local, self.head.project_fragments(h), valid)
 
     def parts_from_bucketed(
         self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0, bucket: int = 128
@@ -413,18 +466,27 @@ class TextTower(nn.Module):
         The same result as one padded pass (rows never interact), with far less padding when there are layers to run:
         a batch of 640 Flickr8k captions averages 14 tokens but is padded to its longest, about 32.
         """
+        parts = self.encode_parts_bucketed(h, attention_mask, start, drop, bucket)
+        return parts.glob, parts.local
+
+    def encode_parts_bucketed(
+        self,
+        h: Tensor,
+        attention_mask: Tensor,
+        start: int,
+        drop: float = 0.0,
+        bucket: int = 128,
+        fragments: bool = False,
+    ) -> TowerParts:
+        """`encode_parts` over length-sorted buckets (`parts_from_bucketed`); fragments padded to the longest bucket."""
         if start >= self.num_stages or h.shape[0] <= bucket:
-            return self.parts_from(h, attention_mask, start, drop)
+            return self.encode_parts(h, attention_mask, start, drop, fragments)
         order = torch.argsort(attention_mask.sum(1))
-        globs, locals_ = [], []
+        parts = []
         for rows in order.split(bucket):
             length = int(attention_mask[rows].sum(1).max())
-            glob, local = self.parts_from(h[rows, :length], attention_mask[rows, :length], start, drop)
-            globs.append(glob)
-            locals_.append(local)
-        inverse = torch.argsort(order)
-        local_all = None if locals_[0] is None else torch.cat(locals_)[inverse]  # type: ignore[arg-type]
-        return torch.cat(globs)[inverse], local_all
+            parts.append(self.encode_parts(h[rows, :length], attention_mask[rows, :length], start, drop, fragments))
+        return _cat_parts(parts, torch.argsort(order))
 
     def forward_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         """Runs stages [max(start,1), end) on hidden states `h`, then pooling and the head (served embeddings)."""

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -50,11 +51,11 @@ from trainer.data import (
     pack_batches,
 )
 from trainer.data.lexical import LexicalNeighbours
-from trainer.distributed import gather_rows, shard_batch
+from trainer.distributed import gather_rows, rank_and_world, shard_batch
 from trainer.encode import encode_images, encode_split, split_points
 from trainer.labels import PairLabels, check_model_provides
 from trainer.losses import CombinedLoss, LossInputs
-from trainer.losses.base import needed_sampling
+from trainer.losses.base import FRAGMENT_FIELDS, needed_sampling
 from trainer.model import DualEncoder
 from trainer.optim import WeightAverage, build_param_groups, lr_factor, upgrade_optimizer_state
 
@@ -70,6 +71,8 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model, self.loss = model, loss
         self.image_split, self.text_split, self.feature_drop = image_split, text_split, feature_drop
+        # Projected fragments only for the losses that read them (HREM's fragment-level relations).
+        self.fragments = bool(loss.requires & FRAGMENT_FIELDS)
 
     def forward(
         self, inputs: TowerInputs, pair_image: Tensor, image_ids: Tensor, epoch: int, labels: dict[str, Tensor]
@@ -83,15 +86,30 @@ class TrainStep(nn.Module):
         The pairwise `labels` (LossInputs field -> (B, B) tensor: `text_sim`, `local_sim`) are not per row: the
         caller builds them for the gathered batch (rows in rank order), which every rank knows.
         """
-        image, image_local = self.model.image.parts_from(inputs.image, self.image_split, self.feature_drop)
-        image = image[pair_image]
-        image_local = None if image_local is None else image_local[pair_image]
-        text, text_local = self.model.text.parts_from_bucketed(
-            inputs.text, inputs.text_mask, self.text_split, self.feature_drop
+        image_parts = self.model.image.encode_parts(inputs.image, self.image_split, self.feature_drop, self.fragments)
+        image = image_parts.glob[pair_image]
+        image_local = None if image_parts.local is None else image_parts.local[pair_image]
+        image_fragments = None if image_parts.fragments is None else image_parts.fragments[pair_image]
+        text_parts = self.model.text.encode_parts_bucketed(
+            inputs.text, inputs.text_mask, self.text_split, self.feature_drop, fragments=self.fragments
+        )
+        text, text_local = text_parts.glob, text_parts.local
+        text_fragments, text_fragment_mask = _tokens_for_gather(
+            text_parts.fragments, text_parts.fragment_mask, self.model.spec.max_tokens
         )
         unit = self.model.unit(image, text) if self.model.unit is not None else None
-        every_image, every_text, every_id, unit, image_local, text_local = gather_rows(
-            image, text, image_ids, unit, image_local, text_local
+        (
+            every_image,
+            every_text,
+            every_id,
+            unit,
+            image_local,
+            text_local,
+            image_fragments,
+            text_fragments,
+            text_fragment_mask,
+        ) = gather_rows(
+            image, text, image_ids, unit, image_local, text_local, image_fragments, text_fragments, text_fragment_mask
         )
         assert every_image is not None and every_text is not None and every_id is not None
         batch = LossInputs(
@@ -102,9 +120,21 @@ class TrainStep(nn.Module):
             unit=unit,
             image_local=image_local,
             text_local=text_local,
+            image_fragments=image_fragments,
+            text_fragments=text_fragments,
+            text_fragment_mask=text_fragment_mask,
             **labels,
         )
         return self.loss(batch)
+
+
+def _tokens_for_gather(fragments: Tensor | None, mask: Tensor | None, max_tokens: int) -> tuple[Tensor | None, ...]:
+    """Caption fragments (and mask) as `gather_rows` needs them: under several ranks, zero-padded to `max_tokens`
+    so that every rank's rows have one shape (one process keeps its batch's length)."""
+    if fragments is None or mask is None or rank_and_world()[1] == 1:
+        return fragments, mask
+    pad = max_tokens - fragments.shape[1]
+    return F.pad(fragments, (0, 0, 0, pad)), F.pad(mask, (0, pad))
 
 
 def resolve_sampling(cfg: TrainConfig) -> TrainConfig:

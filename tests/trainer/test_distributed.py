@@ -48,6 +48,12 @@ _CASES: dict[str, tuple[list[str], dict[str, float], dict[str, dict[str, Any]]]]
     "vsepp_triplet": (["with_unit=false"], {"vsepp_triplet": 1.0}, {}),
     "all": ([], dict.fromkeys(_EVERY_IN_BATCH_LOSS, 1.0), {"relation": {"dim": 32}}),
     "hierarchical": (["local_dim=8", "with_unit=false"], {"infonce": 1.0, "local_similarity": 1.0}, {}),
+    # HREM's fragment connections and learned relevance: the caption fragments of shards of different lengths.
+    "relation_fragment": (
+        ["with_unit=false"],
+        {"vsepp_triplet": 1.0, "relation": 1.0},
+        {"relation": {"dim": 32, "connections": "fragment", "relevance": "learned", "relevance_weight": 1.0}},
+    ),
 }
 
 

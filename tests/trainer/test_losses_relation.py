@@ -11,7 +11,9 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from trainer.losses import LossInputs, RelationLoss, RelationModule, positive_mask
-from trainer.losses.relation import connection_mask, similarity_kl
+from trainer.losses.base import zero_loss
+from trainer.losses.relation import Enhanced, connection_mask, similarity_kl
+from trainer.losses.relation_fragments import Fragments
 
 
 def _vec(*pairs: tuple[int, float]) -> Tensor:
@@ -30,8 +32,8 @@ def _masking_case(ids: list[int], text1_close_to_image0: bool) -> LossInputs:
 
 
 class _Identity(nn.Module):
-    def forward(self, image: Tensor, text: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor]:
-        return image, text
+    def forward(self, image: Tensor, text: Tensor, image_ids: Tensor, fragments: Fragments | None) -> Enhanced:
+        return Enhanced(image, text, zero_loss(image))
 
 
 def test_identity_relation_gives_vsepp_and_zero_consistency() -> None:
@@ -94,11 +96,11 @@ def test_relation_module_starts_as_the_identity_and_learns_relations() -> None:
     text = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
     ids = torch.tensor([0, 0, 1, 2, 3])
     identity = RelationModule(dim=8, num_heads=2, dropout=0.0, layer_scale=0.0)
-    image_enh, text_enh = identity(image, text, ids)
+    image_enh, text_enh, _ = identity(image, text, ids)
     assert_close(image_enh, image)
     assert_close(text_enh, text)
     module = RelationModule(dim=8, num_heads=2, dropout=0.0)
-    image_enh, text_enh = module(image, text, ids)
+    image_enh, text_enh, _ = module(image, text, ids)
     assert image_enh.shape == text_enh.shape == (5, 8)
     assert_close(image_enh.norm(dim=-1), torch.ones(5))
     assert not torch.allclose(image_enh, image)  # the batch changed it ...

@@ -30,7 +30,14 @@ _OPTIONAL_FIELDS = (
     "text_local",
     "local_sim",
     "unit",
+    "image_fragments",
+    "text_fragments",
+    "text_fragment_mask",
 )
+
+FRAGMENT_FIELDS = frozenset({"image_fragments", "text_fragments", "text_fragment_mask"})
+"""The optional ``LossInputs`` fields of the towers' local fragments; the trainer fills them only when a loss
+``needs`` them (projecting every fragment costs a pass of the heads over every grid cell and token)."""
 
 
 @dataclass
@@ -56,6 +63,10 @@ class LossInputs:
         text_local: (B, Dl) local caption embeddings (hierarchical option).
         local_sim: (B, B) lexical local-similarity labels in [0, 1] (e.g. Jaccard of content words between captions).
         unit: (B, D) L2-normalised fused (image, caption) unit embeddings.
+        image_fragments: (B, R, D) the local fragments of row i's image (its R grid cells) projected into the
+            shared space by the global head, unit norm, without gradient (HREM's fragment-level relations).
+        text_fragments: (B, L, D) the same for caption i's tokens (padded to L).
+        text_fragment_mask: (B, L) float mask of caption i's valid tokens (1) and padding (0).
     """
 
     image: Tensor
@@ -70,6 +81,9 @@ class LossInputs:
     text_local: Tensor | None = None
     local_sim: Tensor | None = None
     unit: Tensor | None = None
+    image_fragments: Tensor | None = None
+    text_fragments: Tensor | None = None
+    text_fragment_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         # Shape mistakes here otherwise surface as silent broadcasting deep inside a loss.
@@ -88,6 +102,24 @@ class LossInputs:
             value = getattr(self, name)
             if value is not None and (value.dim() != 2 or value.shape[0] != batch):
                 raise ValueError(f"{name} must be ({batch}, D); got {tuple(value.shape)}")
+        self._check_fragments(batch)
+
+    def _check_fragments(self, batch: int) -> None:
+        """The fragment fields: (B, R, D) and (B, L, D) of one D, the token mask exactly with its fragments."""
+        for name in ("image_fragments", "text_fragments"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 3 or value.shape[0] != batch):
+                raise ValueError(f"{name} must be ({batch}, K, D); got {tuple(value.shape)}")
+        frags, mask = self.text_fragments, self.text_fragment_mask
+        if (frags is None) != (mask is None):
+            raise ValueError("text_fragments and text_fragment_mask must be given together")
+        if frags is not None and mask is not None and mask.shape != frags.shape[:2]:
+            raise ValueError(f"text_fragment_mask must be {tuple(frags.shape[:2])}; got {tuple(mask.shape)}")
+        if frags is not None and self.image_fragments is not None and frags.shape[2] != self.image_fragments.shape[2]:
+            raise ValueError(
+                f"image_fragments and text_fragments must share D; got {self.image_fragments.shape[2]} and "
+                f"{frags.shape[2]}"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -103,7 +135,7 @@ class LossInputs:
 
         Args:
             name: One of the optional fields (``text_sim``, ``image_text_sim``, ``image_lexical_sim``,
-                ``image_local``, ``text_local``, ``local_sim``, ``unit``).
+                ``image_local``, ``text_local``, ``local_sim``, ``unit``, the ``FRAGMENT_FIELDS``).
             loss_name: The loss asking, for the error message.
         """
         if name not in _OPTIONAL_FIELDS:
