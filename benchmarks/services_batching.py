@@ -12,6 +12,7 @@ from as many concurrent callers as the unbatched service runs requests at once; 
 callers as the batched service has batch workers). Issue 17's target: batching on / off >= 0.9 of that gain.
 
     python -m benchmarks.services_batching --bundle BUNDLE [--modality text|image] [--clients 1,32] [--requests 320]
+        [--label RECIPE]
 """
 
 from __future__ import annotations
@@ -255,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay-us", type=int, default=2000, help="server --max-delay-us")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per mode and reference; the best counts")
     parser.add_argument("--server-flags", default="", help="more flags for every server, e.g. '--batch-workers 1'")
+    parser.add_argument("--label", default="", help="results file services_batching_MODALITY_LABEL (e.g. the recipe)")
     add_results_flag(parser)
     args = parser.parse_args(argv)
     args.clients = sorted({int(c) for c in args.clients.split(",")})
-    report = Report(f"services_batching_{args.modality}", argv, args.results, module="services_batching")
+    name = "_".join(["services_batching", args.modality, *([args.label] if args.label else [])])
+    report = Report(name, argv, args.results, module="services_batching")
     items, source = sample_items(args.modality, 256)
     plan = _plan(args)
     max_workers = server_config_from_args(plan["off_args"]).max_workers

@@ -24,17 +24,27 @@ from tests.services.test_batching import _wait_until
 from text_encoder_service.server import create_server
 
 
-@pytest.mark.parametrize("tower", ["image", "text"])
 @pytest.mark.parametrize(("cores", "slots", "threads"), [(1, 1, 1), (2, 2, 1), (16, 2, 8)])
-def test_the_rule_on_a_cpu_batches_only_what_arrives_while_every_slot_is_busy(
-    tower: str, cores: int, slots: int, threads: int
+def test_the_rule_on_a_cpu_batches_only_the_text_requests_that_arrive_while_every_slot_is_busy(
+    cores: int, slots: int, threads: int
 ) -> None:
+    tower = "text"
     plan = choose_batching(Hardware(cores, CPU, tower))
     assert (plan.batching, plan.run_alone_when_idle) == (True, True)
     assert (plan.batch_workers, plan.intra_op_threads) == (slots, threads)
     assert plan.mode == "adaptive" and plan.source == "auto"
     assert f"{cores} core(s), {tower} tower" in plan.reason
     assert plan_batching("auto", Hardware(cores, CPU, tower)) == plan  # the flags' defaults give the rule's plan
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])
+def test_the_rule_on_a_cpu_runs_each_image_request_alone(cores: int, threads: int) -> None:
+    plan = choose_batching(Hardware(cores, CPU, "image"))
+    assert (plan.batching, plan.run_alone_when_idle) == (False, False)
+    assert (plan.batch_workers, plan.intra_op_threads) == (0, threads)
+    assert plan.mode == "off" and plan.source == "auto"
+    assert f"{cores} core(s), image tower" in plan.reason and "batches" in plan.reason
+    assert plan_batching("auto", Hardware(cores, CPU, "image")) == plan
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
