@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-items", type=int, default=128, help="items per throughput measurement")
     p.add_argument("--variants", action="store_true", help="also measure the image tower's quantisation recipes")
     p.add_argument("--calibration-images", type=int, default=128, help="--variants: training images calibrating")
-    p.add_argument("--label", default="", help="results file int8_serving_LABEL (e.g. the bundle's recipe)")
-    add_results_flag(p)
+    add_results_flag(p, label=True)
     args = p.parse_args(argv)
-    name = f"int8_serving_{args.label}" if args.label else "int8_serving"
-    report = Report(name, argv, args.results, module="int8_serving")
+    report = Report("int8_serving", argv, args.results, label=args.label)
     bundle = load_bundle(args.bundle)
     cfg = SessionConfig(device="cpu", intra_op_threads=args.threads, cache_dir=default_cache_dir())
     records = load_captioned_images(args.data, split="val", limit=args.limit)

@@ -20,14 +20,17 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def add_results_flag(parser: argparse.ArgumentParser) -> None:
-    """`--results DIR`: where the report goes (default `benchmarks/results`)."""
+def add_results_flag(parser: argparse.ArgumentParser, label: bool = False) -> None:
+    """`--results DIR`: where the report goes (default `benchmarks/results`); with `label`, also `--label L`, which
+    names the file `<name>_L` (one file per bundle or recipe measured)."""
     parser.add_argument(
         "--results",
         type=Path,
         default=RESULTS_DIR,
         help="directory of <name>.md and <name>.json",
     )
+    if label:
+        parser.add_argument("--label", default="", help="results file <name>_LABEL (e.g. the bundle's recipe)")
 
 
 def machine() -> str:
@@ -62,6 +65,7 @@ class Report:
         results: Directory of the files.
         markdown: The lines are Markdown already (a table); otherwise they are kept as a text block.
         module: The benchmark's module when `name` is more specific (`services_batching_text`).
+        label: Appended to `name` (`services_batching_text_default`): `--label` of `add_results_flag`.
     """
 
     def __init__(
@@ -71,8 +75,9 @@ class Report:
         results: Path = RESULTS_DIR,
         markdown: bool = False,
         module: str | None = None,
+        label: str = "",
     ) -> None:
-        self.name = name
+        self.name = f"{name}_{label}" if label else name
         self.module = module or name
         self.argv = list(sys.argv[1:] if argv is None else argv)
         self.results = Path(results)

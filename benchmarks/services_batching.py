@@ -256,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay-us", type=int, default=2000, help="server --max-delay-us")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per mode and reference; the best counts")
     parser.add_argument("--server-flags", default="", help="more flags for every server, e.g. '--batch-workers 1'")
-    parser.add_argument("--label", default="", help="results file services_batching_MODALITY_LABEL (e.g. the recipe)")
-    add_results_flag(parser)
+    add_results_flag(parser, label=True)
     args = parser.parse_args(argv)
     args.clients = sorted({int(c) for c in args.clients.split(",")})
-    name = "_".join(["services_batching", args.modality, *([args.label] if args.label else [])])
-    report = Report(name, argv, args.results, module="services_batching")
+    report = Report(
+        f"services_batching_{args.modality}", argv, args.results, module="services_batching", label=args.label
+    )
     items, source = sample_items(args.modality, 256)
     plan = _plan(args)
     max_workers = server_config_from_args(plan["off_args"]).max_workers

@@ -96,8 +96,8 @@ def float_nodes(model: onnx.ModelProto, parts: Sequence[str] = FLOAT_PARTS) -> l
             fed |= set(n.output)
     stem = [k for k in convs if set(nodes[k].input) & fed]
     out: list[str] = [nodes[k].name for k in stem] if "stem" in parts else []
-    if "first_block" in parts:
-        for k in (k for k in convs if k > stem[-1]) if stem else ():
+    if "first_block" in parts and stem:
+        for k in convs[convs.index(stem[-1]) + 1 :]:
             out.append(nodes[k].name)
             if _group(nodes[k]) == 1:
                 break
