@@ -293,16 +293,12 @@ class ImageTower(nn.Module):
             x = stage(x)
         return x
 
-    def parts_from(self, h: Tensor, start: int, drop: float = 0.0) -> tuple[Tensor, Tensor | None]:
-        """Runs stages [start, end) on `h`; the h*w cells are the local fragments: (global, local) embeddings.
+    def encode_parts(self, h: Tensor, start: int, drop: float = 0.0, fragments: bool = False) -> TowerParts:
+        """Runs stages [start, end) on `h`; the h*w cells are the local fragments: global and local embeddings, plus
+        the cells projected into the shared space when `fragments` is true.
 
         `drop`: fraction of local features randomly left out of the pooling (training augmentation).
         """
-        parts = self.encode_parts(h, start, drop)
-        return parts.glob, parts.local
-
-    def encode_parts(self, h: Tensor, start: int, drop: float = 0.0, fragments: bool = False) -> TowerParts:
-        """`parts_from`, plus the h*w cells projected into the shared space when `fragments` is true."""
         for stage in self.stages[start:]:
             h = stage(h)
         cells = h.flatten(2).transpose(1, 2)  # (N, h*w, C)
@@ -315,7 +311,8 @@ class ImageTower(nn.Module):
 
     def forward_from(self, h: Tensor, start: int) -> Tensor:
         """Runs stages [start, end) on `h`, then pooling and the head: (N, D) unit-norm served embeddings."""
-        return self.head.serve(*self.parts_from(h, start))
+        parts = self.encode_parts(h, start)
+        return self.head.serve(parts.glob, parts.local)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.forward_from(pixel_values, 0)
@@ -433,21 +430,15 @@ class TextTower(nn.Module):
             h = layer(h, bias)
         return h
 
-    def parts_from(
-        self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0
-    ) -> tuple[Tensor, Tensor | None]:
-        """Runs stages [max(start,1), end) on hidden states `h`; the tokens are the local fragments: masked pooling
-        over tokens -> (global, local) embeddings.
-
-        `drop`: fraction of tokens randomly left out of the pooling (training augmentation; attention sees all).
-        """
-        parts = self.encode_parts(h, attention_mask, start, drop)
-        return parts.glob, parts.local
-
     def encode_parts(
         self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0, fragments: bool = False
     ) -> TowerParts:
-        """`parts_from`, plus the tokens projected into the shared space (with their mask) when `fragments`."""
+        """Runs stages [max(start,1), end) on hidden states `h`; the tokens are the local fragments: masked pooling
+        over tokens -> global and local embeddings, plus the tokens projected into the shared space (with their
+        mask) when `fragments` is true.
+
+        `drop`: fraction of tokens randomly left out of the pooling (training augmentation; attention sees all).
+        """
         valid = attention_mask.to(h.dtype)
         bias = self._bias(valid)
         for layer in self.layers[max(start, 1) - 1 :]:
@@ -458,17 +449,6 @@ class TextTower(nn.Module):
             return TowerParts(glob, local)
         return TowerParts(glob, local, self.head.project_fragments(h), valid)
 
-    def parts_from_bucketed(
-        self, h: Tensor, attention_mask: Tensor, start: int, drop: float = 0.0, bucket: int = 128
-    ) -> tuple[Tensor, Tensor | None]:
-        """`parts_from` over length-sorted buckets of `bucket` rows, each trimmed to its longest caption.
-
-        The same result as one padded pass (rows never interact), with far less padding when there are layers to run:
-        a batch of 640 Flickr8k captions averages 14 tokens but is padded to its longest, about 32.
-        """
-        parts = self.encode_parts_bucketed(h, attention_mask, start, drop, bucket)
-        return parts.glob, parts.local
-
     def encode_parts_bucketed(
         self,
         h: Tensor,
@@ -478,7 +458,12 @@ class TextTower(nn.Module):
         bucket: int = 128,
         fragments: bool = False,
     ) -> TowerParts:
-        """`encode_parts` over length-sorted buckets (`parts_from_bucketed`); fragments padded to the longest bucket."""
+        """`encode_parts` over length-sorted buckets of `bucket` rows, each trimmed to its longest caption (fragments
+        zero-padded to the longest bucket).
+
+        The same result as one padded pass (rows never interact), with far less padding when there are layers to run:
+        a batch of 640 Flickr8k captions averages 14 tokens but is padded to its longest, about 32.
+        """
         if start >= self.num_stages or h.shape[0] <= bucket:
             return self.encode_parts(h, attention_mask, start, drop, fragments)
         order = torch.argsort(attention_mask.sum(1))
@@ -490,7 +475,8 @@ class TextTower(nn.Module):
 
     def forward_from(self, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         """Runs stages [max(start,1), end) on hidden states `h`, then pooling and the head (served embeddings)."""
-        return self.head.serve(*self.parts_from(h, attention_mask, start))
+        parts = self.encode_parts(h, attention_mask, start)
+        return self.head.serve(parts.glob, parts.local)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.forward_from(self.features(input_ids, attention_mask, 1), attention_mask, 1)

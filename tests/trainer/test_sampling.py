@@ -213,9 +213,10 @@ def test_length_bucketed_text_pass_equals_the_padded_one() -> None:
     mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
     h = torch.randn(50, 12, 32)
     with torch.no_grad():
-        padded = model.text.parts_from(h, mask, 1)
-        bucketed = model.text.parts_from_bucketed(h, mask, 1, bucket=8)
-    for got, want in zip(bucketed, padded, strict=True):  # global and local (max over the valid tokens only)
+        padded = model.text.encode_parts(h, mask, 1)
+        bucketed = model.text.encode_parts_bucketed(h, mask, 1, bucket=8)
+    # global and local (max over the valid tokens only)
+    for got, want in zip((bucketed.glob, bucketed.local), (padded.glob, padded.local), strict=True):
         assert got is not None and want is not None
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
