@@ -24,6 +24,15 @@ from benchmarks.report import Report, add_results_flag
 from trainer import train
 from trainer.config import TrainConfig
 
+
+def _earlier_bcls(labels: str = "caption", gap: float = 0.05) -> str:
+    """The part kwargs of an earlier-table BCLS option: soft negatives on the text tower's caption labels, the rank
+    term on `labels` with label gap `gap` (the defaults before the tested form became `bcls`'s own)."""
+    return f"triplet_kwargs: {{labels: caption}}, kendall_kwargs: {{labels: {labels}, min_label_gap: {gap:g}}}"
+
+
+_EARLIER_BCLS = _earlier_bcls()
+
 OPTIONS: dict[str, list[str]] = {
     "infonce": ["losses={infonce: 1.0}"],
     # BCLS's continuous-label rank term on top of InfoNCE, in InfoNCE's own (image-major) batches.
@@ -33,33 +42,36 @@ OPTIONS: dict[str, list[str]] = {
     "adaptive_margin+center": ["losses={adaptive_margin_triplet: 1.0, center: 0.1}"],
     "infonce+center": ["losses={infonce: 1.0, center: 0.1}"],
     "soft_negative_triplet": ["losses={soft_negative_triplet: 1.0}"],
-    "bcls": ["losses={bcls: 1.0}"],
-    "bcls_kendall0.1": ["losses={bcls: 1.0}", "loss_kwargs={bcls: {kendall_weight: 0.1}}"],
+    # The BCLS options of the earlier tables, on the frozen text tower's labels at label gap 0.05 (`bcls` alone now
+    # means the tested form: lexical labels, gap 0.3; `trainer.losses.soft_negative.BCLS_DEFAULTS`).
+    "bcls": ["losses={bcls: 1.0}", f"loss_kwargs={{bcls: {{{_EARLIER_BCLS}}}}}"],
+    "bcls_kendall0.1": ["losses={bcls: 1.0}", f"loss_kwargs={{bcls: {{kendall_weight: 0.1, {_EARLIER_BCLS}}}}}"],
     # BCLS's Triplet-SN: the hardest negative still below the positive (semi-hard), no label-based exclusion.
     "triplet_sn": [
         "losses={soft_negative_triplet: 1.0}",
         "loss_kwargs={soft_negative_triplet: {mining: semi_hard, threshold: 1.0}}",
     ],
     # The rank term on image-level labels (each caption against all captions of the image).
-    "bcls_image": ["losses={bcls: 1.0}", "loss_kwargs={bcls: {kendall_kwargs: {labels: image}}}"],
+    "bcls_image": ["losses={bcls: 1.0}", f"loss_kwargs={{bcls: {{{_earlier_bcls('image')}}}}}"],
     "bcls_image0.1": [
         "losses={bcls: 1.0}",
-        "loss_kwargs={bcls: {kendall_weight: 0.1, kendall_kwargs: {labels: image}}}",
+        f"loss_kwargs={{bcls: {{kendall_weight: 0.1, {_earlier_bcls('image')}}}}}",
     ],
     # Image-level labels, label gaps up to 0.2 treated as ties (fewer, surer pairs), Kendall weight 0.3.
     "bcls_image_gap0.2": [
         "losses={bcls: 1.0}",
-        "loss_kwargs={bcls: {kendall_weight: 0.3, kendall_kwargs: {labels: image, min_label_gap: 0.2}}}",
+        f"loss_kwargs={{bcls: {{kendall_weight: 0.3, {_earlier_bcls('image', 0.2)}}}}}",
     ],
     # The same with lexical labels (content words shared with the image's captions) instead of MiniLM's.
     "bcls_lexical_gap0.2": [
         "losses={bcls: 1.0}",
-        "loss_kwargs={bcls: {kendall_weight: 0.3, kendall_kwargs: {labels: lexical, min_label_gap: 0.2}}}",
+        f"loss_kwargs={{bcls: {{kendall_weight: 0.3, {_earlier_bcls('lexical', 0.2)}}}}}",
     ],
     "bcls_sn_image0.1": [
         "losses={bcls: 1.0}",
-        "loss_kwargs={bcls: {kendall_weight: 0.1, triplet_kwargs: {mining: semi_hard, threshold: 1.0}, "
-        "kendall_kwargs: {labels: image}}}",
+        "loss_kwargs={bcls: {kendall_weight: 0.1, "
+        "triplet_kwargs: {mining: semi_hard, threshold: 1.0, labels: caption}, "
+        "kendall_kwargs: {labels: image, min_label_gap: 0.05}}}",
     ],
     "vsepp+relation": ["losses={vsepp_triplet: 1.0, relation: 1.0}"],
     "infonce+quantization": ["losses={infonce: 1.0, quantization: 0.1}"],

@@ -46,7 +46,16 @@ _EVERY_IN_BATCH_LOSS = (
 _CASES: dict[str, tuple[list[str], dict[str, float], dict[str, dict[str, Any]]]] = {
     "infonce": (["with_unit=false"], {"infonce": 1.0}, {}),
     "vsepp_triplet": (["with_unit=false"], {"vsepp_triplet": 1.0}, {}),
-    "all": ([], dict.fromkeys(_EVERY_IN_BATCH_LOSS, 1.0), {"relation": {"dim": 32}}),
+    # BCLS on the frozen text tower's labels, the ones `_batch` draws (its default lexical labels are per caption
+    # table, covered by the gloo runs below).
+    "all": (
+        [],
+        dict.fromkeys(_EVERY_IN_BATCH_LOSS, 1.0),
+        {
+            "relation": {"dim": 32},
+            "bcls": {"triplet_kwargs": {"labels": "caption"}, "kendall_kwargs": {"labels": "caption"}},
+        },
+    ),
     "hierarchical": (["local_dim=8", "with_unit=false"], {"infonce": 1.0, "local_similarity": 1.0}, {}),
     # HREM's fragment connections and learned relevance: the caption fragments of shards of different lengths.
     "relation_fragment": (

@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from trainer.losses import (
     LOSSES,
+    BCLSLoss,
     CombinedLoss,
     EmbeddingLoss,
     InfoNCELoss,
@@ -210,17 +211,24 @@ def test_each_loss_declares_exactly_the_optional_inputs_it_reads(name: str, kwar
 def test_image_labels_change_what_the_rank_term_needs() -> None:
     assert build_loss("kendall_rank").needs() == {"text_sim"}
     assert build_loss("kendall_rank", labels="image").needs() == {"image_text_sim"}
+    # BCLS's defaults are lexical labels (the tested form); a given part kwarg replaces only its own key.
+    assert CombinedLoss({"bcls": 1.0}).requires == {"image_lexical_sim", "image_lexical_max_sim"}
     combined = CombinedLoss({"bcls": 1.0}, {"bcls": {"kendall_kwargs": {"labels": "image"}}})
-    assert combined.requires == {"text_sim", "image_text_sim"}
+    assert combined.requires == {"image_lexical_max_sim", "image_text_sim"}
     assert combined.needing("image_text_sim") == ["bcls"]
+    bcls = combined.losses["bcls"]
+    assert isinstance(bcls, BCLSLoss) and bcls.kendall.min_label_gap == 0.3  # the default gap stays
+    earlier = CombinedLoss({"bcls": 1.0}, {"bcls": {"triplet_kwargs": {"labels": "caption"}}})
+    assert earlier.requires == {"text_sim", "image_lexical_sim"}
     with pytest.raises(ValueError, match="unknown ranking labels 'images'"):
         build_loss("kendall_rank", labels="images")
 
 
 def test_combined_loss_collects_what_its_losses_require() -> None:
     combined = CombinedLoss({"infonce": 1.0, "bcls": 1.0, "adaptive_margin_triplet": 1.0, "unit_hinge": 0.0})
-    assert combined.requires == {"text_sim", "unit"}
-    assert combined.needing("text_sim") == ["bcls", "adaptive_margin_triplet"]
+    assert combined.requires == {"text_sim", "unit", "image_lexical_sim", "image_lexical_max_sim"}
+    assert combined.needing("text_sim") == ["adaptive_margin_triplet"]
+    assert combined.needing("image_lexical_sim") == ["bcls"]
     assert CombinedLoss({"infonce": 1.0}).requires == frozenset()
 
 

@@ -121,7 +121,9 @@ def test_kendall_gradients_and_bad_surrogate() -> None:
 
 def test_bcls_returns_both_terms_and_weights_kendall() -> None:
     inputs = _masking_case([0, 1, 2], True, _sim(0.9, 0.5, 0.3))
-    loss = BCLSLoss(kendall_weight=0.5, triplet_kwargs={"margin": 0.7})
+    loss = BCLSLoss(
+        kendall_weight=0.5, triplet_kwargs={"margin": 0.7, "labels": "caption"}, kendall_kwargs={"labels": "caption"}
+    )
     terms = loss(inputs)
     assert set(terms) == {"soft_triplet", "kendall"}
     assert_close(terms["soft_triplet"], torch.tensor(0.2))
