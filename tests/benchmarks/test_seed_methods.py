@@ -170,3 +170,23 @@ def test_a_paper_compares_its_extra_pairs(tmp_path: Path) -> None:
     got = {(c["arm"], c["against"]): c for c in summary["comparisons"]}
     expected = [runs[(refined, s)]["rsum"] - runs[(unrefined, s)]["rsum"] for s in (0, 1, 2)]
     assert got[(refined, unrefined)]["differences"] == pytest.approx(expected)
+
+
+def test_a_pair_that_repeats_a_control_against_the_baseline_is_listed_once(tmp_path: Path) -> None:
+    from benchmarks.report import Report
+    from benchmarks.seed_methods import PAPERS, _paper
+
+    hier = next(p for p in PAPERS if p.key == "hierarchical")
+    arms = (*hier.baselines, hier.method, *hier.controls)
+    tuned = "infonce_global_t0.05"
+    runs = {
+        (arm, s): {"rsum": 200.0 + k + s, "last_rsum": 200.0, "dev_rsum": 300.0 if arm == tuned else 100.0, "epoch": 1}
+        for k, arm in enumerate(arms)
+        for s in (0, 1)
+    }
+    summary = _paper(Report("t", [], tmp_path), hier, runs, [0, 1])
+    assert summary is not None and summary["baseline"] == tuned
+    listed = [(c["arm"], c["against"]) for c in summary["comparisons"]]
+    assert len(listed) == len(set(listed))
+    assert ("infonce+hierarchical_t0.05", tuned) in listed  # a control against the tuned baseline, and a pair
+    assert ("infonce+hierarchical", "infonce_global") in listed  # the twin at the recipe's temperature
