@@ -265,6 +265,10 @@ def verdict(mean: float, low: float, high: float, claimed_points: float | None) 
     return f"above 0, below the claimed {claimed_points:g} points"
 
 
+MEAN_MARGIN = "adaptive_mean_margin"
+"""The adaptive margin's logged term (weight 0): its mean in-batch margin over the epoch."""
+
+
 def run_figures(out: Path) -> dict[str, Any]:
     """A finished run's figures: the epoch with the best dev rSum (the first of a tie), validation there and at
     the last epoch."""
@@ -278,6 +282,8 @@ def run_figures(out: Path) -> dict[str, Any]:
         "dev_rsum": chosen.get("dev_rsum", math.nan),
         "last_rsum": last["rsum"],
         **{k: chosen[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")},
+        # The adaptive margin's logged mean in-batch margin, for the margin-matched ablation.
+        **({MEAN_MARGIN: chosen[f"train_{MEAN_MARGIN}"]} if f"train_{MEAN_MARGIN}" in chosen else {}),
     }
 
 
@@ -610,6 +616,11 @@ def _paper(
         epochs = ",".join(str(r["epoch"]) for r in got)
         mean, last = _mean([r["rsum"] for r in got]), _mean([r["last_rsum"] for r in got])
         report.line(f"| {arm} | {' | '.join(cells)} | {mean:.1f} | {last:.1f} | {epochs} |")
+    for arm in arms:
+        margins = [f"{runs[(arm, s)][MEAN_MARGIN]:.4f}" for s in seeds if MEAN_MARGIN in runs.get((arm, s), {})]
+        if margins:
+            report.line("")
+            report.line(f"`{arm}`: mean in-batch margin at the dev-chosen epoch, per seed: {', '.join(margins)}.")
     # The tuned baseline: the candidate with the best mean dev rSum over the seeds it ran at all of.
     complete = [b for b in paper.baselines if all((b, s) in runs for s in seeds)]
     candidates = complete or [b for b in paper.baselines if b in arms]

@@ -190,3 +190,19 @@ def test_a_pair_that_repeats_a_control_against_the_baseline_is_listed_once(tmp_p
     assert len(listed) == len(set(listed))
     assert ("infonce+hierarchical_t0.05", tuned) in listed  # a control against the tuned baseline, and a pair
     assert ("infonce+hierarchical", "infonce_global") in listed  # the twin at the recipe's temperature
+
+
+def test_run_figures_take_the_dev_chosen_epoch_and_its_mean_margin(tmp_path: Path) -> None:
+    from benchmarks.seed_methods import MEAN_MARGIN, run_figures
+
+    recall = dict.fromkeys(("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"), 1.0)
+    records = [
+        {"epoch": 1, "rsum": 100.0, "dev_rsum": 150.0, f"train_{MEAN_MARGIN}": 0.17, **recall},
+        {"epoch": 2, "rsum": 120.0, "dev_rsum": 140.0, f"train_{MEAN_MARGIN}": 0.18, **recall},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    got = run_figures(tmp_path)
+    assert (got["epoch"], got["rsum"], got["last_rsum"], got[MEAN_MARGIN]) == (1, 100.0, 120.0, 0.17)
+    records = [{k: v for k, v in r.items() if k != f"train_{MEAN_MARGIN}"} for r in records]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert MEAN_MARGIN not in run_figures(tmp_path)  # only the adaptive margin logs one
