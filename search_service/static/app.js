@@ -2,7 +2,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { token: sessionStorage.getItem("imgtxt-token") || "", limit: 24 };
+// `search` numbers the searches: only the latest one's answer is shown, so a slower, older answer (a target switch
+// re-running the text query while an image is uploading) never replaces a newer one.
+const state = { token: sessionStorage.getItem("imgtxt-token") || "", limit: 24, search: 0 };
 
 function headers(extra = {}) {
   return state.token ? { ...extra, Authorization: `Bearer ${state.token}` } : extra;
@@ -65,6 +67,7 @@ function show(result, label) {
 }
 
 async function run(body, label) {
+  const mine = ++state.search;
   $("status").textContent = "searching…";
   try {
     const response = await api("/v1/search", {
@@ -72,9 +75,10 @@ async function run(body, label) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ ...body, target: target(), limit: state.limit }),
     });
-    show(await response.json(), label);
+    const result = await response.json();
+    if (mine === state.search) show(result, label);
   } catch (err) {
-    $("status").textContent = `error: ${err.message}`;
+    if (mine === state.search) $("status").textContent = `error: ${err.message}`;
   }
 }
 
@@ -83,6 +87,7 @@ async function runImage(file) {
     $("status").textContent = "error: that is not an image";
     return;
   }
+  const mine = ++state.search;
   $("query-thumb").src = URL.createObjectURL(file);
   $("query-image").hidden = false;
   $("status").textContent = "searching…";
@@ -92,9 +97,10 @@ async function runImage(file) {
       headers: { "Content-Type": file.type },
       body: file,
     });
-    show(await response.json(), file.name || "the pasted image");
+    const result = await response.json();
+    if (mine === state.search) show(result, file.name || "the pasted image");
   } catch (err) {
-    $("status").textContent = `error: ${err.message}`;
+    if (mine === state.search) $("status").textContent = `error: ${err.message}`;
   }
 }
 
