@@ -269,7 +269,7 @@ class BCLSLoss(EmbeddingLoss):
     batch = "caption"  # hardest negatives are other images' captions (VSE++ setting)
 
     term_names = ("soft_triplet", "kendall")
-    requires = frozenset({"text_sim"})
+    requires = frozenset({"image_lexical_sim", "image_lexical_max_sim"})  # the defaults'; `needs` follows the kwargs
 
     def __init__(
         self,
