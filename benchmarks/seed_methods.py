@@ -174,6 +174,9 @@ PAPERS = (
             ("vsepp+relation_imagebatch", "vsepp+relation"),
             ("vsepp+relation_fragment", "vsepp+relation"),
             ("vsepp+relation_learned", "vsepp+relation_fragment"),
+            # The paper's relations in full against the module with no relation between instances.
+            ("vsepp+relation_fragment", "vsepp+relation_self"),
+            ("vsepp+relation_learned", "vsepp+relation_self"),
         ),
     ),
     Paper(
@@ -637,16 +640,15 @@ def _paper(
     )
     report.line("|---|---|---|---|---|---|---|")
     summary: dict[str, Any] = {"paper": paper.key, "baseline": baseline, "comparisons": []}
-    pairs = list(  # in order, each comparison once (an extra pair may repeat a control's against the baseline)
-        dict.fromkeys(
-            [
-                (paper.method, baseline),
-                *((c, baseline) for c in paper.controls),
-                *((paper.method, c) for c in paper.controls),
-                *paper.pairs,
-            ]
-        )
-    )
+    # In order, each comparison once: an extra pair may repeat a control's against the baseline, or turn a method −
+    # control comparison around (the pair's orientation is the one kept).
+    listed = [
+        (paper.method, baseline),
+        *((c, baseline) for c in paper.controls),
+        *((paper.method, c) for c in paper.controls),
+        *paper.pairs,
+    ]
+    pairs = [p for p in dict.fromkeys(listed) if p in paper.pairs or p[::-1] not in paper.pairs]
     for arm, other in pairs:
         both = [s for s in seeds if (arm, s) in runs and (other, s) in runs]
         if not both:

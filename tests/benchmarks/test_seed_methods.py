@@ -192,6 +192,30 @@ def test_a_pair_that_repeats_a_control_against_the_baseline_is_listed_once(tmp_p
     assert ("infonce+hierarchical", "infonce_global") in listed  # the twin at the recipe's temperature
 
 
+def test_a_pair_that_turns_a_method_control_comparison_around_is_listed_once_in_its_orientation(
+    tmp_path: Path,
+) -> None:
+    from benchmarks.report import Report
+    from benchmarks.seed_methods import PAPERS, _paper
+
+    hrem = next(p for p in PAPERS if p.key == "hrem")
+    arms = (*hrem.baselines, hrem.method, *hrem.controls)
+    runs = {
+        (arm, s): {"rsum": 200.0 + k + s, "last_rsum": 200.0, "dev_rsum": 100.0 + k, "epoch": 1}
+        for k, arm in enumerate(arms)
+        for s in (0, 1)
+    }
+    summary = _paper(Report("t", [], tmp_path), hrem, runs, [0, 1])
+    assert summary is not None
+    listed = {frozenset((c["arm"], c["against"])): (c["arm"], c["against"]) for c in summary["comparisons"]}
+    assert len(listed) == len(summary["comparisons"])  # no comparison twice, in either orientation
+    assert listed[frozenset(("vsepp+relation_relevance", "vsepp+relation"))] == (
+        "vsepp+relation_relevance",
+        "vsepp+relation",
+    )
+    assert listed[frozenset(("vsepp+relation", "vsepp+relation_self"))] == ("vsepp+relation", "vsepp+relation_self")
+
+
 def test_run_figures_take_the_dev_chosen_epoch_and_its_mean_margin(tmp_path: Path) -> None:
     from benchmarks.seed_methods import MEAN_MARGIN, run_figures
 
