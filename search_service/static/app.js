@@ -66,42 +66,32 @@ function show(result, label) {
   $("status").dataset.latencyMs = ms;
 }
 
-async function run(body, label) {
+// One search: numbered, so only the latest one's answer (or error) is shown.
+async function search(path, init, label) {
   const mine = ++state.search;
   $("status").textContent = "searching…";
   try {
-    const response = await api("/v1/search", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ ...body, target: target(), limit: state.limit }),
-    });
-    const result = await response.json();
+    const result = await (await api(path, { method: "POST", ...init })).json();
     if (mine === state.search) show(result, label);
   } catch (err) {
     if (mine === state.search) $("status").textContent = `error: ${err.message}`;
   }
 }
 
-async function runImage(file) {
+function run(body, label) {
+  const request = { ...body, target: target(), limit: state.limit };
+  return search("/v1/search", { headers: { "Content-Type": "application/json" }, body: JSON.stringify(request) }, label);
+}
+
+function runImage(file) {
   if (!file || !file.type.startsWith("image/")) {
     $("status").textContent = "error: that is not an image";
     return;
   }
-  const mine = ++state.search;
   $("query-thumb").src = URL.createObjectURL(file);
   $("query-image").hidden = false;
-  $("status").textContent = "searching…";
-  try {
-    const response = await api(`/v1/search/image?target=${target()}&limit=${state.limit}`, {
-      method: "POST",
-      headers: { "Content-Type": file.type },
-      body: file,
-    });
-    const result = await response.json();
-    if (mine === state.search) show(result, file.name || "the pasted image");
-  } catch (err) {
-    if (mine === state.search) $("status").textContent = `error: ${err.message}`;
-  }
+  const path = `/v1/search/image?target=${target()}&limit=${state.limit}`;
+  return search(path, { headers: { "Content-Type": file.type }, body: file }, file.name || "the pasted image");
 }
 
 $("search-form").addEventListener("submit", (event) => {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -172,21 +173,26 @@ def test_a_paper_compares_its_extra_pairs(tmp_path: Path) -> None:
     assert got[(refined, unrefined)]["differences"] == pytest.approx(expected)
 
 
-def test_a_pair_that_repeats_a_control_against_the_baseline_is_listed_once(tmp_path: Path) -> None:
+def _comparisons_of(tmp_path: Path, key: str, tuned: str) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """A paper's section over two seeds of made-up runs in which `tuned` has the best dev rSum, and its comparisons."""
     from benchmarks.report import Report
     from benchmarks.seed_methods import PAPERS, _paper
 
-    hier = next(p for p in PAPERS if p.key == "hierarchical")
-    arms = (*hier.baselines, hier.method, *hier.controls)
-    tuned = "infonce_global_t0.05"
+    paper = next(p for p in PAPERS if p.key == key)
+    arms = (*paper.baselines, paper.method, *paper.controls)
     runs = {
         (arm, s): {"rsum": 200.0 + k + s, "last_rsum": 200.0, "dev_rsum": 300.0 if arm == tuned else 100.0, "epoch": 1}
         for k, arm in enumerate(arms)
         for s in (0, 1)
     }
-    summary = _paper(Report("t", [], tmp_path), hier, runs, [0, 1])
+    summary = _paper(Report("t", [], tmp_path), paper, runs, [0, 1])
+    return summary, [(c["arm"], c["against"]) for c in (summary or {}).get("comparisons", [])]
+
+
+def test_a_pair_that_repeats_a_control_against_the_baseline_is_listed_once(tmp_path: Path) -> None:
+    tuned = "infonce_global_t0.05"
+    summary, listed = _comparisons_of(tmp_path, "hierarchical", tuned)
     assert summary is not None and summary["baseline"] == tuned
-    listed = [(c["arm"], c["against"]) for c in summary["comparisons"]]
     assert len(listed) == len(set(listed))
     assert ("infonce+hierarchical_t0.05", tuned) in listed  # a control against the tuned baseline, and a pair
     assert ("infonce+hierarchical", "infonce_global") in listed  # the twin at the recipe's temperature
@@ -195,20 +201,10 @@ def test_a_pair_that_repeats_a_control_against_the_baseline_is_listed_once(tmp_p
 def test_a_pair_that_turns_a_method_control_comparison_around_is_listed_once_in_its_orientation(
     tmp_path: Path,
 ) -> None:
-    from benchmarks.report import Report
-    from benchmarks.seed_methods import PAPERS, _paper
-
-    hrem = next(p for p in PAPERS if p.key == "hrem")
-    arms = (*hrem.baselines, hrem.method, *hrem.controls)
-    runs = {
-        (arm, s): {"rsum": 200.0 + k + s, "last_rsum": 200.0, "dev_rsum": 100.0 + k, "epoch": 1}
-        for k, arm in enumerate(arms)
-        for s in (0, 1)
-    }
-    summary = _paper(Report("t", [], tmp_path), hrem, runs, [0, 1])
+    summary, comparisons = _comparisons_of(tmp_path, "hrem", "vsepp_m0.1")
     assert summary is not None
-    listed = {frozenset((c["arm"], c["against"])): (c["arm"], c["against"]) for c in summary["comparisons"]}
-    assert len(listed) == len(summary["comparisons"])  # no comparison twice, in either orientation
+    listed = {frozenset(pair): pair for pair in comparisons}
+    assert len(listed) == len(comparisons)  # no comparison twice, in either orientation
     assert listed[frozenset(("vsepp+relation_relevance", "vsepp+relation"))] == (
         "vsepp+relation_relevance",
         "vsepp+relation",
