@@ -108,18 +108,15 @@ def test_stop_under_load_loses_no_call_on_either_protocol(stoppable: SearchServe
                 tally.record("http", "OK")
             except urllib.error.HTTPError as err:
                 tally.record("http", f"HTTP {err.code}")
-            except urllib.error.URLError as err:
-                # A reset or broken pipe while sending: the connection sat in the kernel's accept queue when the
-                # listening socket closed, so the server never read the request; a client retries it on a new
-                # connection, as it does a refused one.
-                reset = isinstance(err.reason, BrokenPipeError | ConnectionResetError)
-                refused = isinstance(err.reason, ConnectionRefusedError)
-                tally.record("http", "refused" if refused else "reset" if reset else f"error {err.reason!r}")
-            except ConnectionResetError:
-                # The same accept-queue case seen one step later: the request fitted in the socket's send buffer and
-                # the reset arrives while waiting for the answer, before any byte of it (http.client raises it
-                # unwrapped). Uncaught, it ended the load thread with its outcome unrecorded.
-                tally.record("http", "reset")
+            except (urllib.error.URLError, ConnectionResetError) as err:
+                # A reset or broken pipe: the connection sat in the kernel's accept queue when the listening socket
+                # closed, so the server never read the request; a client retries it on a new connection, as it does
+                # a refused one. urlopen wraps what sending raises in a URLError; a reset while waiting for the answer
+                # (the request fitted in the send buffer) comes unwrapped.
+                reason = err.reason if isinstance(err, urllib.error.URLError) else err
+                reset = isinstance(reason, BrokenPipeError | ConnectionResetError)
+                refused = isinstance(reason, ConnectionRefusedError)
+                tally.record("http", "refused" if refused else "reset" if reset else f"error {reason!r}")
 
     threads = [threading.Thread(target=grpc_load, name=f"grpc-{i}") for i in range(4)]
     threads += [threading.Thread(target=http_load, name=f"http-{i}") for i in range(2)]
